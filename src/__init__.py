@@ -1,0 +1,1 @@
+"""A PyTorch Lightning template for studying why deep MLPs stop learning."""

@@ -1,0 +1,3 @@
+from src.models.mlp import MLP, MLPClassifier
+
+__all__ = ["MLP", "MLPClassifier"]
