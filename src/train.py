@@ -42,11 +42,26 @@ class TemplateCLI(LightningCLI):
     """LightningCLI with the template's wiring: data shapes flow into the model, a checkpoint
     callback is always present (``checkpoint:`` section), and a short summary ends each fit."""
 
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("model_class", MLPClassifier)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("parser_class", OneLineErrorParser)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(**kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.in_features", "model.in_features", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # `trainer.enable_checkpointing: false` turns the always-present checkpoint callback off
+        # instead of failing on it.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
         # Build the configured optimizer (and scheduler) once on a dummy parameter, so that a bad
@@ -65,8 +80,9 @@ class TemplateCLI(LightningCLI):
                 optimizer = built
 
     def after_fit(self) -> None:
+        summary = run_summary(self.trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if self.trainer.is_global_zero:
-            print(run_summary(self.trainer), flush=True)
+            print(summary, flush=True)
 
 
 def run_summary(trainer: Trainer) -> str:
@@ -115,13 +131,7 @@ def main() -> None:
     # Rewriting sys.argv (not passing args=) keeps what DDP's launcher re-runs equal to what ran here.
     sys.argv[1:] = resolve_argv(sys.argv[1:])
     try:
-        TemplateCLI(
-            MLPClassifier,
-            LightningDataModule,
-            subclass_mode_data=True,
-            parser_class=OneLineErrorParser,
-            save_config_kwargs={"overwrite": True},
-        )
+        TemplateCLI()
     except Exception as err:
         if os.environ.get(DEBUG_ENV):
             raise

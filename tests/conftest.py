@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,3 +37,32 @@ def cli(tmp_path: Path):
 
     _run.cwd = tmp_path
     return _run
+
+
+class MemoryLogger(L.pytorch.loggers.Logger):
+    """Keeps every logged scalar as ``metrics[name] = [(step, value), ...]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, list[tuple[int, float]]] = {}
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, []).append((step, float(value)))
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A Trainer for tests: no progress bar, summary or checkpoints unless asked for."""
+    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**{**defaults, **kwargs})

@@ -89,7 +89,8 @@ class InMemoryDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=per_device_batch_size(self.batch_size, len(dataset), world_size),
-            shuffle=shuffle,
+            # Shuffling a full batch only reorders a sum: skip it, so full-batch runs are reproducible.
+            shuffle=shuffle and self.batch_size is not None,
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -29,7 +29,7 @@ def make_toy2d(variant: str, n_samples: int, generator: torch.Generator) -> tupl
         raise ValueError(f"{variant} has {len(clusters)} clusters: n_samples must be >= {len(clusters)}")
     counts = [n_samples // len(clusters) + (i < n_samples % len(clusters)) for i in range(len(clusters))]
     xs, ys = [], []
-    for (center, label), count in zip(clusters, counts):
+    for (center, label), count in zip(clusters, counts, strict=True):
         xs.append(torch.tensor(center) + STD[variant] * torch.randn(count, 2, generator=generator))
         ys.append(torch.full((count,), label, dtype=torch.long))
     return torch.cat(xs), torch.cat(ys)

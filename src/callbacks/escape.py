@@ -1,0 +1,218 @@
+"""Get a stalled run moving: switch SGD to momentum, or raise the learning rate, one step per stall."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from src.callbacks.plateau import PlateauDetector
+
+
+@dataclass
+class EscapeAction:
+    """One remedy for a stall, applied to every param group of the optimizer.
+
+    Args:
+        momentum: Set SGD's momentum to this value in [0, 1); stale momentum buffers are cleared.
+        nesterov: Turn Nesterov momentum on or off (needs momentum > 0).
+        compensate_lr: With ``momentum``: scale lr by (1 - new) / (1 - old) so the effective step
+            size lr / (1 - momentum) stays the same. Off by default: the larger effective step is
+            much of why momentum gets a net off a plateau.
+        lr_factor: Multiply the learning rate by this factor (> 0).
+        max_lr: Cap the learning rate this action can reach.
+    """
+
+    momentum: float | None = None
+    nesterov: bool | None = None
+    compensate_lr: bool = False
+    lr_factor: float | None = None
+    max_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.momentum is None and self.nesterov is None and self.lr_factor is None:
+            raise ValueError("an escape action must set momentum, nesterov or lr_factor")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ValueError(f"escape action momentum must be in [0, 1), got {self.momentum}")
+        if self.lr_factor is not None and not self.lr_factor > 0:
+            raise ValueError(f"escape action lr_factor must be > 0, got {self.lr_factor}")
+        if self.max_lr is not None and not self.max_lr > 0:
+            raise ValueError(f"escape action max_lr must be > 0, got {self.max_lr}")
+
+    def describe(self) -> str:
+        parts = []
+        if self.momentum is not None:
+            parts.append(f"momentum {self.momentum}" + (" (lr compensated)" if self.compensate_lr else ""))
+        if self.nesterov is not None:
+            parts.append(f"nesterov {'on' if self.nesterov else 'off'}")
+        if self.lr_factor is not None:
+            parts.append(f"lr x{self.lr_factor:g}" + (f" (max {self.max_lr:g})" if self.max_lr is not None else ""))
+        return ", ".join(parts)
+
+
+DEFAULT_ACTIONS = (EscapeAction(momentum=0.9), EscapeAction(momentum=0.99), EscapeAction(lr_factor=10, max_lr=1.0))
+
+
+def check_applicable(optimizer: torch.optim.Optimizer, action: EscapeAction) -> None:
+    """Raise ``ValueError`` naming the optimizer when ``action`` cannot apply to it (momentum on Adam)."""
+    for key, wanted in (("momentum", action.momentum), ("nesterov", action.nesterov)):
+        if wanted is not None and any(key not in group for group in optimizer.param_groups):
+            raise ValueError(
+                f"PlateauEscape action '{action.describe()}' needs an optimizer with '{key}' (such as "
+                f"torch.optim.SGD), but the optimizer is {type(optimizer).__name__}: remove the action or change "
+                "the optimizer"
+            )
+
+
+def apply_action(
+    optimizer: torch.optim.Optimizer, action: EscapeAction, schedulers: Sequence[Any] = ()
+) -> dict[str, list[float]]:
+    """Change ``optimizer.param_groups`` in place and return the new ``lr`` and ``momentum`` per group.
+
+    The optimizer object is never replaced, so schedulers, ``LearningRateMonitor`` and checkpoints
+    keep working. An lr raise is also applied to ``initial_lr`` and to each scheduler's ``base_lrs``,
+    so that schedulers which recompute the lr from them (``LambdaLR``, ``CosineAnnealingLR``...) keep it.
+    """
+    check_applicable(optimizer, action)
+    for index, group in enumerate(optimizer.param_groups):
+        factor = 1.0
+        if action.momentum is not None:
+            if action.compensate_lr:
+                factor *= (1 - action.momentum) / (1 - group["momentum"])
+            group["momentum"] = action.momentum
+            for param in group["params"]:
+                optimizer.state.get(param, {}).pop("momentum_buffer", None)
+        if action.nesterov is not None:
+            group["nesterov"] = action.nesterov
+        if action.lr_factor is not None:
+            factor *= action.lr_factor
+        if factor != 1.0:
+            new_lr = float(group["lr"]) * factor
+            if action.max_lr is not None:
+                new_lr = min(new_lr, action.max_lr)
+            factor = new_lr / float(group["lr"])
+            group["lr"] = new_lr if not isinstance(group["lr"], torch.Tensor) else group["lr"].fill_(new_lr)
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+            for scheduler in schedulers:
+                if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs[index] *= factor
+    return {
+        "lr": [float(group["lr"]) for group in optimizer.param_groups],
+        "momentum": [float(group.get("momentum", 0.0)) for group in optimizer.param_groups],
+    }
+
+
+class PlateauEscape(Callback):
+    r"""Acts on the stalls a :class:`~src.callbacks.PlateauDetector` reports: one action per stall, in order.
+
+    The default sequence is the source study's remedy for a stalled sigmoid net trained by plain SGD:
+    momentum 0.9, then momentum 0.99, then the learning rate times 10 (at most 1.0). Each action
+    changes the optimizer's ``param_groups`` in place (see :func:`apply_action`), is logged
+    (``optim/lr`` and ``optim/momentum`` scalars and a text entry) and is recorded in
+    ``stall_events.json`` next to the stall that caused it. Divergence events are never acted on.
+
+    Which actions are spent is part of the checkpoint, so a resumed run continues the sequence;
+    the optimizer's own state (the switched momentum and lr) is restored by Lightning.
+
+    Args:
+        actions: The actions, in order, as a YAML list such as
+            ``[{momentum: 0.9}, {momentum: 0.99, nesterov: true}, {lr_factor: 10, max_lr: 1.0}]``.
+        on_exhausted: What to do on a stall once every action is spent: ``continue`` training,
+            or ``stop`` it with the reason stated.
+
+    Raises:
+        ValueError: At construction for a malformed action; at fit start when an action cannot apply
+            to the optimizer (momentum on Adam), or when the Trainer has no ``PlateauDetector``.
+
+    Example::
+
+        from src.callbacks import GradNormMonitor, PlateauDetector, PlateauEscape
+        callbacks = [GradNormMonitor(), PlateauDetector(patience=100), PlateauEscape()]
+    """
+
+    def __init__(
+        self,
+        actions: list[EscapeAction] | None = None,
+        on_exhausted: Literal["continue", "stop"] = "continue",
+    ) -> None:
+        super().__init__()
+        if on_exhausted not in ("continue", "stop"):
+            raise ValueError(f"PlateauEscape: on_exhausted must be 'continue' or 'stop', got {on_exhausted!r}")
+        self.actions = [self._as_action(a) for a in (DEFAULT_ACTIONS if actions is None else actions)]
+        if not self.actions:
+            raise ValueError("PlateauEscape: actions is empty; give at least one, or leave it out for the defaults")
+        self.on_exhausted = on_exhausted
+        self.spent = 0
+        self.history: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _as_action(action: EscapeAction | dict[str, Any]) -> EscapeAction:
+        if isinstance(action, EscapeAction):
+            return action
+        if not isinstance(action, dict):
+            raise ValueError(f"PlateauEscape: each action must be a mapping, got {action!r}")
+        unknown = set(action) - {f.name for f in dataclasses.fields(EscapeAction)}
+        if unknown:
+            known = ", ".join(f.name for f in dataclasses.fields(EscapeAction))
+            raise ValueError(f"PlateauEscape: unknown action key {sorted(unknown)}; an action takes {known}")
+        return EscapeAction(**action)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(actions=[a.describe() for a in self.actions])
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        detectors = [cb for cb in trainer.callbacks if isinstance(cb, PlateauDetector)]
+        if not detectors:
+            raise ValueError("PlateauEscape needs a PlateauDetector in trainer.callbacks to tell it about stalls")
+        for detector in detectors:
+            detector.add_listener(self.on_stall)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            for action in self.actions:
+                check_applicable(optimizer, action)
+
+    def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> None:
+        """Apply the next action for a stall event (called by the PlateauDetector)."""
+        if event["kind"] != "stall":
+            return
+        if self.spent >= len(self.actions):
+            if self.on_exhausted == "stop":
+                trainer.should_stop = True
+                event["actions"].append({"action": "stop: every escape action is spent"})
+                rank_zero_info(f"PlateauEscape: still stalled after {len(self.actions)} actions; stopping")
+            return
+        action = self.actions[self.spent]
+        self.spent += 1
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        settings: dict[str, list[float]] = {}
+        for optimizer in trainer.optimizers:
+            settings = apply_action(optimizer, action, schedulers)
+        record = {"action": action.describe(), "epoch": event["epoch"], "step": event["step"], **settings}
+        event["actions"].append(record)
+        self.history.append(record)
+        rank_zero_info(f"PlateauEscape: epoch {event['epoch']}: {action.describe()} -> lr {settings['lr']}")
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {"optim/lr": settings["lr"][0], "optim/momentum": settings["momentum"][0]}, event["step"]
+            )
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                logger.experiment.add_text(
+                    "plateau/actions", f"epoch {event['epoch']}: {action.describe()}", event["step"]
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spent": self.spent, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.spent = state_dict["spent"]
+        self.history = list(state_dict["history"])

@@ -1,0 +1,160 @@
+"""PlateauEscape: what each action does to the optimizer, then the whole policy in real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from src.callbacks import EscapeAction, GradNormMonitor, PlateauDetector, PlateauEscape
+from src.callbacks.escape import apply_action
+from src.data import Toy2DDataModule
+from src.models import MLPClassifier
+from tests.conftest import REPO, quiet_trainer
+
+
+def sgd(lr: float = 0.1, momentum: float = 0.0) -> torch.optim.SGD:
+    return torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=lr, momentum=momentum)
+
+
+def test_momentum_switch_changes_param_groups_in_place_and_clears_buffers():
+    optimizer = sgd(momentum=0.5)
+    param = optimizer.param_groups[0]["params"][0]
+    param.grad = torch.ones(3)
+    optimizer.step()
+    assert "momentum_buffer" in optimizer.state[param]
+    settings = apply_action(optimizer, EscapeAction(momentum=0.9, nesterov=True))
+    assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["nesterov"] is True
+    assert "momentum_buffer" not in optimizer.state[param]
+    assert settings == {"lr": [0.1], "momentum": [0.9]}
+
+
+def test_compensated_momentum_keeps_the_effective_step():
+    optimizer = sgd(lr=0.1, momentum=0.0)
+    apply_action(optimizer, EscapeAction(momentum=0.99, compensate_lr=True))
+    group = optimizer.param_groups[0]
+    assert group["lr"] / (1 - group["momentum"]) == pytest.approx(0.1)
+
+
+def test_lr_raise_is_capped_and_survives_schedulers_that_recompute_from_base_lrs():
+    optimizer = sgd(lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5**epoch)
+    apply_action(optimizer, EscapeAction(lr_factor=100, max_lr=5.0), [scheduler])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5.0)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"lr_factor": 0}, "lr_factor"),
+        ({}, "must set"),
+        ({"mommentum": 0.9}, "unknown action key"),
+    ],
+)
+def test_malformed_actions_fail_at_construction(action, message):
+    with pytest.raises(ValueError, match=message):
+        PlateauEscape(actions=[action])
+
+
+class AdamClassifier(MLPClassifier):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters())
+
+
+def test_momentum_action_on_adam_fails_at_fit_start(tmp_path):
+    trainer = quiet_trainer(max_epochs=1, callbacks=[PlateauDetector(), PlateauEscape()], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs an optimizer with 'momentum'.*Adam"):
+        trainer.fit(AdamClassifier(), datamodule=Toy2DDataModule())
+
+
+def test_escape_without_detector_fails_at_setup(tmp_path):
+    trainer = quiet_trainer(max_epochs=1, callbacks=[PlateauEscape()], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs a PlateauDetector"):
+        trainer.fit(MLPClassifier(), datamodule=Toy2DDataModule())
+
+
+def escape_trainer(tmp_path, epochs: int, on_exhausted: str = "continue", **kwargs) -> L.Trainer:
+    callbacks = [
+        GradNormMonitor(),
+        PlateauDetector(patience=100, good_enough=0.01),
+        PlateauEscape(on_exhausted=on_exhausted),
+        *kwargs.pop("callbacks", []),
+    ]
+    defaults = dict(limit_val_batches=0, log_every_n_steps=10, default_root_dir=tmp_path, deterministic=True)
+    return quiet_trainer(max_epochs=epochs, callbacks=callbacks, **{**defaults, **kwargs})
+
+
+def test_default_policy_gets_the_stalled_sigmoid_net_out(tmp_path):
+    L.seed_everything(0, verbose=False)
+    trainer = escape_trainer(tmp_path, 800, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path))
+    trainer.fit(MLPClassifier(depth=7, activation="sigmoid"), datamodule=Toy2DDataModule())
+    assert trainer.callback_metrics["train/loss"] < 0.05
+    events = json.loads((tmp_path / "lightning_logs" / "version_0" / "stall_events.json").read_text())
+    actions = [a["action"] for e in events for a in e["actions"]]
+    assert actions[:2] == ["momentum 0.9", "momentum 0.99"]
+    assert all(e["diagnosis"] == "flat" for e in events)
+    assert trainer.optimizers[0].param_groups[0]["momentum"] == 0.99
+
+
+def test_exhausted_actions_stop_training_with_a_reason(tmp_path):
+    L.seed_everything(0, verbose=False)
+    trainer = escape_trainer(tmp_path, 2000, on_exhausted="stop")
+    trainer.fit(MLPClassifier(depth=18, activation="sigmoid"), datamodule=Toy2DDataModule())
+    detector = next(cb for cb in trainer.callbacks if isinstance(cb, PlateauDetector))
+    assert trainer.current_epoch < 2000
+    assert detector.events[-1]["actions"] == [{"action": "stop: every escape action is spent"}]
+
+
+def weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_resume_after_an_action_continues_the_policy_and_matches_an_uninterrupted_run(tmp_path):
+    L.seed_everything(0, verbose=False)
+    straight = MLPClassifier(depth=7, activation="sigmoid")
+    escape_trainer(tmp_path / "a", 400).fit(straight, datamodule=Toy2DDataModule())
+
+    L.seed_everything(0, verbose=False)
+    first_half = escape_trainer(
+        tmp_path / "b", 250, enable_checkpointing=True,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    )  # fmt: skip
+    first_half.fit(MLPClassifier(depth=7, activation="sigmoid"), datamodule=Toy2DDataModule())
+    escape = next(cb for cb in first_half.callbacks if isinstance(cb, PlateauEscape))
+    assert escape.spent >= 1
+
+    resumed_model = MLPClassifier(depth=7, activation="sigmoid")
+    resumed = escape_trainer(tmp_path / "b", 400)
+    resumed.fit(resumed_model, datamodule=Toy2DDataModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    resumed_escape = next(cb for cb in resumed.callbacks if isinstance(cb, PlateauEscape))
+    assert resumed_escape.spent >= escape.spent
+    assert resumed.optimizers[0].param_groups[0]["momentum"] > 0
+    assert torch.equal(weights(resumed_model), weights(straight))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_apply_the_same_action_on_both_ranks(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK_STATE_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "src.train", "fit",
+            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+            "--trainer.max_epochs=150", "--trainer.callbacks+=tests.ddp_probe.DumpRankState",
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert states[0]["spent"] >= 1 and states[0]["spent"] == states[1]["spent"]
+    assert states[0]["param_groups"] == states[1]["param_groups"]
+    assert torch.equal(states[0]["weights"], states[1]["weights"])

@@ -1,0 +1,120 @@
+"""GradNormMonitor: per-layer norms equal a hand computation, on a model it knows nothing about."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from src.callbacks import GradNormMonitor
+from src.callbacks.grad_norm import grad_norms, parameter_layers
+from tests.conftest import MemoryLogger, quiet_trainer
+
+
+class TinyNet(L.LightningModule):
+    """Not an MLPClassifier: a Linear, a LayerNorm and a Linear inside a Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.body(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class RecordGrads(L.Callback):
+    """Runs after the monitor in the same hook and keeps the hand-computed layer norms."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[str, float]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        layers = {f"body.{i}": pl_module.body[i] for i in (0, 1, 3)}
+        self.seen[trainer.global_step] = {
+            name: torch.cat([p.grad.flatten() for p in m.parameters()]).norm().item() for name, m in layers.items()
+        }
+
+
+def loader(n: int = 16):
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+def test_parameter_layers_names_are_relative_and_in_order():
+    assert list(parameter_layers(TinyNet())) == ["body.0", "body.1", "body.3"]
+    wrapped = nn.Module()
+    wrapped.net = nn.Module()
+    wrapped.net.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 1)])
+    assert list(parameter_layers(wrapped)) == ["layers.0", "layers.1"]
+
+
+def test_logged_norms_equal_hand_computation():
+    logger, recorder = MemoryLogger(), RecordGrads()
+    trainer = quiet_trainer(max_steps=4, logger=logger, callbacks=[GradNormMonitor(log_every_n_steps=2), recorder])
+    trainer.fit(TinyNet(), loader())
+    assert [step for step, _ in logger.metrics["grad_norm/body.0"]] == [0, 2]
+    for step, _ in logger.metrics["grad_norm/body.0"]:
+        hand = recorder.seen[step]
+        logged = {name: dict(logger.metrics[f"grad_norm/{name}"])[step] for name in hand}
+        assert logged == pytest.approx(hand, rel=1e-5)
+        total = math.sqrt(sum(v**2 for v in hand.values()))
+        assert dict(logger.metrics["grad_norm/total"])[step] == pytest.approx(total, rel=1e-5)
+        # LayerNorm has no weight matrix: the flow ratio is Linear 0 over Linear 3
+        assert dict(logger.metrics["grad_norm/first_to_last"])[step] == pytest.approx(
+            hand["body.0"] / hand["body.3"], rel=1e-5
+        )
+
+
+def test_inf_norm_and_per_parameter_norms():
+    model = TinyNet()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    layers = parameter_layers(model)
+    param_norms, layer_norms = grad_norms(layers, math.inf)
+    expected = [max(p.grad.abs().max().item() for p in ps) for ps in layers.values()]
+    assert layer_norms.tolist() == pytest.approx(expected)
+    assert param_norms.tolist() == pytest.approx([p.grad.abs().max().item() for p in model.parameters()])
+
+
+def test_per_parameter_keys_are_logged():
+    logger = MemoryLogger()
+    trainer = quiet_trainer(max_steps=1, logger=logger, callbacks=[GradNormMonitor(per_parameter=True)])
+    trainer.fit(TinyNet(), loader())
+    assert {"grad_norm/body.0.weight", "grad_norm/body.0.bias", "grad_norm/body.3.weight"} <= set(logger.metrics)
+
+
+class NaNGrads(L.Callback):
+    """Overflows step 1's gradients, then zeroes them after the monitor, as a skipped AMP step would."""
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == 1:
+            next(pl_module.parameters()).grad.fill_(float("nan"))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for p in pl_module.parameters():
+            torch.nan_to_num_(p.grad, nan=0.0)
+
+
+def test_non_finite_steps_are_skipped_with_one_warning():
+    logger = MemoryLogger()
+    monitor = GradNormMonitor(log_every_n_steps=1)
+    trainer = quiet_trainer(max_steps=3, logger=logger, callbacks=[monitor, NaNGrads()])
+    with pytest.warns(UserWarning, match="not finite"):
+        trainer.fit(TinyNet(), loader())
+    assert [step for step, _ in logger.metrics["grad_norm/total"]] == [0, 2]
+    assert [p.step for p in monitor.history] == [0, 2]
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="norm_type"):
+        GradNormMonitor(norm_type=0)
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        GradNormMonitor(log_every_n_steps=0)

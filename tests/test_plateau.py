@@ -1,0 +1,170 @@
+"""PlateauDetector: the decision rule and the diagnosis without a Trainer, then wired into one."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+
+from src.callbacks import GradNormMonitor, PlateauDetector
+from src.callbacks.grad_norm import GradProfile
+from src.callbacks.plateau import PlateauTracker, diagnose
+from src.data import Toy2DDataModule
+from src.models import MLPClassifier
+from tests.conftest import MemoryLogger, quiet_trainer
+
+
+def statuses(tracker: PlateauTracker, values) -> list[str]:
+    return [tracker.update(v).value for v in values]
+
+
+def test_patience_counts_checks_without_improvement():
+    tracker = PlateauTracker(patience=3, min_delta=0.0)
+    assert statuses(tracker, [1.0, 0.9, 0.9, 0.9, 0.9, 0.9]) == [
+        "improved", "improved", "waiting", "waiting", "plateau", "waiting",
+    ]  # fmt: skip
+
+
+def test_relative_and_absolute_thresholds_follow_reduce_lr_on_plateau():
+    rel = PlateauTracker(patience=1, min_delta=0.1, threshold_mode="rel")
+    assert statuses(rel, [1.0, 0.91, 0.89]) == ["improved", "plateau", "improved"]
+    absolute = PlateauTracker(patience=1, min_delta=0.05, threshold_mode="abs")
+    assert statuses(absolute, [10.0, 9.96, 9.9]) == ["improved", "plateau", "improved"]
+    maximise = PlateauTracker(mode="max", patience=1, min_delta=0.0)
+    assert statuses(maximise, [0.5, 0.6, 0.6]) == ["improved", "improved", "plateau"]
+
+
+def test_warmup_and_cooldown_hold_off_a_stall():
+    tracker = PlateauTracker(patience=1, min_delta=0.0, warmup=2, cooldown=2)
+    assert statuses(tracker, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == [
+        "warmup", "warmup", "plateau", "cooldown", "cooldown", "plateau",
+    ]  # fmt: skip
+
+
+def test_nan_and_inf_are_divergence_not_plateau():
+    tracker = PlateauTracker(patience=1)
+    assert statuses(tracker, [1.0, math.nan, math.inf]) == ["improved", "diverged", "diverged"]
+    assert tracker.best == 1.0
+
+
+def test_tracker_state_round_trips():
+    tracker = PlateauTracker(patience=5)
+    statuses(tracker, [1.0, 1.0, 1.0])
+    restored = PlateauTracker(patience=5)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.update(1.0) == tracker.update(1.0) and restored.wait == tracker.wait == 3
+
+
+@pytest.mark.parametrize("bad", [{"patience": 0}, {"mode": "up"}, {"threshold_mode": "pct"}, {"min_delta": -1}])
+def test_bad_tracker_arguments_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        PlateauDetector(**bad)
+
+
+def profile(step: int, norms: list[float]) -> GradProfile:
+    return GradProfile(step, tuple(f"layers.{i}" for i in range(len(norms))), tuple(norms), (True,) * len(norms))
+
+
+def test_diagnosis_tells_vanishing_from_flat():
+    vanishing = [profile(s, [1e-15, 1e-12, 1e-8]) for s in range(5)]
+    flat = [profile(s, [7e-6, 9e-6, 1.6e-5]) for s in range(5)]
+    steep = [profile(s, [1e-2, 1e-2, 1e-1]) for s in range(5)]
+    assert diagnose(vanishing) == "vanishing"
+    assert diagnose(flat) == "flat"
+    assert diagnose(steep) == "unclear"
+    assert diagnose([]) == "unclear"
+
+
+def test_diagnosis_ignores_steps_whose_gradient_underflowed_to_zero():
+    window = [profile(s, [1e-15, 1e-12, 1e-8 if s % 3 else 0.0]) for s in range(9)]
+    assert diagnose(window) == "vanishing"
+
+
+def stalled_run(depth: int, epochs: int, tmp_path, **detector_args):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=50, **detector_args)
+    logger = MemoryLogger()
+    trainer = quiet_trainer(
+        max_epochs=epochs,
+        limit_val_batches=0,
+        log_every_n_steps=10,
+        logger=logger,
+        default_root_dir=tmp_path,
+        callbacks=[GradNormMonitor(), detector],
+    )
+    trainer.fit(MLPClassifier(depth=depth, activation="sigmoid"), datamodule=Toy2DDataModule())
+    return detector, logger
+
+
+def test_source_stalls_are_diagnosed_flat_at_depth_7_and_vanishing_at_depth_18(tmp_path):
+    shallow, logger = stalled_run(7, 300, tmp_path)
+    deep, _ = stalled_run(18, 300, tmp_path)
+    assert shallow.events and {e["diagnosis"] for e in shallow.events} == {"flat"}
+    assert deep.events and {e["diagnosis"] for e in deep.events} == {"vanishing"}
+    assert all(e["first_to_last"] < 1e-6 for e in deep.events)
+    assert all(0.4 < e["value"] < 0.7 for e in shallow.events)
+    assert [step for step, _ in logger.metrics["plateau/stall"]] == [e["step"] for e in shallow.events]
+
+
+def test_detector_without_monitor_computes_norms_itself(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=50, norms_every_n_steps=5)
+    trainer = quiet_trainer(max_epochs=200, limit_val_batches=0, callbacks=[detector], default_root_dir=tmp_path)
+    trainer.fit(MLPClassifier(depth=7, activation="sigmoid"), datamodule=Toy2DDataModule())
+    assert detector.events and detector.events[0]["diagnosis"] == "flat"
+
+
+def test_events_are_written_to_json_and_kept_in_state(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=50)
+    trainer = L.Trainer(
+        max_epochs=200,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[GradNormMonitor(log_every_n_steps=10), detector],
+    )
+    trainer.fit(MLPClassifier(depth=7, activation="sigmoid"), datamodule=Toy2DDataModule())
+    saved = json.loads((tmp_path / "lightning_logs" / "version_0" / "stall_events.json").read_text())
+    assert saved == json.loads(json.dumps(detector.events)) and saved[0]["kind"] == "stall"
+    restored = PlateauDetector(patience=50)
+    restored.load_state_dict(detector.state_dict())
+    assert restored.events == detector.events and restored.tracker.best == detector.tracker.best
+
+
+def test_good_enough_plateau_is_convergence_not_a_stall(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=20, good_enough=0.05)
+    trainer = quiet_trainer(max_epochs=600, limit_val_batches=0, callbacks=[detector], default_root_dir=tmp_path)
+    trainer.fit(MLPClassifier(depth=3, activation="relu"), datamodule=Toy2DDataModule())
+    assert trainer.callback_metrics["train/loss"] < 0.05
+    assert all(e["value"] > 0.05 for e in detector.events)
+
+
+class Diverging(MLPClassifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.current_epoch >= 3:
+            x = x * float("nan")
+        return super().training_step((x, y), batch_idx)
+
+
+def test_nan_metric_is_reported_as_divergence_and_stops(tmp_path):
+    detector = PlateauDetector(patience=50)
+    trainer = quiet_trainer(max_epochs=50, limit_val_batches=0, callbacks=[detector], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="diverged.*epoch 3"):
+        trainer.fit(Diverging(), datamodule=Toy2DDataModule())
+    assert [e["kind"] for e in detector.events] == ["divergence"]
+    assert trainer.current_epoch == 4
+
+
+def test_missing_metric_is_skipped_with_a_warning(tmp_path):
+    detector = PlateauDetector(monitor="train/nothing", patience=2)
+    trainer = quiet_trainer(max_epochs=5, limit_val_batches=0, callbacks=[detector], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="train/nothing.*not logged"):
+        trainer.fit(MLPClassifier(), datamodule=Toy2DDataModule())
+    assert detector.events == [] and trainer.current_epoch == 5
