@@ -16,6 +16,8 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 
+from src.callbacks import PlateauDetector
+from src.callbacks.plateau import describe_event
 from src.models import MLPClassifier
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -97,6 +99,11 @@ def run_summary(trainer: Trainer) -> str:
         ]
         if values:
             lines.append(f"  {stage:<5} " + ", ".join(values))
+    for detector in (cb for cb in trainer.callbacks if isinstance(cb, PlateauDetector)):
+        lines.append(f"  {len(detector.events)} stall/divergence event(s) on {detector.monitor}")
+        lines.extend(f"    {describe_event(event)}" for event in detector.events[:10])
+        if len(detector.events) > 10:
+            lines.append(f"    ... {len(detector.events) - 10} more in stall_events.json")
     if trainer.log_dir:
         lines.append(f"  logs  {trainer.log_dir}")
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.last_model_path:
