@@ -37,6 +37,7 @@ def run(depth: int, width: int, seed: int, escape: bool, epochs: int) -> dict:
             "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0",
         ],
         run=False,
+        save_config_callback=None,
     )  # fmt: skip
     trainer = cli.trainer
     if not escape:

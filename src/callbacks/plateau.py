@@ -341,9 +341,11 @@ class PlateauDetector(Callback):
                 logger.experiment.add_text("plateau/events", describe_event(event), event["step"])
 
     def save_events(self, trainer: L.Trainer) -> None:
-        """Write all events to ``stall_events.json`` in the run directory (rank zero, atomically)."""
+        """Write all events to ``stall_events.json`` in the run directory (rank zero, atomically).
+
+        Without a logger there is no run directory, and nothing is written."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if not trainer.is_global_zero or not log_dir:
+        if not trainer.is_global_zero or not log_dir or not trainer.loggers:
             return
         path = Path(log_dir) / EVENTS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
