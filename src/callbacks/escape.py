@@ -57,7 +57,7 @@ class EscapeAction:
         return ", ".join(parts)
 
 
-DEFAULT_ACTIONS = (EscapeAction(momentum=0.9), EscapeAction(momentum=0.99), EscapeAction(lr_factor=10, max_lr=1.0))
+DEFAULT_ACTIONS = (EscapeAction(momentum=0.9), EscapeAction(momentum=0.99), EscapeAction(lr_factor=5, max_lr=0.5))
 
 
 def check_applicable(optimizer: torch.optim.Optimizer, action: EscapeAction) -> None:
@@ -114,7 +114,7 @@ class PlateauEscape(Callback):
     r"""Acts on the stalls a :class:`~src.callbacks.PlateauDetector` reports: one action per stall, in order.
 
     The default sequence is the source study's remedy for a stalled sigmoid net trained by plain SGD:
-    momentum 0.9, then momentum 0.99, then the learning rate times 10 (at most 1.0). Each action
+    momentum 0.9, then momentum 0.99, then the learning rate times 5 (at most 0.5). Each action
     changes the optimizer's ``param_groups`` in place (see :func:`apply_action`), is logged
     (``optim/lr`` and ``optim/momentum`` scalars and a text entry) and is recorded in
     ``stall_events.json`` next to the stall that caused it. Divergence events are never acted on.
