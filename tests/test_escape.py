@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -51,6 +52,47 @@ def test_lr_raise_is_capped_and_survives_schedulers_that_recompute_from_base_lrs
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2.5)
 
 
+def fake_trainer(optimizer, scheduler, events):
+    detector = SimpleNamespace(events=events, mode="min", save_events=lambda trainer: None)
+    trainer = SimpleNamespace(
+        optimizers=[optimizer],
+        lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)],
+        loggers=[],
+        current_epoch=7,
+        global_step=7,
+        is_global_zero=True,
+    )
+    return trainer, detector
+
+
+@pytest.mark.parametrize("restore_lr_below", [0.5, None])
+def test_lr_raises_are_undone_once_the_run_is_out_of_the_stall(restore_lr_below):
+    optimizer = sgd(lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    escape = PlateauEscape(
+        actions=[{"momentum": 0.9}, {"lr_factor": 5, "max_lr": 0.5}, {"lr_factor": 2, "max_lr": 1.0}],
+        restore_lr_below=restore_lr_below,
+    )
+    events = [{"kind": "stall", "epoch": e, "step": e, "value": 0.69, "actions": []} for e in (1, 2, 3)]
+    trainer, escape._detector = fake_trainer(optimizer, scheduler, events)
+    for event in events:
+        escape.on_stall(trainer, None, event)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(1.0) and group["momentum"] == 0.9
+    escape.on_check(trainer, None, 0.5)  # better, but not yet half the stalled loss
+    assert group["lr"] == pytest.approx(1.0)
+    escape.on_check(trainer, None, 0.3)
+    if restore_lr_below is None:
+        assert group["lr"] == pytest.approx(1.0)
+        return
+    assert group["lr"] == pytest.approx(0.1) and scheduler.base_lrs == pytest.approx([0.1])
+    assert group["momentum"] == 0.9  # momentum stays: only the lr kick is undone
+    assert events[-1]["actions"][-1]["action"].startswith("lr restored") and escape.lr_scale == 1.0
+    escape.on_check(trainer, None, 0.01)  # nothing left to undo
+    assert group["lr"] == pytest.approx(0.1) and len(escape.history) == 4
+    assert escape.state_dict()["lr_scale"] == 1.0
+
+
 @pytest.mark.parametrize(
     ("action", "message"),
     [
@@ -64,6 +106,8 @@ def test_lr_raise_is_capped_and_survives_schedulers_that_recompute_from_base_lrs
 def test_malformed_actions_fail_at_construction(action, message):
     with pytest.raises(ValueError, match=message):
         PlateauEscape(actions=[action])
+    with pytest.raises(ValueError, match="restore_lr_below"):
+        PlateauEscape(restore_lr_below=1.5)
 
 
 class AdamClassifier(MLPClassifier):

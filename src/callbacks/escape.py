@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -57,7 +58,12 @@ class EscapeAction:
         return ", ".join(parts)
 
 
-DEFAULT_ACTIONS = (EscapeAction(momentum=0.9), EscapeAction(momentum=0.99), EscapeAction(lr_factor=5, max_lr=0.5))
+DEFAULT_ACTIONS = (
+    EscapeAction(momentum=0.9),
+    EscapeAction(momentum=0.99),
+    EscapeAction(lr_factor=5, max_lr=0.5),
+    EscapeAction(lr_factor=2, max_lr=1.0),
+)
 
 
 def check_applicable(optimizer: torch.optim.Optimizer, action: EscapeAction) -> None:
@@ -114,7 +120,8 @@ class PlateauEscape(Callback):
     r"""Acts on the stalls a :class:`~src.callbacks.PlateauDetector` reports: one action per stall, in order.
 
     The default sequence is the source study's remedy for a stalled sigmoid net trained by plain SGD:
-    momentum 0.9, then momentum 0.99, then the learning rate times 5 (at most 0.5). Each action
+    momentum 0.9, then momentum 0.99, then the learning rate times 5 (at most 0.5), then times 2
+    (at most 1.0). Each action
     changes the optimizer's ``param_groups`` in place (see :func:`apply_action`), is logged
     (``optim/lr`` and ``optim/momentum`` scalars and a text entry) and is recorded in
     ``stall_events.json`` next to the stall that caused it. Divergence events are never acted on.
@@ -127,6 +134,11 @@ class PlateauEscape(Callback):
             ``[{momentum: 0.9}, {momentum: 0.99, nesterov: true}, {lr_factor: 10, max_lr: 1.0}]``.
         on_exhausted: What to do on a stall once every action is spent: ``continue`` training,
             or ``stop`` it with the reason stated.
+        restore_lr_below: A raised lr is a kick, not a new setting: once the monitored value has
+            fallen below this fraction of its value at the stall that caused the last lr raise
+            (above its inverse with ``mode: max``), the run is out of the stall and every lr raise
+            is undone (momentum changes stay). The lr that got a net off a plateau tends to blow it
+            up after. ``null`` keeps the raised lr.
 
     Raises:
         ValueError: At construction for a malformed action; at fit start when an action cannot apply
@@ -142,6 +154,7 @@ class PlateauEscape(Callback):
         self,
         actions: list[EscapeAction] | None = None,
         on_exhausted: Literal["continue", "stop"] = "continue",
+        restore_lr_below: float | None = 0.5,
     ) -> None:
         super().__init__()
         if on_exhausted not in ("continue", "stop"):
@@ -149,9 +162,15 @@ class PlateauEscape(Callback):
         self.actions = [self._as_action(a) for a in (DEFAULT_ACTIONS if actions is None else actions)]
         if not self.actions:
             raise ValueError("PlateauEscape: actions is empty; give at least one, or leave it out for the defaults")
+        if restore_lr_below is not None and not 0 < restore_lr_below < 1:
+            raise ValueError(f"PlateauEscape: restore_lr_below must be in (0, 1) or null, got {restore_lr_below}")
         self.on_exhausted = on_exhausted
+        self.restore_lr_below = restore_lr_below
         self.spent = 0
         self.history: list[dict[str, Any]] = []
+        self.lr_scale = 1.0  # product of the lr raises in force
+        self.raised_at: float | None = None  # monitored value at the stall that caused the last raise
+        self._detector: PlateauDetector | None = None
 
     @staticmethod
     def _as_action(action: EscapeAction | dict[str, Any]) -> EscapeAction:
@@ -175,6 +194,8 @@ class PlateauEscape(Callback):
             raise ValueError("PlateauEscape needs a PlateauDetector in trainer.callbacks to tell it about stalls")
         for detector in detectors:
             detector.add_listener(self.on_stall)
+        detectors[0].add_check_listener(self.on_check)
+        self._detector = detectors[0]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for optimizer in trainer.optimizers:
@@ -194,25 +215,64 @@ class PlateauEscape(Callback):
         action = self.actions[self.spent]
         self.spent += 1
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        lr_before = float(trainer.optimizers[0].param_groups[0]["lr"])
         settings: dict[str, list[float]] = {}
         for optimizer in trainer.optimizers:
             settings = apply_action(optimizer, action, schedulers)
-        record = {"action": action.describe(), "epoch": event["epoch"], "step": event["step"], **settings}
-        event["actions"].append(record)
+        if action.lr_factor is not None:
+            self.lr_scale *= settings["lr"][0] / lr_before
+            self.raised_at = float(event["value"])
+        self._record(trainer, event, action.describe(), settings)
+
+    def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
+        """Undo the lr raises once the monitored ``value`` says the run is out of the stall."""
+        if self.restore_lr_below is None or self.raised_at is None or not math.isfinite(value):
+            return
+        maximize = self._detector is not None and self._detector.mode == "max"
+        escaped = (
+            value >= self.raised_at / self.restore_lr_below
+            if maximize
+            else value <= self.raised_at * self.restore_lr_below
+        )
+        if not escaped:
+            return
+        undo = EscapeAction(lr_factor=1 / self.lr_scale)
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        settings: dict[str, list[float]] = {}
+        for optimizer in trainer.optimizers:
+            settings = apply_action(optimizer, undo, schedulers)
+        self.lr_scale, self.raised_at = 1.0, None
+        event = next(e for e in reversed(self._detector.events) if e["kind"] == "stall") if self._detector else {}
+        what = f"lr restored (out of the stall: {value:.4g} vs {event.get('value')})"
+        self._record(trainer, event, what, settings, epoch=trainer.current_epoch, step=trainer.global_step)
+        if self._detector is not None:
+            self._detector.save_events(trainer)
+
+    def _record(
+        self,
+        trainer: L.Trainer,
+        event: dict[str, Any],
+        what: str,
+        settings: dict[str, list[float]],
+        epoch: int | None = None,
+        step: int | None = None,
+    ) -> None:
+        epoch = event["epoch"] if epoch is None else epoch
+        step = event["step"] if step is None else step
+        record = {"action": what, "epoch": epoch, "step": step, **settings}
+        event.setdefault("actions", []).append(record)
         self.history.append(record)
-        rank_zero_info(f"PlateauEscape: epoch {event['epoch']}: {action.describe()} -> lr {settings['lr']}")
+        rank_zero_info(f"PlateauEscape: epoch {epoch}: {what} -> lr {settings['lr']}")
         for logger in trainer.loggers:
-            logger.log_metrics(
-                {"optim/lr": settings["lr"][0], "optim/momentum": settings["momentum"][0]}, event["step"]
-            )
+            logger.log_metrics({"optim/lr": settings["lr"][0], "optim/momentum": settings["momentum"][0]}, step)
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                logger.experiment.add_text(
-                    "plateau/actions", f"epoch {event['epoch']}: {action.describe()}", event["step"]
-                )
+                logger.experiment.add_text("plateau/actions", f"epoch {epoch}: {what}", step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"spent": self.spent, "history": self.history}
+        return {"spent": self.spent, "history": self.history, "lr_scale": self.lr_scale, "raised_at": self.raised_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.spent = state_dict["spent"]
         self.history = list(state_dict["history"])
+        self.lr_scale = state_dict.get("lr_scale", 1.0)
+        self.raised_at = state_dict.get("raised_at")

@@ -143,6 +143,7 @@ def diagnose(
 
 
 StallListener = Callable[[L.Trainer, L.LightningModule, dict[str, Any]], None]
+CheckListener = Callable[[L.Trainer, L.LightningModule, float], None]
 
 
 class PlateauDetector(Callback):
@@ -234,6 +235,7 @@ class PlateauDetector(Callback):
         self.events: list[dict[str, Any]] = []
         self._check_steps: deque[int] = deque(maxlen=patience + 1)
         self._listeners: list[StallListener] = []
+        self._check_listeners: list[CheckListener] = []
         self._norms: GradNormMonitor | None = None
         self._own_norms = False
         self._warned_missing = False
@@ -246,6 +248,11 @@ class PlateauDetector(Callback):
         """Call ``listener(trainer, pl_module, event)`` on every stall and divergence event."""
         if listener not in self._listeners:
             self._listeners.append(listener)
+
+    def add_check_listener(self, listener: CheckListener) -> None:
+        """Call ``listener(trainer, pl_module, value)`` after every check, with the synced monitored value."""
+        if listener not in self._check_listeners:
+            self._check_listeners.append(listener)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, GradNormMonitor)]
@@ -290,6 +297,8 @@ class PlateauDetector(Callback):
         if status is Status.PLATEAU and self._is_good_enough(value):
             status = Status.WAITING
         fire = trainer.strategy.reduce_boolean_decision(status in (Status.PLATEAU, Status.DIVERGED), all=True)
+        for check_listener in self._check_listeners:
+            check_listener(trainer, pl_module, value)
         if not fire:
             return
         event = self._event(trainer, status, value)
