@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -66,3 +70,17 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     """A Trainer for tests: no progress bar, summary or checkpoints unless asked for."""
     defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture
+def http_dir(tmp_path_factory):
+    """A folder served over http on a free loopback port: ``.directory`` (a Path) and ``.url``."""
+    directory = tmp_path_factory.mktemp("served")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield SimpleNamespace(directory=directory, url=f"http://127.0.0.1:{server.server_address[1]}")
+    server.shutdown()
+    server.server_close()

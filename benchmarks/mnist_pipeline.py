@@ -1,0 +1,170 @@
+"""One MNIST-sized training epoch three ways, and the peak memory of a Fashion-MNIST fit.
+
+    python benchmarks/mnist_pipeline.py [--repeats 3] [--json out.json]
+
+Rows (784-256-256-10 ReLU MLP, Adam 1e-3, batch 100, one epoch over the 55k training images):
+
+- template:    ``Trainer.fit`` with ``MNISTDataModule`` (uint8 in memory, one tensor index per
+               batch, normalised per batch after transfer), validation and logging off;
+- plain loop:  a hand-written PyTorch loop over pre-normalised float tensors in memory;
+- torchvision: a hand-written loop over torchvision's ``FashionMNIST`` dataset with
+               ``ToTensor`` + ``Normalize`` and a standard ``DataLoader`` (what the source code does).
+
+The three are run interleaved, ``--repeats`` times each; the table gives the median samples/s and
+the spread (min-max). The data is Fashion-MNIST from Debian's package when it is installed,
+otherwise random images of the same shapes. Peak RSS is the ``ru_maxrss`` of a separate
+``python -m src.train fit --config configs/fashion_mnist.yaml`` process (1 epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torchvision import datasets, transforms
+
+from src.data.mnist import NORMALIZATION, MNISTDataModule, raw_folder
+from src.models import MLPClassifier
+
+REPO = Path(__file__).resolve().parent.parent
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+def prepare(data_dir: Path) -> tuple[MNISTDataModule, str]:
+    """Fashion-MNIST from Debian if present, else random IDX files of MNIST's shapes."""
+    if DEBIAN.is_dir():
+        dm = MNISTDataModule("fashion_mnist", data_dir=str(data_dir), raw_dir=str(DEBIAN))
+        source = f"Fashion-MNIST from {DEBIAN}"
+    else:
+        raw = raw_folder("fashion_mnist", data_dir)
+        raw.mkdir(parents=True)
+        gen = torch.Generator().manual_seed(0)
+        for split, n in (("train", 60000), ("t10k", 10000)):
+            images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen)
+            labels = torch.randint(0, 10, (n,), dtype=torch.uint8, generator=gen)
+            for kind, tensor in (("images-idx3", images), ("labels-idx1", labels)):
+                header = bytes([0, 0, 8, tensor.ndim]) + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
+                (raw / f"{split}-{kind}-ubyte").write_bytes(header + tensor.numpy().tobytes())
+        dm = MNISTDataModule("fashion_mnist", data_dir=str(data_dir), download=False)
+        source = "random images of Fashion-MNIST's shapes (Debian's dataset-fashion-mnist is not installed)"
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm, source
+
+
+def new_model() -> MLPClassifier:
+    return MLPClassifier(in_features=784, num_classes=10, depth=3, width=256, activation="relu")
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def run_template(dm: MNISTDataModule) -> int:
+    model = new_model()
+    model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-3)
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    return len(dm.train_set)
+
+
+def run_plain(dm: MNISTDataModule) -> int:
+    images, labels = dm.train_set.tensors
+    x_all = dm.to_features(images)  # normalised once, up front: the loop only indexes
+    model = new_model().net
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for index in torch.randperm(len(x_all)).split(100):
+        train_step(model, optimizer, x_all[index], labels[index])
+    return len(x_all)
+
+
+def run_torchvision(data_dir: Path, n: int) -> int:
+    mean, std = NORMALIZATION["fashion_mnist"]
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    dataset = datasets.FashionMNIST(str(data_dir), train=True, transform=transform)
+    subset = torch.utils.data.Subset(dataset, range(n))  # the same number of images as the other rows
+    loader = torch.utils.data.DataLoader(subset, batch_size=100, shuffle=True)
+    model = new_model().net
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for x, y in loader:
+        train_step(model, optimizer, x.flatten(1), y)
+    return n
+
+
+def peak_rss_of_fit(data_dir: Path) -> float:
+    """Peak resident memory (MiB) of a real 1-epoch Fashion-MNIST fit process."""
+    with tempfile.TemporaryDirectory() as cwd:
+        args = [
+            sys.executable, "-m", "src.train", "fit", "--config", str(REPO / "configs" / "fashion_mnist.yaml"),
+            "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+            "--data.init_args.data_dir", str(data_dir), "--data.init_args.download", "false",
+        ]  # fmt: skip
+        if not DEBIAN.is_dir():
+            args += ["--data.init_args.raw_dir", "null"]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        subprocess.run(args, cwd=cwd, env=env, check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory run")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        dm, source = prepare(data_dir)
+        n = len(dm.train_set)
+        rows = {
+            "template (Trainer + MNISTDataModule)": lambda: run_template(dm),
+            "plain loop over in-memory tensors": lambda: run_plain(dm),
+            "torchvision Dataset + DataLoader + ToTensor": lambda: run_torchvision(data_dir, n),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in rows}
+        for _ in range(args.repeats):
+            for name, run in rows.items():
+                torch.manual_seed(0)
+                start = time.perf_counter()
+                samples = run()
+                rates[name].append(samples / (time.perf_counter() - start))
+        rss = None if args.no_rss else peak_rss_of_fit(data_dir)
+    print(f"data: {source}; {n} training images, batch 100, 784-256-256-10 ReLU, Adam")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    template = statistics.median(rates[next(iter(rows))])
+    print(f"{'pipeline':46} {'samples/s':>10} {'min-max':>17} {'template is':>12}")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        spread = f"{min(values):.0f}-{max(values):.0f}"
+        print(f"{name:46} {median:10.0f} {spread:>17} {template / median:11.2f}x")
+    if rss is not None:
+        print(f"peak RSS of a 1-epoch Fashion-MNIST fit process: {rss:.0f} MiB")
+    if args.json:
+        figures = {"source": source, "samples_per_s": rates, "peak_rss_mib": rss}
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
