@@ -7,16 +7,22 @@ Set ``TEMPLATE_DEBUG=1`` to see the full traceback of an error instead of its on
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
 import warnings
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
+from lightning.pytorch.loggers import TensorBoardLogger
 
-from src.callbacks import PlateauDetector
+from src.callbacks import FiniteModelCheckpoint, GracefulStop, PlateauDetector
 from src.callbacks.plateau import describe_event
 from src.models import MLPClassifier
 
@@ -27,7 +33,18 @@ DEBUG_ENV = "TEMPLATE_DEBUG"
 
 
 def one_line(message: object) -> str:
-    return " ".join(str(message).split())
+    """The message on one line; jsonargparse's 'none of the Union subtypes' lists cut to what matters."""
+    text = " ".join(str(message).split())
+    match = re.search(r"Does not validate against any of the Union subtypes Subtypes: \[.*?\] Errors: (.*)$", text)
+    if match is None:
+        return text
+    errors = [e.strip() for e in re.split(r"(?:^| )- ", match.group(1)) if e.strip()]
+    useful = [
+        re.sub(r" ?Given value type: <class '[^']*'>", "", e)
+        for e in errors
+        if not e.startswith(("Expected a <class 'NoneType'>", "Expected a <class 'list'>", "Expected a <class 'bool'>"))
+    ]
+    return text[: match.start()] + " | ".join(useful or errors)
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -55,7 +72,7 @@ class TemplateCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.in_features", "model.in_features", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FiniteModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
@@ -63,9 +80,35 @@ class TemplateCLI(LightningCLI):
         # instead of failing on it.
         if config.get("enable_checkpointing") is False:
             callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        if not any(isinstance(cb, GracefulStop) for cb in [*callbacks, *(config.get("callbacks") or [])]):
+            callbacks = [*callbacks, GracefulStop()]
+        trainer = super()._instantiate_trainer(config, callbacks)
+        version = getattr(self, "resume_version", None)
+        if version is not None and isinstance(trainer.logger, TensorBoardLogger) and trainer.logger._version is None:
+            trainer.logger._version = version  # a resumed run goes on writing into its own run directory
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here: resolve `last` and check the file first.
+        self._resolve_ckpt_path()
+        if hasattr(super(), "_parse_ckpt_path"):
+            super()._parse_ckpt_path()
+
+    def _resolve_ckpt_path(self) -> None:
+        if getattr(self, "resume_version", False) is not False:
+            return  # done already
+        self.resume_version = None
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("ckpt_path"):
+            config.ckpt_path, self.resume_version = resolve_ckpt_path(
+                config.ckpt_path, config.trainer.get("default_root_dir") or os.getcwd()
+            )
 
     def before_instantiate_classes(self) -> None:
+        self._resolve_ckpt_path()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_trainer_config(config.trainer)
         # Build the configured optimizer (and scheduler) once on a dummy parameter, so that a bad
         # value such as a negative lr is reported now, naming the section, not midway into fit.
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -85,6 +128,67 @@ class TemplateCLI(LightningCLI):
         summary = run_summary(self.trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if self.trainer.is_global_zero:
             print(summary, flush=True)
+        stop = next((cb for cb in self.trainer.callbacks if isinstance(cb, GracefulStop)), None)
+        if stop is not None and stop.stopped_by is not None:
+            if self.trainer.is_global_zero:
+                print(f"Stopped by {stop.stopped_by}. Resume: python -m src.train fit [same options] --ckpt_path last")
+            signum = getattr(signal, stop.stopped_by, None)
+            sys.exit(128 + int(signum) if signum is not None else 1)
+        if any(e["kind"] == "divergence" for d in self._detectors() for e in d.events):
+            sys.exit(1)
+
+    def _detectors(self) -> list[PlateauDetector]:
+        return [cb for cb in self.trainer.callbacks if isinstance(cb, PlateauDetector)]
+
+
+def check_trainer_config(trainer: Any) -> None:
+    """Reject Trainer values that Lightning would accept and then misbehave on (or crash deep inside)."""
+    for key, low in (("max_epochs", -1), ("max_steps", -1), ("check_val_every_n_epoch", 1), ("num_nodes", 1)):
+        value = trainer.get(key)
+        if value is not None and value < low:
+            raise ValueError(f"trainer.{key}={value}: must be >= {low}" + (" (-1: no limit)" if low == -1 else ""))
+    devices, accelerator = trainer.get("devices"), trainer.get("accelerator")
+    count = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()) else None
+    on_cpu = accelerator == "cpu" or (accelerator in ("auto", None) and not torch.cuda.is_available())
+    cores = os.cpu_count() or 1
+    if count is not None and on_cpu and count > cores:
+        raise ValueError(
+            f"trainer.devices={devices}: that many CPU processes on a machine with {cores} cores; "
+            f"use at most {cores} (each DDP process is one device)"
+        )
+
+
+def newest_last_checkpoint(root: Path) -> Path | None:
+    """The ``last.ckpt`` written most recently under ``root/lightning_logs/*/checkpoints/``."""
+    candidates = [p for p in Path(root).glob("lightning_logs/*/checkpoints/last.ckpt") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def resolve_ckpt_path(ckpt_path: str, root: str | Path) -> tuple[str, int | None]:
+    """``last`` -> the newest run's ``last.ckpt``; check that a given path is a checkpoint file.
+
+    Returns the path and, when it lies in ``lightning_logs/version_N/checkpoints``, N (the run the
+    resumed fit goes on logging into).
+    """
+    if ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry"):
+        return ckpt_path, None  # Lightning's own meanings
+    if ckpt_path == "last":
+        found = newest_last_checkpoint(Path(root))
+        if found is None:
+            raise FileNotFoundError(
+                f"ckpt_path=last: no lightning_logs/*/checkpoints/last.ckpt under {root}; "
+                "run fit first, or give the checkpoint's path"
+            )
+        path = found
+    else:
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file; give a .ckpt file or 'last'")
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"ckpt_path={ckpt_path}: not a checkpoint (torch.save writes a zip archive)")
+    run = path.parent.parent.name
+    version = int(run.removeprefix("version_")) if run.startswith("version_") and run[8:].isdigit() else None
+    return str(path), version
 
 
 def run_summary(trainer: Trainer) -> str:
@@ -106,11 +210,41 @@ def run_summary(trainer: Trainer) -> str:
             lines.append(f"    ... {len(detector.events) - 10} more in stall_events.json")
     if trainer.log_dir:
         lines.append(f"  logs  {trainer.log_dir}")
-    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.last_model_path:
-        lines.append(f"  last  {trainer.checkpoint_callback.last_model_path}")
+    checkpoint = trainer.checkpoint_callback
+    last = Path(checkpoint.last_model_path) if checkpoint is not None and checkpoint.last_model_path else None
+    skipped = getattr(checkpoint, "skipped", 0)
+    if last is not None and last.is_file():
+        saved = getattr(checkpoint, "saved_epoch", None)
+        note = f" (from epoch {saved}, before the divergence)" if skipped and saved is not None else ""
+        lines.append(f"  last  {last}{note}")
+    elif skipped:
+        lines.append("  last  none: the run diverged before the first checkpoint was due")
+    for detector in (cb for cb in trainer.callbacks if isinstance(cb, PlateauDetector)):
+        divergence = next((e for e in detector.events if e["kind"] == "divergence"), None)
+        if divergence is not None:
+            lines.append(
+                f"  DIVERGED at epoch {divergence['epoch']}: {detector.monitor} = {divergence['value']}; "
+                "lower the learning rate (the checkpoints are from before it)"
+            )
     root = trainer.logger.root_dir if trainer.logger is not None else "lightning_logs"
     lines.append(f"  view  tensorboard --logdir {root}")
     return "\n".join(lines)
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Name the config file that is not valid YAML (jsonargparse reports the error without the file)."""
+    for index, arg in enumerate(argv):
+        path = argv[index + 1] if arg in ("-c", "--config") and index + 1 < len(argv) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or err
+            raise ValueError(f"config file {path}{where}: not valid YAML ({problem})") from None
 
 
 def resolve_argv(argv: list[str]) -> list[str]:
@@ -140,11 +274,14 @@ def main() -> None:
     # Rewriting sys.argv (not passing args=) keeps what DDP's launcher re-runs equal to what ran here.
     sys.argv[1:] = resolve_argv(sys.argv[1:])
     try:
+        check_config_files(sys.argv[1:])
         TemplateCLI()
     except Exception as err:
         if os.environ.get(DEBUG_ENV):
             raise
-        sys.stderr.write(f"error: {type(err).__name__}: {one_line(err)} (set {DEBUG_ENV}=1 for the traceback)\n")
+        # Under DDP every process fails the same way: one line per machine is enough.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            sys.stderr.write(f"error: {type(err).__name__}: {one_line(err)} (set {DEBUG_ENV}=1 for the traceback)\n")
         sys.exit(1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -21,3 +22,24 @@ class DumpRankState(L.Callback):
             "weights": torch.cat([p.detach().flatten().cpu() for p in pl_module.parameters()]),
         }
         torch.save(state, Path(os.environ["RANK_STATE_DIR"]) / f"rank{trainer.global_rank}.pt")
+
+
+class Pace(L.Callback):
+    """Slows a toy run to ``seconds`` per epoch and touches ``RUN_MARKER`` at epoch 10, so a test can
+    signal the process while it is training. Sleeping changes no numbers."""
+
+    def __init__(self, seconds: float = 0.01) -> None:
+        self.seconds = seconds
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        time.sleep(self.seconds)
+        if trainer.current_epoch == 10 and os.environ.get("RUN_MARKER"):
+            Path(os.environ["RUN_MARKER"]).touch()
+
+
+class DumpMetrics(L.Callback):
+    """Each rank saves its callback_metrics at the end of fit, to compare across ranks."""
+
+    def on_train_end(self, trainer, pl_module):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        torch.save(metrics, Path(os.environ["RANK_STATE_DIR"]) / f"metrics{trainer.global_rank}.pt")

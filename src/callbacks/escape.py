@@ -204,6 +204,11 @@ class PlateauEscape(Callback):
 
     def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> None:
         """Apply the next action for a stall event (called by the PlateauDetector)."""
+        if event["kind"] == "divergence" and self.lr_scale != 1.0 and self.history:
+            # Never escape into divergence silently: say which lr raise preceded it.
+            last = next(r for r in reversed(self.history) if r["action"].startswith("lr x"))
+            note = f"none: diverged after '{last['action']}' at epoch {last['epoch']} (lr {last['lr'][0]:g})"
+            event["actions"].append({"action": note, "epoch": event["epoch"], "step": event["step"]})
         if event["kind"] != "stall":
             return
         if self.spent >= len(self.actions):
@@ -243,7 +248,7 @@ class PlateauEscape(Callback):
             settings = apply_action(optimizer, undo, schedulers)
         self.lr_scale, self.raised_at = 1.0, None
         event = next(e for e in reversed(self._detector.events) if e["kind"] == "stall") if self._detector else {}
-        what = f"lr restored (out of the stall: {value:.4g} vs {event.get('value')})"
+        what = f"lr restored (out of the stall: {value:.4g} vs {float(event.get('value', 'nan')):.4g})"
         self._record(trainer, event, what, settings, epoch=trainer.current_epoch, step=trainer.global_step)
         if self._detector is not None:
             self._detector.save_events(trainer)

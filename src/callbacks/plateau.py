@@ -42,7 +42,7 @@ class PlateauTracker:
     the best (``threshold_mode="rel"``) or absolute (``"abs"``), as in ``ReduceLROnPlateau``.
     After ``warmup`` checks, ``patience`` checks in a row without improvement make a plateau; then
     the counter restarts, and ``cooldown`` checks pass before waiting starts again. A value that is
-    NaN or infinite is a divergence, never a plateau.
+    NaN or infinite, or worse than ``divergence_threshold``, is a divergence, never a plateau.
     """
 
     mode_dict = {"min": -1.0, "max": 1.0}
@@ -55,6 +55,7 @@ class PlateauTracker:
         threshold_mode: str = "rel",
         cooldown: int = 0,
         warmup: int = 0,
+        divergence_threshold: float | None = None,
     ) -> None:
         if mode not in self.mode_dict:
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -67,6 +68,7 @@ class PlateauTracker:
             raise ValueError(f"min_delta must be >= 0, got {min_delta}")
         self.mode, self.patience, self.min_delta = mode, patience, min_delta
         self.threshold_mode, self.cooldown, self.warmup = threshold_mode, cooldown, warmup
+        self.divergence_threshold = divergence_threshold
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.cooldown_left = 0
@@ -79,9 +81,14 @@ class PlateauTracker:
         margin = self.min_delta * abs(self.best) if self.threshold_mode == "rel" else self.min_delta
         return sign * (value - self.best) > margin
 
+    def diverged(self, value: float) -> bool:
+        if self.divergence_threshold is None:
+            return False
+        return value > self.divergence_threshold if self.mode == "min" else value < self.divergence_threshold
+
     def update(self, value: float) -> Status:
         self.checks += 1
-        if not math.isfinite(value):
+        if not math.isfinite(value) or self.diverged(value):
             return Status.DIVERGED
         improved = self.improves(value)
         if improved:
@@ -158,8 +165,8 @@ class PlateauDetector(Callback):
     norms over the patience window: ``vanishing``, ``flat`` or ``unclear``, see :func:`diagnose`),
     logs a ``plateau/stall`` scalar marker and a text entry, appends the event to
     ``stall_events.json`` in the run directory and keeps it in its state, so a resumed run knows it.
-    A NaN or infinite value is recorded as a ``divergence`` event instead, and stops training when
-    ``stop_on_divergence`` is set.
+    A NaN or infinite value, or one worse than ``divergence_threshold``, is recorded as a
+    ``divergence`` event instead, and stops training when ``stop_on_divergence`` is set.
 
     The gradient norms come from a :class:`~src.callbacks.GradNormMonitor` on the same Trainer, or
     from a silent one of its own when there is none. Under DDP the monitored value is averaged over
@@ -183,7 +190,9 @@ class PlateauDetector(Callback):
         flat_spread: Largest-to-smallest layer ratio that still counts as an even (``flat``) profile.
         norms_every_n_steps: How often the detector's own norm monitor samples when the Trainer has
             no ``GradNormMonitor``; ``None`` takes the Trainer's ``log_every_n_steps``.
-        stop_on_divergence: Stop training when the metric becomes NaN or infinite.
+        stop_on_divergence: Stop training on a divergence.
+        divergence_threshold: A value worse than this (above it for ``min``) is a divergence too, as
+            in ``EarlyStopping``: a loss can blow up to 1e6 and stay finite. ``None``: only NaN/inf.
         good_enough: A plateau at a value at least this good (below it for ``min``, above for
             ``max``) is convergence, not a stall: no event. ``None``: every plateau is a stall.
 
@@ -212,10 +221,13 @@ class PlateauDetector(Callback):
         norms_every_n_steps: int | None = None,
         stop_on_divergence: bool = True,
         good_enough: float | None = None,
+        divergence_threshold: float | None = None,
     ) -> None:
         super().__init__()
         try:
-            self.tracker = PlateauTracker(mode, patience, min_delta, threshold_mode, cooldown, warmup)
+            self.tracker = PlateauTracker(
+                mode, patience, min_delta, threshold_mode, cooldown, warmup, divergence_threshold
+            )
         except ValueError as err:
             raise ValueError(f"PlateauDetector: {err}") from None
         for name, value in (("vanishing_ratio", vanishing_ratio), ("flat_norm", flat_norm)):
@@ -313,6 +325,11 @@ class PlateauDetector(Callback):
                 f"Training diverged: {self.monitor} = {value} at epoch {trainer.current_epoch}; stopping. "
                 "Lower the learning rate, or resume from the last finite checkpoint."
             )
+
+    @property
+    def diverged(self) -> bool:
+        """Whether this fit has seen a divergence event."""
+        return any(event["kind"] == "divergence" for event in self.events)
 
     def _is_good_enough(self, value: float) -> bool:
         if self.good_enough is None:

@@ -1,0 +1,107 @@
+"""Safe to leave running: stop on SIGTERM/SIGINT at an epoch boundary, never checkpoint NaN weights."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+
+class GracefulStop(Callback):
+    """On SIGTERM or SIGINT (Ctrl+C) finish the current epoch, then stop as if ``max_epochs`` were reached.
+
+    The run then ends normally, so a ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` at an
+    epoch boundary (Lightning writes it to a temporary file and renames it: a kill during the write
+    leaves the previous one intact) and ``fit --ckpt_path last`` resumes exactly. A second signal
+    falls back to what the signal did before (Ctrl+C then interrupts at once, with no checkpoint).
+    Under DDP the decision is reduced over the processes, so one rank's signal stops them all at the
+    same epoch. Handlers are installed at train start and the previous ones restored at the end;
+    they can only be installed from the main thread, elsewhere this callback does nothing.
+
+    ``stopped_by`` holds the signal's name once it has stopped a run.
+    """
+
+    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGINT")) -> None:
+        super().__init__()
+        unknown = [name for name in signals if not isinstance(getattr(signal, name, None), signal.Signals)]
+        if unknown:
+            raise ValueError(f"GracefulStop: unknown signal(s) {unknown}; use names such as SIGTERM, SIGINT, SIGUSR1")
+        self.signals = tuple(signals)
+        self.requested: str | None = None
+        self.stopped_by: str | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if self.requested is not None:  # a second signal: do what it did before
+            self._restore()
+            previous = signal.getsignal(sig)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(sig)
+            return
+        self.requested = sig.name
+        rank_zero_info(f"\nReceived {sig.name}: stopping after this epoch with a resumable last.ckpt (again to abort)")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.requested = self.stopped_by = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.signals:
+            sig = signal.Signals[name]
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+            self.stopped_by = self.requested or "a signal to another process"
+            trainer.should_stop = True
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+
+def weights_are_finite(module: torch.nn.Module) -> bool:
+    params = [p.detach() for p in module.parameters()]
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+
+
+class FiniteModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that writes nothing once the run has diverged.
+
+    A save is skipped while the model holds NaN/inf weights, or after a callback on the Trainer
+    (a :class:`~src.callbacks.PlateauDetector`) has reported a divergence (``diverged`` is true).
+    The checkpoints on disk, ``last.ckpt`` included, are then all from before the divergence, and
+    resuming from them restarts a healthy run. ``skipped`` counts the refused saves and
+    ``saved_epoch`` is the epoch of the newest checkpoint written.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped = 0
+        self.saved_epoch: int | None = None
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        diverged = any(getattr(cb, "diverged", False) is True for cb in trainer.callbacks)
+        if diverged or not weights_are_finite(trainer.lightning_module):
+            if not self.skipped:
+                why = "the run has diverged" if diverged else "the model's weights are not finite"
+                rank_zero_warn(f"{why}: not writing {filepath} (nor later checkpoints)")
+            self.skipped += 1
+            return
+        super()._save_checkpoint(trainer, filepath)
+        self.saved_epoch = trainer.current_epoch

@@ -1,0 +1,132 @@
+"""Safe to leave running: kill and resume, divergence, checkpoints that are never torn or NaN."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.callbacks import FiniteModelCheckpoint, GracefulStop
+from src.models import MLPClassifier
+from src.train import resolve_ckpt_path
+from tests.conftest import REPO, quiet_trainer, run_cli
+
+# Deterministic toy run, paced to ~10 ms an epoch so that a signal lands mid-run.
+PACED = ("--trainer.deterministic", "true", "--trainer.callbacks+=tests.ddp_probe.Pace")
+
+
+def start_cli(*args: str, cwd: Path, marker: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RUN_MARKER": str(marker)}
+    env.pop("TEMPLATE_DEBUG", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "src.train", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return checkpoint["state_dict"], checkpoint
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_then_resume_from_last_equals_an_uninterrupted_run(tmp_path):
+    epochs = ("--trainer.max_epochs", "700")
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    interrupted.mkdir()
+    straight.mkdir()
+    process = start_cli("fit", *epochs, *PACED, cwd=interrupted, marker=tmp_path / "m")
+    wait_for(tmp_path / "m", process)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Stopped by SIGTERM" in out and "--ckpt_path last" in out
+    last = interrupted / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    _, stopped = final_weights(last)
+    assert 10 <= stopped["epoch"] < 699  # stopped at an epoch boundary, mid-run
+    assert not list(last.parent.glob("*.tmp*"))
+
+    resumed = run_cli("fit", *epochs, *PACED, "--ckpt_path", "last", cwd=interrupted)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (interrupted / "lightning_logs" / "version_1").exists()  # went on in its own run directory
+    baseline = run_cli("fit", *epochs, *PACED, cwd=straight)
+    assert baseline.returncode == 0, baseline.stderr[-2000:]
+    weights, resumed_ckpt = final_weights(last)
+    expected, baseline_ckpt = final_weights(straight / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    assert resumed_ckpt["global_step"] == baseline_ckpt["global_step"] == 700
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name
+    # the optimizer (momentum switched by the escape) and the callbacks' state came along too
+    assert resumed_ckpt["optimizer_states"][0]["param_groups"][0]["momentum"] == pytest.approx(
+        baseline_ckpt["optimizer_states"][0]["param_groups"][0]["momentum"]
+    )
+    escape_key = next(k for k in baseline_ckpt["callbacks"] if k.startswith("PlateauEscape"))
+    assert resumed_ckpt["callbacks"][escape_key]["spent"] == baseline_ckpt["callbacks"][escape_key]["spent"] > 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_at_the_epoch_end_with_a_resumable_checkpoint(tmp_path):
+    process = start_cli("fit", "--trainer.max_epochs", "5000", *PACED, cwd=tmp_path, marker=tmp_path / "m")
+    wait_for(tmp_path / "m", process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and "Stopped by SIGINT" in out
+    _, checkpoint = final_weights(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    assert (
+        checkpoint["epoch"] >= 10
+        and checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == (checkpoint["epoch"])
+    )
+
+
+def test_divergence_stops_naming_the_epoch_and_keeps_the_checkpoint_from_before(cli):
+    result = cli("fit", "--optimizer.init_args.lr", "1e6", "--checkpoint.every_n_epochs", "1")
+    assert result.returncode == 1
+    assert "DIVERGED at epoch 1: train/loss" in result.stdout and "lower the learning rate" in result.stdout
+    ckpt = cli.cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    state, checkpoint = final_weights(ckpt)
+    assert checkpoint["epoch"] == 0 and all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_nan_weights_are_never_checkpointed(tmp_path):
+    model = MLPClassifier(in_features=2, num_classes=2, depth=2, width=4)
+    checkpoint = FiniteModelCheckpoint(dirpath=tmp_path)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[checkpoint], enable_checkpointing=True)
+    trainer.strategy.connect(model)
+    with torch.no_grad():
+        model.net.layers[0].weight[0, 0] = float("nan")
+    checkpoint._save_checkpoint(trainer, str(tmp_path / "nan.ckpt"))
+    assert not (tmp_path / "nan.ckpt").exists() and checkpoint.skipped == 1
+
+
+def test_graceful_stop_rejects_unknown_signals():
+    with pytest.raises(ValueError, match="SIGNOPE"):
+        GracefulStop(signals=("SIGNOPE",))
+
+
+def test_ckpt_path_last_finds_the_newest_run_and_its_version(tmp_path):
+    for version, age in ((0, 100), (3, 50), (7, 0)):
+        ckpt = tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        torch.save({"x": 1}, ckpt)
+        os.utime(ckpt, (time.time() - age, time.time() - age))
+    (tmp_path / "lightning_logs" / "version_9").mkdir()  # a run that never checkpointed
+    path, version = resolve_ckpt_path("last", tmp_path)
+    assert path.endswith("version_7/checkpoints/last.ckpt") and version == 7
+    with pytest.raises(FileNotFoundError, match="run fit first"):
+        resolve_ckpt_path("last", tmp_path / "elsewhere")
