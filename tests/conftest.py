@@ -20,8 +20,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None):
     """Run ``python -m src.train ARGS`` from ``cwd`` (outside the repo) and return the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    full_env.pop("TEMPLATE_DEBUG", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "TEMPLATE_DEBUG"}
+    full_env.update({"PYTHONPATH": str(REPO), **(env or {})})
     return subprocess.run(
         [sys.executable, "-m", "src.train", *args],
         cwd=cwd,

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from src.data.in_memory import InMemoryDataModule, InMemoryDataset
 
@@ -125,7 +125,7 @@ class DnnexDataModule(InMemoryDataModule):
         n_samples: PositiveInt = 2000,
         seed: int = 0,
         batch_size: PositiveInt | None = None,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.csv_path = csv_path

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from src.data.in_memory import InMemoryDataModule, InMemoryDataset
 
@@ -59,7 +59,7 @@ class Toy2DDataModule(InMemoryDataModule):
         val_samples: PositiveInt = 20,
         seed: int = 0,
         batch_size: PositiveInt | None = None,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         if variant not in CLUSTERS:

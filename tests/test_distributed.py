@@ -1,0 +1,121 @@
+"""Several processes and several machines, through Lightning's own DDP (CPU here; GPU where there is one)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli
+
+CONFIGS = REPO / "configs"
+DDP = ("--config", str(CONFIGS / "default.yaml"), "--config", str(CONFIGS / "trainer" / "ddp.yaml"))
+needs_two_cores = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="2 CPU processes need 2 cores")
+
+
+@pytest.mark.slow
+@needs_two_cores
+def test_ddp_preset_runs_the_default_experiment_on_two_cpu_processes(tmp_path):
+    result = run_cli(
+        "fit", *DDP, "--trainer.accelerator", "cpu", "--trainer.max_epochs", "300",
+        "--trainer.callbacks+=tests.ddp_probe.DumpRankState", "--trainer.callbacks+=tests.ddp_probe.DumpMetrics",
+        cwd=tmp_path, env={"RANK_STATE_DIR": str(tmp_path)}, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # one set of logs and checkpoints, written by rank 0
+    runs = list((tmp_path / "lightning_logs").iterdir())
+    assert [r.name for r in runs] == ["version_0"]
+    assert len(list(runs[0].glob("events.out.tfevents.*"))) == 1
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file() and (runs[0] / "stall_events.json").is_file()
+    assert result.stdout.count("Finished after 300 epochs") == 1
+    # metrics synced, the escape applied alike, parameters identical
+    metrics = [torch.load(tmp_path / f"metrics{r}.pt") for r in (0, 1)]
+    assert metrics[0] == metrics[1] and "train/loss" in metrics[0] and "val/acc" in metrics[0]
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert states[0]["spent"] >= 1 and states[0]["spent"] == states[1]["spent"]
+    assert states[0]["param_groups"] == states[1]["param_groups"]
+    assert torch.equal(states[0]["weights"], states[1]["weights"])
+
+
+@needs_two_cores
+def test_a_global_batch_that_does_not_split_is_one_clear_error(tmp_path):
+    result = run_cli(
+        "fit", *DDP, "--trainer.accelerator", "cpu", "--data.init_args.batch_size", "5", "--trainer.max_epochs", "2",
+        cwd=tmp_path,
+    )  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and "data.batch_size=5" in errors[0] and "multiple of 2" in errors[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@needs_two_cores
+def test_two_nodes_under_torchrun_with_lightnings_num_nodes(tmp_path):
+    """Two "machines" on loopback: one torchrun per node, as on a real cluster, each with one process."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun is not None
+    port = free_port()
+    args = [
+        "-m", "src.train", "fit", *DDP, "--config", str(CONFIGS / "trainer" / "multinode.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2",
+        "--trainer.max_epochs", "150", "--trainer.callbacks+=tests.ddp_probe.DumpRankState",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK_STATE_DIR": str(tmp_path)}
+    nodes = [
+        subprocess.Popen(
+            [
+                torchrun,
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                *args,
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "MEMBER: 2/2" in outputs[1]
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(states[0]["weights"], states[1]["weights"])
+    assert [r.name for r in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_gpu_preset_trains_and_its_checkpoint_loads_on_cpu(tmp_path):
+    result = run_cli(
+        "fit", "--config", str(CONFIGS / "default.yaml"), "--config", str(CONFIGS / "trainer" / "gpu.yaml"),
+        "--trainer.max_epochs", "20", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    result = run_cli(
+        "test", "--config", str(CONFIGS / "default.yaml"), "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--ckpt_path", str(ckpt), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/acc" in result.stdout
