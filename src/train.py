@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from src.callbacks import FiniteModelCheckpoint, GracefulStop, PlateauDetector
+from src.callbacks import FiniteModelCheckpoint, GracefulStop, PlateauDetector, TensorBoardDashboard
 from src.callbacks.plateau import describe_event
 from src.models import MLPClassifier
 
@@ -80,8 +80,10 @@ class TemplateCLI(LightningCLI):
         # instead of failing on it.
         if config.get("enable_checkpointing") is False:
             callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
-        if not any(isinstance(cb, GracefulStop) for cb in [*callbacks, *(config.get("callbacks") or [])]):
-            callbacks = [*callbacks, GracefulStop()]
+        # Every CLI run stops cleanly on SIGTERM/SIGINT and gets the TensorBoard dashboards.
+        for kind in (GracefulStop, TensorBoardDashboard):
+            if not any(isinstance(cb, kind) for cb in [*callbacks, *(config.get("callbacks") or [])]):
+                callbacks = [*callbacks, kind()]
         trainer = super()._instantiate_trainer(config, callbacks)
         version = getattr(self, "resume_version", None)
         if version is not None and isinstance(trainer.logger, TensorBoardLogger) and trainer.logger._version is None:

@@ -1,3 +1,4 @@
+from src.callbacks.dashboard import TensorBoardDashboard
 from src.callbacks.escape import EscapeAction, PlateauEscape
 from src.callbacks.grad_norm import GradNormMonitor
 from src.callbacks.plateau import PlateauDetector
@@ -10,4 +11,5 @@ __all__ = [
     "GradNormMonitor",
     "PlateauDetector",
     "PlateauEscape",
+    "TensorBoardDashboard",
 ]

@@ -1,0 +1,275 @@
+"""Read a finished (or running) run back from its files, print what happened, and draw it.
+
+    python -m src.report lightning_logs/version_0        # table + PNGs in the run directory
+    python -m src.report lightning_logs                   # the newest run under it
+    python -m src.report RUN_DIR --no-plots
+
+Reads the TensorBoard event files, ``config.yaml`` and ``stall_events.json``; nothing is re-trained.
+Writes ``loss.png`` (train/val loss with stall and escape markers), ``gradient_flow.png``
+(gradient norm against layer index, at the start and at the end, log scale: the source study's
+picture) and ``grad_heatmap.png`` (layer x step). The notebook uses the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEBUG_ENV = "TEMPLATE_DEBUG"
+LAYER_TAG = re.compile(r"^grad_norm/(.+)$")
+NOT_LAYERS = {"total", "first_to_last"}
+
+
+class RunError(ValueError):
+    """RUN_DIR cannot be read as a run; the message says why and what to give instead."""
+
+
+@dataclass
+class Run:
+    """What a run left on disk: scalars by tag as (steps, values), the config and the stall events."""
+
+    path: Path
+    scalars: dict[str, tuple[list[int], list[float]]]
+    config: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def last(self, tag: str) -> float | None:
+        return self.scalars[tag][1][-1] if tag in self.scalars and self.scalars[tag][1] else None
+
+    def layer_names(self) -> list[str]:
+        """Per-layer gradient-norm tags in layer order (``layers.0, layers.1, ...``; parameters excluded)."""
+        names = [m.group(1) for tag in self.scalars if (m := LAYER_TAG.match(tag))]
+        layers = [n for n in names if n not in NOT_LAYERS and not n.endswith((".weight", ".bias"))]
+        return sorted(layers, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
+
+    def grad_matrix(self) -> tuple[list[str], list[int], list[list[float]]]:
+        """Layers, the steps at which every layer was logged, and norms[layer][step]."""
+        layers = self.layer_names()
+        if not layers:
+            return [], [], []
+        common = set(self.scalars[f"grad_norm/{layers[0]}"][0])
+        for name in layers[1:]:
+            common &= set(self.scalars[f"grad_norm/{name}"][0])
+        steps = sorted(common)
+        rows = []
+        for name in layers:
+            by_step = dict(zip(*self.scalars[f"grad_norm/{name}"], strict=True))
+            rows.append([by_step[s] for s in steps])
+        return layers, steps, rows
+
+
+def find_run(path: str | Path) -> Path:
+    """``path`` itself when it holds event files, else the newest ``version_*`` below it that does."""
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"{path}: no such folder; give a run directory such as lightning_logs/version_0")
+    if not path.is_dir():
+        raise RunError(f"{path}: not a folder; give a run directory such as lightning_logs/version_0")
+    if list(path.glob("events.out.tfevents.*")):
+        return path
+    runs = [*path.glob("version_*/events.out.tfevents.*"), *path.glob("lightning_logs/version_*/events.out.tfevents.*")]
+    if not runs:
+        raise RunError(
+            f"{path}: not a run directory (no events.out.tfevents.* in it, nor in version_*/ below it); "
+            "give lightning_logs/version_N of a run that has started"
+        )
+    return max((p.parent for p in runs), key=lambda d: max(f.stat().st_mtime for f in d.glob("events.out.*")))
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory (or the newest run below ``path``) without TensorFlow or re-training."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = find_run(path)
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    try:
+        accumulator.Reload()
+    except Exception as err:  # a torn or foreign file
+        raise RunError(f"{run_dir}: the event files cannot be read ({err})") from None
+    scalars: dict[str, tuple[list[int], list[float]]] = {}
+    for tag in accumulator.Tags().get("scalars", []):
+        points = sorted((e.step, e.value) for e in accumulator.Scalars(tag))
+        # a resumed run may log a step twice: keep the newest value of each step
+        by_step = dict(points)
+        scalars[tag] = (list(by_step), list(by_step.values()))
+    if not scalars:
+        raise RunError(f"{run_dir}: no scalars logged yet; wait for the first logged step, or check the run's output")
+    config: dict[str, Any] = {}
+    if (run_dir / "config.yaml").is_file():
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    events: list[dict[str, Any]] = []
+    if (run_dir / "stall_events.json").is_file():
+        events = json.loads((run_dir / "stall_events.json").read_text())
+    return Run(run_dir, scalars, config, events)
+
+
+def _class_name(section: Any) -> str:
+    if isinstance(section, dict) and "class_path" in section:
+        args = section.get("init_args") or {}
+        # the values a user sets; the optimizers' many defaults (False, 0.0) would drown them
+        inner = ", ".join(f"{k}={v}" for k, v in args.items() if v not in (None, False, 0.0) or k == "momentum")
+        return f"{section['class_path'].rsplit('.', 1)[-1]}({inner})"
+    return str(section)
+
+
+def summary(run: Run) -> str:
+    """The run as a table: config essentials, final metrics, stall events with diagnosis and actions."""
+    model = run.config.get("model") or {}
+    rows = [("run", str(run.path))]
+    if model:
+        keys = ("depth", "width", "activation", "init", "dropout", "batch_norm")
+        rows.append(("model", ", ".join(f"{k} {model[k]}" for k in keys if k in model)))
+    for key in ("optimizer", "data"):
+        if key in run.config:
+            rows.append((key, _class_name(run.config[key])))
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/prob_mae"):
+        value = run.last(tag)
+        if value is not None:
+            steps = run.scalars[tag][0]
+            rows.append((tag, f"{value:.4g} (step {steps[-1]})"))
+    ratio = run.scalars.get("grad_norm/first_to_last")
+    if ratio:
+        rows.append(
+            ("first/last grad", f"{ratio[1][0]:.2g} at step {ratio[0][0]} -> {ratio[1][-1]:.2g} at {ratio[0][-1]}")
+        )
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines.append(f"{'events':<{width}}  {len(run.events) or 'none'}")
+    for event in run.events:
+        what = event["kind"] + (f" ({event['diagnosis']})" if event.get("diagnosis") else "")
+        value = event["value"] if isinstance(event["value"], str) else f"{event['value']:.4g}"
+        actions = "; ".join(a["action"] for a in event.get("actions", [])) or "-"
+        lines.append(
+            f"  epoch {event['epoch']:>5}  step {event['step']:>6}  {what:<18} {event['monitor']} {value}  {actions}"
+        )
+    return "\n".join(lines)
+
+
+def _figure():
+    import matplotlib
+
+    if not _in_notebook():
+        matplotlib.use("Agg")  # files only; a notebook keeps its inline backend
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def plot_loss(run: Run):
+    """train/val loss against step, log scale, with a line at each stall/divergence and its actions."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for tag in ("train/loss", "val/loss"):
+        if tag in run.scalars:
+            steps, values = run.scalars[tag]
+            ax.plot(steps, [max(v, 1e-12) for v in values], label=tag)
+    for event in run.events:
+        color = "tab:red" if event["kind"] == "divergence" else "tab:gray"
+        ax.axvline(event["step"], color=color, linestyle="--", linewidth=0.8)
+        actions = [a["action"] for a in event.get("actions", []) if a.get("step", event["step"]) == event["step"]]
+        text = " / ".join([event.get("diagnosis", event["kind"]), *actions])
+        ax.annotate(text, (event["step"], 0.02), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+                    va="bottom", ha="right", color=color)  # fmt: skip
+        for action in event.get("actions", []):
+            if action.get("step", event["step"]) != event["step"]:  # e.g. an lr raise undone later
+                ax.axvline(action["step"], color="tab:green", linestyle=":", linewidth=0.8)
+                ax.annotate(action["action"].split(" (")[0], (action["step"], 0.02), xycoords=("data", "axes fraction"),
+                            fontsize=7, rotation=90, va="bottom", ha="right", color="tab:green")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"loss: {run.path.name}")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_gradient_flow(run: Run):
+    """Gradient norm against layer index at the first and the last logged step (log scale)."""
+    plt = _figure()
+    layers, steps, rows = run.grad_matrix()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if not layers:
+        ax.text(0.5, 0.5, "no grad_norm/<layer> scalars in this run", ha="center", transform=ax.transAxes)
+        return fig
+    picks = sorted({0, len(steps) // 2, len(steps) - 1})
+    for i in picks:
+        ax.plot(range(len(layers)), [max(r[i], 1e-30) for r in rows], marker="o", label=f"step {steps[i]}")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
+    ax.set_xlabel("layer (input -> output)")
+    ax.set_ylabel("gradient norm")
+    ax.set_title("gradient flow: flat lines are healthy, a rising line is vanishing")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_grad_heatmap(run: Run):
+    """log10 gradient norm as a layer x step image."""
+    plt = _figure()
+    layers, steps, rows = run.grad_matrix()
+    fig, ax = plt.subplots(figsize=(9, 0.4 * max(len(layers), 4) + 1.5))
+    if not layers:
+        ax.text(0.5, 0.5, "no grad_norm/<layer> scalars in this run", ha="center", transform=ax.transAxes)
+        return fig
+    image = [[math.log10(v) if v > 0 else float("nan") for v in row] for row in rows]
+    mesh = ax.imshow(
+        image, aspect="auto", interpolation="nearest", extent=(steps[0], steps[-1], len(layers) - 0.5, -0.5)
+    )
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("step")
+    ax.set_title("log10 gradient norm per layer")
+    fig.colorbar(mesh, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+PLOTS = {"loss.png": plot_loss, "gradient_flow.png": plot_gradient_flow, "grad_heatmap.png": plot_grad_heatmap}
+
+
+def write_plots(run: Run, out_dir: Path | None = None) -> list[Path]:
+    out_dir = Path(out_dir or run.path)
+    written = []
+    for name, plot in PLOTS.items():
+        fig = plot(run)
+        fig.savefig(out_dir / name, dpi=110)
+        fig.clf()
+        written.append(out_dir / name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m src.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a run directory (lightning_logs/version_N), or a folder of runs: the newest")
+    parser.add_argument("--no-plots", action="store_true", help="print the table only")
+    parser.add_argument("--out", type=Path, help="where to write the PNGs (default: the run directory)")
+    args = parser.parse_args(argv)
+    try:
+        run = load_run(args.run_dir)
+        print(summary(run))
+        if not args.no_plots:
+            for path in write_plots(run, args.out):
+                print(f"wrote {path}")
+    except (RunError, OSError) as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Run a grid of ordinary logged runs (activations x depths x seeds [x optimizers]) and summarise it.
+
+    python -m src.study configs/study/vanishing.yaml [--workers N] [--out DIR]
+
+The study file names a base experiment config and the grid; each point is a normal fit of
+``python -m src.train`` (same CLI, own TensorBoard run under ``OUT/runs/``), run in worker
+processes. Writes ``OUT/summary.csv`` (one row per run), ``OUT/summary.md`` (one row per grid
+point over the seeds) and ``OUT/final_loss_vs_depth.png``, and prints progress as runs finish.
+
+Study file keys: ``base_config``, ``out_dir``, ``activations``, ``depths``, ``seeds``,
+``optimizers`` (optional: ``{label: {class_path, init_args}}``), ``args`` (extra CLI options for
+every run), ``stalled_above`` (a final train loss above it counts as stalled) and ``solved_below``
+(the loss whose first epoch below it is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEBUG_ENV = "TEMPLATE_DEBUG"
+KEYS = {
+    "base_config", "out_dir", "activations", "depths", "seeds", "optimizers", "args", "stalled_above", "solved_below",
+}  # fmt: skip
+
+
+class StudyError(ValueError):
+    """A study file that cannot be run; the message names the key."""
+
+
+def load_study(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"{path}: no such study file (see configs/study/vanishing.yaml)")
+    try:
+        study = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise StudyError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    unknown = set(study) - KEYS
+    if unknown:
+        raise StudyError(f"{path}: unknown key(s) {sorted(unknown)}; a study takes {', '.join(sorted(KEYS))}")
+    for key in ("activations", "depths", "seeds"):
+        if not isinstance(study.get(key), list) or not study[key]:
+            raise StudyError(f"{path}: '{key}' must be a non-empty list")
+    if any(not isinstance(d, int) or d < 1 for d in study["depths"]):
+        raise StudyError(f"{path}: 'depths' must be positive integers, got {study['depths']}")
+    base = Path(study.get("base_config", REPO / "configs" / "default.yaml"))
+    study["base_config"] = str(base if base.is_absolute() or base.is_file() else REPO / base)
+    if not Path(study["base_config"]).is_file():
+        raise StudyError(f"{path}: base_config {base} does not exist")
+    optimizers = study.get("optimizers") or {"config": None}
+    if not isinstance(optimizers, dict):
+        raise StudyError(f"{path}: 'optimizers' must map a label to {{class_path, init_args}}")
+    study["optimizers"] = optimizers
+    study.setdefault("args", [])
+    study.setdefault("stalled_above", 0.5)
+    study.setdefault("solved_below", 0.05)
+    study.setdefault("out_dir", f"studies/{path.stem}")
+    return study
+
+
+def grid(study: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"activation": a, "depth": d, "seed": s, "optimizer": o}
+        for o, a, d, s in itertools.product(study["optimizers"], study["activations"], study["depths"], study["seeds"])
+    ]
+
+
+def run_name(point: dict[str, Any]) -> str:
+    suffix = "" if point["optimizer"] == "config" else f"_{point['optimizer']}"
+    return f"{point['activation']}_d{point['depth']:02d}_s{point['seed']}{suffix}"
+
+
+def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """One fit, in a worker process; returns its row of the summary."""
+    import warnings
+
+    import lightning as L
+    import torch
+
+    from src.callbacks import PlateauDetector
+    from src.train import TemplateCLI, quiet_expected_warnings
+
+    torch.set_num_threads(1)  # the workers share the cores
+    warnings.filterwarnings("ignore")
+    quiet_expected_warnings()
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    class FirstBelow(L.Callback):
+        epoch = None
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            loss = trainer.callback_metrics.get("train/loss")
+            if self.epoch is None and loss is not None and float(loss) < study["solved_below"]:
+                self.epoch = trainer.current_epoch
+
+    args = [
+        "--config", study["base_config"], *study["args"],
+        f"--model.activation={point['activation']}", f"--model.depth={point['depth']}",
+        f"--seed_everything={point['seed']}",
+        f"--trainer.default_root_dir={Path(out_dir) / 'runs' / run_name(point)}",
+        "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    optimizer = study["optimizers"][point["optimizer"]]
+    if optimizer is not None:
+        args.append(f"--optimizer={json.dumps(optimizer)}")
+    start = time.perf_counter()
+    cli = TemplateCLI(args=args, run=False, save_config_kwargs={"overwrite": True})
+    probe = FirstBelow()
+    cli.trainer.callbacks.append(probe)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    final = float(cli.trainer.callback_metrics["train/loss"])
+    detector = next((cb for cb in cli.trainer.callbacks if isinstance(cb, PlateauDetector)), None)
+    stalls = [e for e in (detector.events if detector else []) if e["kind"] == "stall"]
+    return {
+        **point,
+        "run": run_name(point),
+        "final_loss": final,
+        "stalled": final > study["stalled_above"],
+        "diagnosis": stalls[0]["diagnosis"] if stalls else "",
+        "first_stall_epoch": stalls[0]["epoch"] if stalls else "",
+        f"epoch_below_{study['solved_below']}": probe.epoch if probe.epoch is not None else "",
+        "seconds": round(time.perf_counter() - start, 1),
+        "log_dir": cli.trainer.log_dir,
+    }
+
+
+def aggregate(rows: list[dict[str, Any]], study: dict[str, Any]) -> list[dict[str, Any]]:
+    below = f"epoch_below_{study['solved_below']}"
+    table = []
+    keys = sorted({(r["optimizer"], r["activation"], r["depth"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
+    for optimizer, activation, depth in keys:
+        group = [r for r in rows if (r["optimizer"], r["activation"], r["depth"]) == (optimizer, activation, depth)]
+        escapes = [r[below] for r in group if r[below] != ""]
+        diagnoses = sorted({r["diagnosis"] for r in group if r["diagnosis"]})
+        table.append({
+            "optimizer": optimizer, "activation": activation, "depth": depth,
+            "median_final_loss": statistics.median(r["final_loss"] for r in group),
+            "stalled": f"{sum(r['stalled'] for r in group)}/{len(group)}",
+            "diagnosis": ", ".join(diagnoses) or "-",
+            f"median_{below}": statistics.median(escapes) if escapes else "-",
+        })  # fmt: skip
+    return table
+
+
+def write_outputs(rows: list[dict[str, Any]], study: dict[str, Any], out_dir: Path, command: str) -> None:
+    rows = sorted(rows, key=lambda r: (r["optimizer"], r["activation"], r["depth"], r["seed"]))
+    with open(out_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = aggregate(rows, study)
+    header = list(table[0])
+    if len(study["optimizers"]) == 1:
+        header.remove("optimizer")
+    lines = [f"`{command}`", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in table:
+        cells = [f"{row[h]:.4f}" if isinstance(row[h], float) else str(row[h]) for h in header]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    plot_final_loss(table, out_dir / "final_loss_vs_depth.png")
+
+
+def plot_final_loss(table: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for optimizer, activation in sorted({(r["optimizer"], r["activation"]) for r in table}):
+        points = [r for r in table if (r["optimizer"], r["activation"]) == (optimizer, activation)]
+        label = activation if optimizer == "config" else f"{activation}, {optimizer}"
+        losses = [max(r["median_final_loss"], 1e-8) for r in points]
+        ax.plot([r["depth"] for r in points], losses, marker="o", label=label)
+    ax.axhline(0.6931, color="gray", linestyle="--", linewidth=0.8, label="ln 2 (chance)")
+    ax.set_yscale("log")
+    ax.set_xlabel("depth (Linear layers)")
+    ax.set_ylabel("median final train loss over seeds")
+    ax.set_title("where deep MLPs stop learning")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m src.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", help="a study YAML file, e.g. configs/study/vanishing.yaml")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (default: cores)")
+    parser.add_argument("--out", help="output folder (default: the study's out_dir)")
+    args = parser.parse_args(argv)
+    try:
+        study = load_study(args.study)
+        if args.workers < 1:
+            raise StudyError(f"--workers must be >= 1, got {args.workers}")
+    except StudyError as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)
+    out_dir = Path(args.out or study["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    points = grid(study)
+    workers = min(args.workers, len(points))
+    print(f"{len(points)} runs in {workers} processes, logs under {out_dir / 'runs'}", flush=True)
+    start, rows = time.perf_counter(), []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(run_point, study, p, str(out_dir)): p for p in points}
+        for done, future in enumerate(as_completed(futures), start=1):
+            point = futures[future]
+            try:
+                row = future.result()
+            except Exception as err:  # one failed run must not lose the others
+                print(f"[{done}/{len(points)}] {run_name(point)}: FAILED ({err})", flush=True)
+                continue
+            rows.append(row)
+            state = f"stalled ({row['diagnosis'] or 'no event'})" if row["stalled"] else "learned"
+            elapsed = time.perf_counter() - start
+            print(f"[{done}/{len(points)}] {row['run']}: final loss {row['final_loss']:.4g}, {state} "
+                  f"({elapsed:.0f} s elapsed)", flush=True)  # fmt: skip
+    if not rows:
+        sys.stderr.write("error: every run failed; run one alone with python -m src.train to see why\n")
+        sys.exit(1)
+    command = "python -m src.study " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_outputs(rows, study, out_dir, command)
+    print((out_dir / "summary.md").read_text())
+    print(f"wrote {out_dir / 'summary.csv'}, {out_dir / 'summary.md'}, {out_dir / 'final_loss_vs_depth.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Inspecting runs: TensorBoard (through a real server), the report, the study and the notebook."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from torch.utils.tensorboard import SummaryWriter
+
+from src.report import load_run
+from tests.conftest import REPO, run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A fresh default run long enough to stall, escape and learn (700 epochs, ~10 s)."""
+    cwd = tmp_path_factory.mktemp("run")
+    result = run_cli("fit", "--trainer.max_epochs", "700", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "lightning_logs" / "version_0"
+
+
+def report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TEMPLATE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "src.report", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_report_prints_the_run_and_writes_its_plots(run_dir, tmp_path):
+    result = report(str(run_dir), "--out", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "depth 7, width 10, activation sigmoid" in out and "SGD(lr=0.1" in out
+    assert "stall (flat)" in out and "momentum 0.9" in out and "train/loss" in out
+    run = load_run(run_dir)
+    assert f"{run.last('train/loss'):.4g}" in out
+    for name in ("loss.png", "gradient_flow.png", "grad_heatmap.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+
+
+def test_report_reads_the_layers_in_order_and_the_events(run_dir):
+    run = load_run(run_dir.parent)  # the folder of runs: its newest run
+    assert run.path == run_dir
+    assert run.layer_names() == [f"layers.{i}" for i in range(7)]
+    layers, steps, rows = run.grad_matrix()
+    assert len(rows) == 7 and len(rows[0]) == len(steps) > 10
+    # the source's picture of the stall: at the start the first layer's gradient is far below the last's
+    assert rows[0][0] / rows[-1][0] < 1e-2
+    assert run.events[0]["kind"] == "stall" and run.events[0]["diagnosis"] == "flat"
+
+
+def test_report_on_a_bad_run_dir_is_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_scalars = tmp_path / "no_scalars"
+    SummaryWriter(str(no_scalars)).close()
+    for path, expected in ((tmp_path / "missing", "no such folder"), (empty, "not a run directory"),
+                           (no_scalars, "no scalars logged yet")):  # fmt: skip
+        result = report(str(path), cwd=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, data: dict | None = None):
+    body = None if data is None else json.dumps(data).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_serves_the_scalars_layout_and_hparams_of_a_run(run_dir):
+    tensorboard = shutil.which("tensorboard", path=str(Path(sys.executable).parent)) or shutil.which("tensorboard")
+    port = free_port()
+    server = subprocess.Popen(
+        [tensorboard, "--logdir", str(run_dir.parent), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/data/plugin"
+    try:
+        deadline, tags = time.monotonic() + 90, {}
+        while "version_0" not in tags:
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "TensorBoard did not list the run"
+            with contextlib.suppress(OSError):  # not listening yet
+                tags = get_json(f"{base}/scalars/tags")
+            time.sleep(0.5)
+        run_tags = set(tags["version_0"])
+        assert {f"grad_norm/layers.{i}" for i in range(7)} <= run_tags
+        assert {"train/loss", "val/loss", "optim/lr", "optim/momentum", "plateau/stall"} <= run_tags
+        query = urllib.parse.urlencode({"run": "version_0", "tag": "train/loss"})
+        served = get_json(f"{base}/scalars/scalars?{query}")
+        steps, values = load_run(run_dir).scalars["train/loss"]
+        assert [p[1] for p in served] == steps and [p[2] for p in served] == pytest.approx(values)
+        query = urllib.parse.urlencode({"run": "version_0", "tag": "optim/momentum"})
+        assert max(p[2] for p in get_json(f"{base}/scalars/scalars?{query}")) == pytest.approx(0.99)
+        layout = get_json(f"{base}/custom_scalars/layout")
+        charts = {c["title"] for category in layout["category"] for c in category["chart"]}
+        assert {"gradient norm of every layer", "loss, with stall / divergence markers", "lr and momentum"} <= charts
+        experiment = get_json(f"{base}/hparams/experiment", {"experimentName": ""})
+        hparams = {h["name"] for h in experiment["hparamInfos"]}
+        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {"depth", "width", "activation", "optimizer", "lr"} <= hparams
+        assert {"final/train/loss", "final/stalls"} <= metrics
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_study_runs_a_grid_and_finds_sigmoid_stalls_where_relu_learns(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "base_config: configs/default.yaml\nactivations: [sigmoid, relu]\ndepths: [7]\nseeds: [0]\n"
+        "args:\n"
+        """  - '--trainer.callbacks=[{"class_path": "src.callbacks.PlateauDetector"}]'\n"""
+        "  - --trainer.enable_checkpointing=false\n  - --trainer.max_epochs=300\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "src.study", str(study), "--out", str(tmp_path / "out"), "--workers", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[2/2]" in result.stdout
+    with open(tmp_path / "out" / "summary.csv") as f:
+        rows = {row["activation"]: row for row in csv.DictReader(f)}
+    assert rows["sigmoid"]["stalled"] == "True" and rows["sigmoid"]["diagnosis"] == "flat"
+    assert rows["relu"]["stalled"] == "False" and float(rows["relu"]["final_loss"]) < 0.05
+    assert "| sigmoid | 7 |" in (tmp_path / "out" / "summary.md").read_text()
+    assert (tmp_path / "out" / "final_loss_vs_depth.png").read_bytes().startswith(PNG_MAGIC)
+    for name in ("sigmoid_d07_s0", "relu_d07_s0"):  # each an ordinary logged run
+        assert list((tmp_path / "out" / "runs" / name).glob("lightning_logs/version_0/events.out.tfevents.*"))
+
+
+def test_bad_study_file_is_one_line(tmp_path):
+    study = tmp_path / "bad.yaml"
+    study.write_text("activations: [sigmoid]\ndepths: [0]\nseeds: [0]\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "src.study", str(study)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and "'depths' must be positive integers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("notebook", sorted((REPO / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebook_is_committed_clean_and_runs_on_a_fresh_run(notebook, run_dir, monkeypatch):
+    nb = nbformat.read(notebook, as_version=4)
+    assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "commit it without outputs"
+    monkeypatch.setenv("RUN_DIR", str(run_dir))
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
+    ).execute()
+    images = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 3
