@@ -1,6 +1,6 @@
 """One MNIST-sized training epoch three ways, and the peak memory of a Fashion-MNIST fit.
 
-    python benchmarks/mnist_pipeline.py [--repeats 3] [--json out.json]
+    python -m benchmarks.mnist_pipeline [--repeats 3] [--json out.json]
 
 Rows (784-256-256-10 ReLU MLP, Adam 1e-3, batch 100, one epoch over the 55k training images):
 
@@ -126,17 +126,21 @@ def peak_rss_of_fit(data_dir: Path) -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def main() -> None:
+def measure(argv: list[str] | None = None) -> dict:
+    """Run the rows; returns ``{"source", "samples_per_s": {row: [...]}, "peak_rss_mib"}``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory run")
-    args = parser.parse_args()
+    parser.add_argument("--limit", type=int, help="train on the first N images only (a quick check)")
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         dm, source = prepare(data_dir)
+        if args.limit:
+            dm.train_set.tensors = tuple(t[: args.limit] for t in dm.train_set.tensors)
         n = len(dm.train_set)
         rows = {
             "template (Trainer + MNISTDataModule)": lambda: run_template(dm),
@@ -151,19 +155,25 @@ def main() -> None:
                 samples = run()
                 rates[name].append(samples / (time.perf_counter() - start))
         rss = None if args.no_rss else peak_rss_of_fit(data_dir)
-    print(f"data: {source}; {n} training images, batch 100, 784-256-256-10 ReLU, Adam")
+    figures = {"source": source, "images": n, "samples_per_s": rates, "peak_rss_mib": rss}
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def main() -> None:
+    figures = measure()
+    rates = figures["samples_per_s"]
+    print(f"data: {figures['source']}; {figures['images']} training images, batch 100, 784-256-256-10 ReLU, Adam")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    template = statistics.median(rates[next(iter(rows))])
+    template = statistics.median(next(iter(rates.values())))
     print(f"{'pipeline':46} {'samples/s':>10} {'min-max':>17} {'template is':>12}")
     for name, values in rates.items():
         median = statistics.median(values)
         spread = f"{min(values):.0f}-{max(values):.0f}"
         print(f"{name:46} {median:10.0f} {spread:>17} {template / median:11.2f}x")
-    if rss is not None:
-        print(f"peak RSS of a 1-epoch Fashion-MNIST fit process: {rss:.0f} MiB")
-    if args.json:
-        figures = {"source": source, "samples_per_s": rates, "peak_rss_mib": rss}
-        args.json.write_text(json.dumps(figures, indent=2))
+    if figures["peak_rss_mib"] is not None:
+        print(f"peak RSS of a 1-epoch Fashion-MNIST fit process: {figures['peak_rss_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

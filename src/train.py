@@ -285,6 +285,11 @@ def main() -> None:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             sys.stderr.write(f"error: {type(err).__name__}: {one_line(err)} (set {DEBUG_ENV}=1 for the traceback)\n")
         sys.exit(1)
+    finally:
+        # Lightning leaves the process group up. Left to interpreter shutdown, a rank once aborted there
+        # under torchrun ("terminate called without an active exception"), failing its node's agent.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,11 @@ def test_a_global_batch_that_does_not_split_is_one_clear_error(tmp_path):
     assert len(errors) == 1 and "data.batch_size=5" in errors[0] and "multiple of 2" in errors[0]
 
 
+def port_is_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,31 +79,27 @@ def test_two_nodes_under_torchrun_with_lightnings_num_nodes(tmp_path):
         "--trainer.max_epochs", "150", "--trainer.callbacks+=tests.ddp_probe.DumpRankState",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "RANK_STATE_DIR": str(tmp_path)}
-    nodes = [
-        subprocess.Popen(
-            [
-                torchrun,
-                "--nnodes",
-                "2",
-                "--nproc-per-node",
-                "1",
-                "--node-rank",
-                str(rank),
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-                *args,
-            ],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+
+    def start(rank: int) -> subprocess.Popen:
+        command = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+                   "--master-addr", "127.0.0.1", "--master-port", str(port), *args]  # fmt: skip
+        return subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    # node 0 hosts the rendezvous: start it first and let it listen before node 1 dials in
+    nodes = [start(0)]
+    deadline = time.monotonic() + 120
+    while not port_is_open(port):
+        assert nodes[0].poll() is None and time.monotonic() < deadline, nodes[0].communicate()[0][-3000:]
+        time.sleep(0.2)
+    nodes.append(start(1))
+    try:
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:  # timed out: do not leave it behind
+                node.kill()
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "MEMBER: 2/2" in outputs[1]
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

@@ -1,0 +1,194 @@
+"""The template against the hand-written PyTorch loop, side by side in one process.
+
+    python -m benchmarks.suite [--repeats 5] [--json benchmarks/results.json] [--quick]
+
+Rows (each side timed in the same process, interleaved, ``--repeats`` times; median and min-max):
+
+1. toy 2-D, 1000 full-batch epochs of the depth-7 width-10 sigmoid MLP: ``Trainer.fit`` with the
+   default config (its callbacks, logger and checkpoints) vs a plain loop with the same model,
+   data and optimizer;
+2. ``GradNormMonitor`` overhead: the same fit with the monitor logging every 10 steps (the
+   default config) and every step, vs without it;
+3. one MNIST-sized epoch: the template vs a plain loop over in-memory tensors vs torchvision's
+   Dataset + DataLoader + ToTensor (see ``benchmarks/mnist_pipeline.py``);
+4. start-up: ``python -m src.train --help`` and ``import src.train`` wall time;
+5. peak RSS of a 1-epoch Fashion-MNIST fit process;
+6. the GPU rows, when CUDA is available.
+
+``--quick`` shrinks everything (a smoke test: the figures then mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks import mnist_pipeline
+from src.callbacks import GradNormMonitor
+from src.train import DEFAULT_CONFIG, TemplateCLI, quiet_expected_warnings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def timed(fn: Callable[[], float | None]) -> float:
+    """Wall time of ``fn()``, or the time it measured itself when it returns one (its timed part)."""
+    start = time.perf_counter()
+    own = fn()
+    return own if isinstance(own, float) else time.perf_counter() - start
+
+
+def interleaved(sides: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            times[name].append(timed(fn))
+    return times
+
+
+def template_fit(epochs: int, root: str, grad_every: int | None = 10, monitor: bool = True) -> Callable[[], float]:
+    """A fit of the default config as ``python -m src.train`` runs it (logger, checkpoints, callbacks)."""
+
+    def run() -> float:
+        args = ["--config", str(DEFAULT_CONFIG), f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={root}"]
+        cli = TemplateCLI(args=args, run=False)
+        trainer = cli.trainer
+        for cb in trainer.callbacks:
+            if isinstance(cb, GradNormMonitor) and grad_every is not None:
+                cb.log_every_n_steps = grad_every
+        if not monitor:
+            trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, GradNormMonitor)]
+        start = time.perf_counter()  # the fit itself; parsing the config is row 4's business
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+        return time.perf_counter() - start
+
+    return run
+
+
+def plain_loop(epochs: int) -> Callable[[], float]:
+    """The source's loop: the same MLP, data and SGD, no framework."""
+    from src.data import Toy2DDataModule
+    from src.models import MLPClassifier
+
+    def run() -> float:
+        torch.manual_seed(0)
+        dm = Toy2DDataModule()
+        dm.setup("fit")
+        x, y = dm.train_set.tensors
+        y = y.float()
+        net = MLPClassifier(in_features=2, num_classes=2, depth=7, width=10, activation="sigmoid").net
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        loss_fn = nn.BCEWithLogitsLoss()
+        start = time.perf_counter()
+        for _ in range(epochs):
+            loss = loss_fn(net(x).squeeze(-1), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return time.perf_counter() - start
+
+    return run
+
+
+def startup(repeats: int) -> dict[str, list[float]]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    commands = {
+        "python -m src.train --help": [sys.executable, "-m", "src.train", "--help"],
+        "import src.train": [sys.executable, "-c", "import src.train"],
+    }
+    sides = {
+        name: (lambda c=cmd: subprocess.run(c, env=env, cwd=REPO, capture_output=True, check=True))
+        for name, cmd in commands.items()
+    }
+    return interleaved(sides, repeats)
+
+
+def fmt(values: list[float], unit: str = "s") -> tuple[str, str]:
+    median = statistics.median(values)
+    return f"{median:.3f} {unit}", f"{min(values):.3f}-{max(values):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=1000)
+    parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: checks that the suite runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.epochs = 1, 20
+    warnings.filterwarnings("ignore")
+    quiet_expected_warnings()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    results: dict[str, dict[str, list[float]]] = {}
+    table: list[tuple[str, str, str, str]] = []
+    with tempfile.TemporaryDirectory() as root:
+        # warm-up: imports, first-call costs
+        template_fit(5, root)()
+        plain_loop(5)()
+        row1 = interleaved(
+            {"template": template_fit(args.epochs, root), "plain": plain_loop(args.epochs)}, args.repeats
+        )
+        results["1 toy fit"] = row1
+        ratio = statistics.median(row1["template"]) / statistics.median(row1["plain"])
+        name = f"1. toy, {args.epochs} epochs: Trainer.fit, default config"
+        table.append((name, *fmt(row1["template"]), f"{ratio:.2f}x plain"))
+        table.append((f"   plain PyTorch loop, {args.epochs} epochs", *fmt(row1["plain"]), ""))
+        row2 = interleaved(
+            {
+                "without": template_fit(args.epochs, root, monitor=False),
+                "every 10": template_fit(args.epochs, root, grad_every=10),
+                "every step": template_fit(args.epochs, root, grad_every=1),
+            },
+            args.repeats,
+        )
+        results["2 grad norm overhead"] = row2
+        base = statistics.median(row2["without"])
+        for name in ("every 10", "every step"):
+            overhead = 100 * (statistics.median(row2[name]) / base - 1)
+            table.append((f"2. GradNormMonitor {name}", *fmt(row2[name]), f"{overhead:+.1f}% vs without"))
+        table.append(("   without GradNormMonitor", *fmt(row2["without"]), ""))
+    argv = ["--repeats", str(args.repeats)] + (["--no-rss"] if args.quick else [])
+    if args.quick:
+        argv += ["--limit", "2000"]
+    mnist = mnist_pipeline.measure(argv)
+    results["3 mnist epoch samples/s"] = mnist["samples_per_s"]
+    template = statistics.median(next(iter(mnist["samples_per_s"].values())))
+    for name, values in mnist["samples_per_s"].items():
+        median = statistics.median(values)
+        note = "" if median == template else f"template {template / median:.2f}x"
+        table.append((f"3. {name}", f"{median:.0f} samples/s", f"{min(values):.0f}-{max(values):.0f}", note))
+    row4 = startup(1 if args.quick else args.repeats)
+    results["4 startup"] = row4
+    for name, values in row4.items():
+        table.append((f"4. {name}", *fmt(values), ""))
+    if mnist["peak_rss_mib"] is not None:
+        table.append(("5. peak RSS, Fashion-MNIST fit process", f"{mnist['peak_rss_mib']:.0f} MiB", "", ""))
+    if not torch.cuda.is_available():
+        table.append(("6. GPU rows", "skipped", "", "no CUDA device on this machine"))
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}")
+    print(f"data for row 3: {mnist['source']}")
+    width = max(len(r[0]) for r in table)
+    print(f"{'row':<{width}}  {'median':>16}  {'min-max':>15}  note")
+    for name, median, spread, note in table:
+        print(f"{name:<{width}}  {median:>16}  {spread:>15}  {note}")
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "table": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
