@@ -8,7 +8,8 @@ Rows (784-256-256-10 ReLU MLP, Adam 1e-3, batch 100, one epoch over the 55k trai
                batch, normalised per batch after transfer), validation and logging off;
 - plain loop:  a hand-written PyTorch loop over pre-normalised float tensors in memory;
 - torchvision: a hand-written loop over torchvision's ``FashionMNIST`` dataset with
-               ``ToTensor`` + ``Normalize`` and a standard ``DataLoader`` (what the source code does).
+               ``ToTensor`` + ``Normalize`` and a standard ``DataLoader`` (what the source code does);
+- data only:   the two data paths iterated without a model (what the data path itself costs).
 
 The three are run interleaved, ``--repeats`` times each; the table gives the median samples/s and
 the spread (min-max). The data is Fashion-MNIST from Debian's package when it is installed,
@@ -111,6 +112,22 @@ def run_torchvision(data_dir: Path, n: int) -> int:
     return n
 
 
+def load_template(dm: MNISTDataModule) -> int:
+    """The data path alone: the template's loader plus the per-batch normalisation, no model."""
+    n = 0
+    for images, _labels in dm.train_dataloader():
+        n += len(dm.to_features(images))
+    return n
+
+
+def load_torchvision(data_dir: Path, n: int) -> int:
+    """The data path alone: torchvision's dataset with ToTensor + Normalize through a DataLoader."""
+    mean, std = NORMALIZATION["fashion_mnist"]
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    dataset = torch.utils.data.Subset(datasets.FashionMNIST(str(data_dir), train=True, transform=transform), range(n))
+    return sum(len(x.flatten(1)) for x, _ in torch.utils.data.DataLoader(dataset, batch_size=100, shuffle=True))
+
+
 def peak_rss_of_fit(data_dir: Path) -> float:
     """Peak resident memory (MiB) of a real 1-epoch Fashion-MNIST fit process."""
     with tempfile.TemporaryDirectory() as cwd:
@@ -146,6 +163,8 @@ def measure(argv: list[str] | None = None) -> dict:
             "template (Trainer + MNISTDataModule)": lambda: run_template(dm),
             "plain loop over in-memory tensors": lambda: run_plain(dm),
             "torchvision Dataset + DataLoader + ToTensor": lambda: run_torchvision(data_dir, n),
+            "data only: template loader + normalisation": lambda: load_template(dm),
+            "data only: torchvision DataLoader + ToTensor": lambda: load_torchvision(data_dir, n),
         }
         rates: dict[str, list[float]] = {name: [] for name in rows}
         for _ in range(args.repeats):

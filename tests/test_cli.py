@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import REPO
 
 FAST = ("--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "1", "--checkpoint.every_n_epochs", "1")
 
@@ -90,3 +95,13 @@ def test_bad_input_exits_with_one_line_naming_the_option(cli, args, names):
     assert len(errors) == 1, result.stderr
     assert names in errors[0], errors[0]
     assert not (cli.cwd / "lightning_logs").exists()
+
+
+def test_top_level_help_lists_the_subcommands_without_loading_lightning(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, src.train; src.train.main(['--help']); print('lightning' in sys.modules)"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m src.train [fit|validate|test|predict]" in result.stdout
+    assert "fit --help" in result.stdout and result.stdout.rstrip().endswith("False")

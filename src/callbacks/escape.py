@@ -186,7 +186,10 @@ class PlateauEscape(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(actions=[a.describe() for a in self.actions])
+        # Lightning asks for it around every hook call; the actions are fixed at construction.
+        if getattr(self, "_state_key", None) is None:
+            self._state_key = self._generate_state_key(actions=[a.describe() for a in self.actions])
+        return self._state_key
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         detectors = [cb for cb in trainer.callbacks if isinstance(cb, PlateauDetector)]

@@ -297,6 +297,8 @@ class PlateauDetector(Callback):
                 rank_zero_warn(f"PlateauDetector: '{self.monitor}' is not logged (available: {available}); skipping")
                 self._warned_missing = True
             return None
+        if trainer.world_size == 1:
+            return float(value)
         value = torch.as_tensor(value, dtype=torch.float32, device=pl_module_device(trainer))
         return float(trainer.strategy.reduce(value, reduce_op="mean"))
 
