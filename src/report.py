@@ -198,7 +198,7 @@ def plot_loss(run: Run):
 
 
 def plot_gradient_flow(run: Run):
-    """Gradient norm against layer index at the first and the last logged step (log scale)."""
+    """Gradient norm against layer index at the first, middle and last logged step (log scale)."""
     plt = _figure()
     layers, steps, rows = run.grad_matrix()
     fig, ax = plt.subplots(figsize=(7, 4.5))
