@@ -183,7 +183,7 @@ class MLPClassifier(L.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = self.loss_fn(logits, y.float() if self.binary else y)
-        accuracy(logits, y)
+        accuracy.update(logits, y)  # logged per epoch: no need for forward's per-batch value
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         if len(batch) > 2 and self.binary and stage != "train":
