@@ -114,7 +114,6 @@ class TemplateCLI(LightningCLI):
         check_trainer_config(config.trainer)
         # Build the configured optimizer (and scheduler) once on a dummy parameter, so that a bad
         # value such as a negative lr is reported now, naming the section, not midway into fit.
-        config = self.config[self.subcommand] if self.subcommand else self.config
         params = [torch.nn.Parameter(torch.zeros(1))]
         optimizer = torch.optim.SGD(params, lr=0.1)
         for key in ("optimizer", "lr_scheduler"):
@@ -137,11 +136,8 @@ class TemplateCLI(LightningCLI):
                 print(f"Stopped by {stop.stopped_by}. Resume: python -m src.train fit [same options] --ckpt_path last")
             signum = getattr(signal, stop.stopped_by, None)
             sys.exit(128 + int(signum) if signum is not None else 1)
-        if any(e["kind"] == "divergence" for d in self._detectors() for e in d.events):
+        if any(isinstance(cb, PlateauDetector) and cb.diverged for cb in self.trainer.callbacks):
             sys.exit(1)
-
-    def _detectors(self) -> list[PlateauDetector]:
-        return [cb for cb in self.trainer.callbacks if isinstance(cb, PlateauDetector)]
 
 
 def check_trainer_config(trainer: Any) -> None:

@@ -181,3 +181,18 @@ def test_resume_after_an_action_continues_the_policy_and_matches_an_uninterrupte
     assert resumed_escape.spent >= escape.spent
     assert resumed.optimizers[0].param_groups[0]["momentum"] > 0
     assert torch.equal(weights(resumed_model), weights(straight))
+
+
+def test_a_divergence_after_an_lr_raise_names_the_raise():
+    optimizer = sgd(lr=0.1)
+    escape = PlateauEscape(actions=[{"momentum": 0.9}, {"lr_factor": 5, "max_lr": 0.5}])
+    stalls = [{"kind": "stall", "epoch": e, "step": e, "value": 0.69, "actions": []} for e in (1, 2)]
+    trainer, escape._detector = fake_trainer(
+        optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0), stalls
+    )
+    for event in stalls:
+        escape.on_stall(trainer, None, event)
+    divergence = {"kind": "divergence", "epoch": 3, "step": 3, "value": "nan", "actions": []}
+    escape.on_stall(trainer, None, divergence)
+    assert divergence["actions"][0]["action"] == "none: diverged after 'lr x5 (max 0.5)' at epoch 2 (lr 0.5)"
+    assert escape.spent == 2  # a divergence spends no action

@@ -207,9 +207,9 @@ class PlateauEscape(Callback):
 
     def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> None:
         """Apply the next action for a stall event (called by the PlateauDetector)."""
-        if event["kind"] == "divergence" and self.lr_scale != 1.0 and self.history:
+        if event["kind"] == "divergence" and self.lr_scale != 1.0:
             # Never escape into divergence silently: say which lr raise preceded it.
-            last = next(r for r in reversed(self.history) if r["action"].startswith("lr x"))
+            last = next(r for r in reversed(self.history) if r.get("lr_raise"))
             note = f"none: diverged after '{last['action']}' at epoch {last['epoch']} (lr {last['lr'][0]:g})"
             event["actions"].append({"action": note, "epoch": event["epoch"], "step": event["step"]})
         if event["kind"] != "stall":
@@ -222,39 +222,38 @@ class PlateauEscape(Callback):
             return
         action = self.actions[self.spent]
         self.spent += 1
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         lr_before = float(trainer.optimizers[0].param_groups[0]["lr"])
-        settings: dict[str, list[float]] = {}
-        for optimizer in trainer.optimizers:
-            settings = apply_action(optimizer, action, schedulers)
+        settings = self._apply(trainer, action)
         if action.lr_factor is not None:
             self.lr_scale *= settings["lr"][0] / lr_before
             self.raised_at = float(event["value"])
-        self._record(trainer, event, action.describe(), settings)
+        self._record(trainer, event, action.describe(), settings, lr_raise=action.lr_factor is not None)
 
-    def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
-        """Undo the lr raises once the monitored ``value`` says the run is out of the stall."""
-        if self.restore_lr_below is None or self.raised_at is None or not math.isfinite(value):
-            return
-        maximize = self._detector is not None and self._detector.mode == "max"
-        escaped = (
-            value >= self.raised_at / self.restore_lr_below
-            if maximize
-            else value <= self.raised_at * self.restore_lr_below
-        )
-        if not escaped:
-            return
-        undo = EscapeAction(lr_factor=1 / self.lr_scale)
+    @staticmethod
+    def _apply(trainer: L.Trainer, action: EscapeAction) -> dict[str, list[float]]:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         settings: dict[str, list[float]] = {}
         for optimizer in trainer.optimizers:
-            settings = apply_action(optimizer, undo, schedulers)
+            settings = apply_action(optimizer, action, schedulers)
+        return settings
+
+    def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
+        """Undo the lr raises once the monitored ``value`` says the run is out of the stall."""
+        # Only the detector calls this (set up in `setup`), and only after it reported a stall.
+        if self.restore_lr_below is None or self.raised_at is None or not math.isfinite(value):
+            return
+        if self._detector.mode == "max":
+            escaped = value >= self.raised_at / self.restore_lr_below
+        else:
+            escaped = value <= self.raised_at * self.restore_lr_below
+        if not escaped:
+            return
+        settings = self._apply(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
         self.lr_scale, self.raised_at = 1.0, None
-        event = next(e for e in reversed(self._detector.events) if e["kind"] == "stall") if self._detector else {}
-        what = f"lr restored (out of the stall: {value:.4g} vs {float(event.get('value', 'nan')):.4g})"
+        event = next(e for e in reversed(self._detector.events) if e["kind"] == "stall")
+        what = f"lr restored (out of the stall: {value:.4g} vs {float(event['value']):.4g})"
         self._record(trainer, event, what, settings, epoch=trainer.current_epoch, step=trainer.global_step)
-        if self._detector is not None:
-            self._detector.save_events(trainer)
+        self._detector.save_events(trainer)
 
     def _record(
         self,
@@ -264,11 +263,14 @@ class PlateauEscape(Callback):
         settings: dict[str, list[float]],
         epoch: int | None = None,
         step: int | None = None,
+        lr_raise: bool = False,
     ) -> None:
         epoch = event["epoch"] if epoch is None else epoch
         step = event["step"] if step is None else step
         record = {"action": what, "epoch": epoch, "step": step, **settings}
-        event.setdefault("actions", []).append(record)
+        if lr_raise:
+            record["lr_raise"] = True  # what `on_stall` names when a divergence follows
+        event["actions"].append(record)
         self.history.append(record)
         rank_zero_info(f"PlateauEscape: epoch {epoch}: {what} -> lr {settings['lr']}")
         for logger in trainer.loggers:

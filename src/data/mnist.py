@@ -136,20 +136,17 @@ def import_raw(dataset: str, raw_dir: str | Path, data_dir: str | Path) -> None:
             target = target_dir / name
             if target.is_file():
                 continue
-            if not (source.suffix == ".gz" and calculate_md5(source) == gz_md5[source.name]):
-                try:
-                    _unpack(source, target)
-                except (OSError, EOFError, gzip.BadGzipFile) as err:
-                    raise DataFileError(f"{source}: cannot be unpacked ({err}); is it a gzipped IDX file?") from None
-                written.append(target)
-                if calculate_md5(target) != UNPACKED_MD5[dataset][name]:
-                    raise DataFileError(
-                        f"{source}: content does not match torchvision's checksum for {dataset} {name}; "
-                        "is it the right (undamaged) file?"
-                    )
-            else:
+            original_gz = source.suffix == ".gz" and calculate_md5(source) == gz_md5[source.name]
+            try:
                 _unpack(source, target)
-                written.append(target)
+            except (OSError, EOFError, gzip.BadGzipFile) as err:
+                raise DataFileError(f"{source}: cannot be unpacked ({err}); is it a gzipped IDX file?") from None
+            written.append(target)
+            if not original_gz and calculate_md5(target) != UNPACKED_MD5[dataset][name]:
+                raise DataFileError(
+                    f"{source}: content does not match torchvision's checksum for {dataset} {name}; "
+                    "is it the right (undamaged) file?"
+                )
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
