@@ -1,13 +1,18 @@
-"""The MLP and the LightningModule, without a Trainer."""
+"""The MLP and the LightningModule: its shapes, losses and the metrics it logs."""
 
 from __future__ import annotations
 
+import math
+
+import lightning as L
 import pytest
 import torch
 from torch import nn
 
+from src.data import Toy2DDataModule
 from src.models import MLP, MLPClassifier
 from src.models.mlp import ACTIVATIONS, hidden_widths
+from tests.conftest import MemoryLogger, quiet_trainer
 
 
 @pytest.mark.parametrize("depth", [1, 2, 7, 18])
@@ -92,3 +97,64 @@ def test_multiclass_uses_one_logit_per_class_and_cross_entropy():
 def test_hyperparameters_are_saved_for_checkpoint_reload():
     model = MLPClassifier(in_features=3, num_classes=5, depth=4, width=[8, 8, 8], activation="tanh")
     assert model.hparams.depth == 4 and model.hparams.activation == "tanh" and model.hparams.num_classes == 5
+
+
+class EpochEndProbe(L.Callback):
+    """What a callback sees in ``trainer.callback_metrics`` at each ``on_train_epoch_end``."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        self.seen.append((float(metrics["train/loss"]), float(metrics["train/acc"])))
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_train_metrics_are_the_epoch_mean_over_samples_with_an_uneven_last_batch(num_classes):
+    # 20 points in batches of 8, 8, 4 and lr 0: the epoch's train/loss must be the mean of the 20
+    # per-sample losses (a mean of the 3 batch means would weigh the last 4 points double).
+    dm = Toy2DDataModule(variant="two_clusters" if num_classes == 2 else "blobs", n_samples=20, batch_size=8)
+    model = MLPClassifier(in_features=2, num_classes=num_classes, depth=3, width=8)
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.0)
+    probe = EpochEndProbe()
+    quiet_trainer(max_epochs=2, callbacks=[probe], limit_val_batches=0).fit(model, datamodule=dm)
+    x, y = dm.train_set.tensors
+    with torch.no_grad():
+        logits = model(x)
+    if num_classes == 2:
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, y.float(), reduction="none")
+        correct = (logits > 0).long() == y
+    else:
+        losses = nn.functional.cross_entropy(logits, y, reduction="none")
+        correct = logits.argmax(-1) == y
+    batch_means = torch.stack([chunk.mean() for chunk in losses.split(8)]).mean()
+    assert not torch.isclose(losses.mean(), batch_means, rtol=1e-4)  # the test can tell the two apart
+    for loss, acc in probe.seen:  # each epoch starts afresh: both epochs give the same values
+        assert loss == pytest.approx(float(losses.mean()), rel=1e-5)
+        assert acc == pytest.approx(float(correct.float().mean()))
+
+
+def test_callbacks_see_the_current_epochs_train_metrics_and_the_logger_gets_one_value_per_epoch():
+    # Logged once per epoch from training_step, the Metric objects are computed at the epoch end:
+    # a callback's on_train_epoch_end must see this epoch's value, not the previous one's.
+    dm = Toy2DDataModule(n_samples=20, batch_size=5)
+    model = MLPClassifier(in_features=2, num_classes=2, depth=2, width=8)
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.5)
+    probe, logger = EpochEndProbe(), MemoryLogger()
+    trainer = quiet_trainer(max_epochs=5, callbacks=[probe], logger=logger, limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(model, datamodule=dm)
+    logged = [value for _, value in logger.metrics["train/loss"]]
+    assert len(logged) == 5 and len(set(logged)) == 5  # one value per epoch, and training moved it
+    assert [loss for loss, _ in probe.seen] == pytest.approx(logged)
+    assert [acc for _, acc in probe.seen] == pytest.approx([value for _, value in logger.metrics["train/acc"]])
+
+
+def test_a_nan_loss_reaches_train_loss():
+    dm = Toy2DDataModule(n_samples=20)
+    model = MLPClassifier(in_features=2, num_classes=2, depth=2, width=4)
+    with torch.no_grad():
+        model.net.layers[0].weight.fill_(float("nan"))
+    probe = EpochEndProbe()
+    quiet_trainer(max_epochs=1, callbacks=[probe], limit_val_batches=0).fit(model, datamodule=dm)
+    assert math.isnan(probe.seen[0][0])
