@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src.callbacks import FiniteModelCheckpoint, GracefulStop
+from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 from src.train import resolve_ckpt_path
 from tests.conftest import REPO, quiet_trainer, run_cli
@@ -130,3 +132,32 @@ def test_ckpt_path_last_finds_the_newest_run_and_its_version(tmp_path):
     assert path.endswith("version_7/checkpoints/last.ckpt") and version == 7
     with pytest.raises(FileNotFoundError, match="run fit first"):
         resolve_ckpt_path("last", tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_finite_checkpoint_writes_what_model_checkpoint_writes_without_the_per_epoch_metric_copy(
+    tmp_path, monkeypatch, save_last
+):
+    def fit(callback_class, dirpath):
+        torch.manual_seed(0)
+        model = MLPClassifier(in_features=2, num_classes=2, depth=2, width=4)
+        checkpoint = callback_class(dirpath=dirpath, every_n_epochs=3, save_top_k=-1, save_last=save_last)
+        quiet_trainer(max_epochs=7, callbacks=[checkpoint], enable_checkpointing=True, limit_val_batches=0).fit(
+            model, datamodule=Toy2DDataModule()
+        )
+        return sorted(p.name for p in Path(dirpath).iterdir())
+
+    copies = []
+    original = ModelCheckpoint._monitor_candidates
+    monkeypatch.setattr(
+        ModelCheckpoint,
+        "_monitor_candidates",
+        lambda self, trainer: copies.append(trainer.current_epoch) or original(self, trainer),
+    )
+    expected = fit(ModelCheckpoint, tmp_path / "lightning")
+    assert len(copies) >= 7  # Lightning's own callback copies the metrics at every epoch end
+    copies.clear()
+    assert fit(FiniteModelCheckpoint, tmp_path / "finite") == expected
+    assert "last.ckpt" in expected and "epoch=5-step=6.ckpt" in expected
+    if save_last is True:  # (with "link", Lightning updates the last.ckpt link at every epoch end)
+        assert [epoch for epoch in copies if (epoch + 1) % 3] == []  # only on the epochs that save
