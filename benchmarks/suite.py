@@ -6,7 +6,8 @@ Rows (each side timed in the same process, interleaved, ``--repeats`` times; med
 
 1. toy 2-D, 1000 full-batch epochs of the depth-7 width-10 sigmoid MLP: ``Trainer.fit`` with the
    default config (its callbacks, logger and checkpoints) vs a plain loop with the same model,
-   data and optimizer;
+   data and optimizer, and vs a bare ``Trainer.fit`` of the same (no logging, callbacks, logger,
+   checkpoints or validation: what Lightning's loop itself costs);
 2. ``GradNormMonitor`` overhead: the same fit with the monitor logging every 10 steps (the
    default config) and every step, vs without it;
 3. one MNIST-sized epoch: the template vs a plain loop over in-memory tensors vs torchvision's
@@ -35,6 +36,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -79,10 +81,15 @@ def template_fit(epochs: int, root: str, grad_every: int | None = 10, monitor: b
     return run
 
 
-def plain_loop(epochs: int) -> Callable[[], float]:
-    """The source's loop: the same MLP, data and SGD, no framework."""
-    from src.data import Toy2DDataModule
+def toy_net() -> nn.Module:
     from src.models import MLPClassifier
+
+    return MLPClassifier(in_features=2, num_classes=2, depth=7, width=10, activation="sigmoid").net
+
+
+def plain_loop(epochs: int) -> Callable[[], float]:
+    """The source's loop: the same MLP, data and SGD, no framework; it keeps the loss curve."""
+    from src.data import Toy2DDataModule
 
     def run() -> float:
         torch.manual_seed(0)
@@ -90,15 +97,51 @@ def plain_loop(epochs: int) -> Callable[[], float]:
         dm.setup("fit")
         x, y = dm.train_set.tensors
         y = y.float()
-        net = MLPClassifier(in_features=2, num_classes=2, depth=7, width=10, activation="sigmoid").net
+        net = toy_net()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
         loss_fn = nn.BCEWithLogitsLoss()
+        losses = []
         start = time.perf_counter()
         for _ in range(epochs):
             loss = loss_fn(net(x).squeeze(-1), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            losses.append(loss.item())  # the curve that shows the stall at ln 2
+        return time.perf_counter() - start
+
+    return run
+
+
+class BareModule(L.LightningModule):
+    """The same MLP, loss and SGD as a minimal LightningModule: no logging, no metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = toy_net()
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return self.loss_fn(self.net(x).squeeze(-1), y.float())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def bare_fit(epochs: int) -> Callable[[], float]:
+    """Lightning's own floor: ``Trainer.fit`` with no logger, callbacks, checkpoints or validation."""
+    from src.data import Toy2DDataModule
+
+    def run() -> float:
+        torch.manual_seed(0)
+        model, dm = BareModule(), Toy2DDataModule()
+        trainer = L.Trainer(
+            max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=dm)
         return time.perf_counter() - start
 
     return run
@@ -140,14 +183,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         # warm-up: imports, first-call costs
         template_fit(5, root)()
+        bare_fit(5)()
         plain_loop(5)()
-        row1 = interleaved(
-            {"template": template_fit(args.epochs, root), "plain": plain_loop(args.epochs)}, args.repeats
-        )
+        sides = {"template": template_fit(args.epochs, root), "bare": bare_fit(args.epochs)}
+        row1 = interleaved({**sides, "plain": plain_loop(args.epochs)}, args.repeats)
         results["1 toy fit"] = row1
-        ratio = statistics.median(row1["template"]) / statistics.median(row1["plain"])
+        plain = statistics.median(row1["plain"])
         name = f"1. toy, {args.epochs} epochs: Trainer.fit, default config"
-        table.append((name, *fmt(row1["template"]), f"{ratio:.2f}x plain"))
+        table.append((name, *fmt(row1["template"]), f"{statistics.median(row1['template']) / plain:.2f}x plain"))
+        note = f"{statistics.median(row1['bare']) / plain:.2f}x plain: Lightning's floor"
+        table.append(("   bare Trainer.fit: no logging, callbacks, logger", *fmt(row1["bare"]), note))
         table.append((f"   plain PyTorch loop, {args.epochs} epochs", *fmt(row1["plain"]), ""))
         row2 = interleaved(
             {
