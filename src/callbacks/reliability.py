@@ -101,7 +101,7 @@ class FiniteModelCheckpoint(ModelCheckpoint):
         # where it saves: the same two conditions it tests itself.
         epoch_due = self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
         last_due = self._last_global_step_saved == trainer.global_step or (
-            self.save_last == "link" and getattr(self, "_last_checkpoint_saved", None)
+            self.save_last == "link" and self._last_checkpoint_saved
         )
         if epoch_due or last_due:
             super().on_train_epoch_end(trainer, pl_module)
