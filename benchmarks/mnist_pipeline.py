@@ -7,16 +7,21 @@ Rows (784-256-256-10 ReLU MLP, Adam 1e-3, batch 100, one epoch over the 55k trai
 - template:    ``Trainer.fit`` with ``MNISTDataModule`` (uint8 in memory, one tensor index per
                batch, normalised per batch after transfer), no validation or logger (the model
                still computes and logs its metrics);
+- bare Trainer: ``Trainer.fit`` of a minimal LightningModule (the same MLP, loss and Adam, no
+               metrics or logging) over the plain loop's tensors: what Lightning's loop itself costs;
 - plain loop:  a hand-written PyTorch loop over pre-normalised float tensors in memory (it sums
                the epoch's loss and correct predictions, as the template logs both);
 - torchvision: a hand-written loop over torchvision's ``FashionMNIST`` dataset with
                ``ToTensor`` + ``Normalize`` and a standard ``DataLoader`` (what the source code does);
 - data only:   the two data paths iterated without a model (what the data path itself costs).
 
-The three are run interleaved, ``--repeats`` times each; the table gives the median samples/s and
-the spread (min-max). The data is Fashion-MNIST from Debian's package when it is installed,
-otherwise random images of the same shapes. Peak RSS is the ``ru_maxrss`` of a separate
-``python -m src.train fit --config configs/fashion_mnist.yaml`` process (1 epoch).
+The rows are run interleaved, ``--repeats`` times each; the table gives the median samples/s and
+the spread (min-max), in wall time and in the process's CPU time. Every row runs in this one
+process (no DataLoader workers), so CPU time is the same work measured without the time a shared
+VM takes the cores away; it is the steadier figure for a ratio. The data is Fashion-MNIST from
+Debian's package when it is installed, otherwise random images of the same shapes. Peak RSS is
+the ``ru_maxrss`` of a separate ``python -m src.train fit --config configs/fashion_mnist.yaml``
+process (1 epoch).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
+from src.data.in_memory import InMemoryDataset, keep_batch
 from src.data.mnist import NORMALIZATION, MNISTDataModule, raw_folder
 from src.models import MLPClassifier
 
@@ -95,6 +101,34 @@ def run_template(dm: MNISTDataModule) -> int:
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     return len(dm.train_set)
+
+
+class BareMLP(L.LightningModule):
+    """The benchmark's MLP, loss and Adam as a minimal LightningModule: no metrics, no logging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = new_model().net
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def run_bare(dm: MNISTDataModule) -> int:
+    """Lightning's floor: a bare ``Trainer.fit`` over the plain loop's pre-normalised tensors."""
+    images, labels = dm.train_set.tensors
+    dataset = InMemoryDataset(dm.to_features(images), labels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=100, shuffle=True, collate_fn=keep_batch)
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(BareMLP(), train_dataloaders=loader)
+    return len(dataset)
 
 
 def run_plain(dm: MNISTDataModule) -> int:
@@ -154,7 +188,8 @@ def peak_rss_of_fit(data_dir: Path) -> float:
 
 
 def measure(argv: list[str] | None = None) -> dict:
-    """Run the rows; returns ``{"source", "samples_per_s": {row: [...]}, "peak_rss_mib"}``."""
+    """Run the rows; returns ``{"source", "images", "samples_per_s": {row: [...]}, "cpu_samples_per_s":
+    {row: [...]}, "peak_rss_mib"}`` (the first row is the template; rows named "data only" have no model)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -171,36 +206,58 @@ def measure(argv: list[str] | None = None) -> dict:
         n = len(dm.train_set)
         rows = {
             "template (Trainer + MNISTDataModule)": lambda: run_template(dm),
+            "bare Trainer.fit: no metrics, no logging": lambda: run_bare(dm),
             "plain loop over in-memory tensors": lambda: run_plain(dm),
             "torchvision Dataset + DataLoader + ToTensor": lambda: run_torchvision(data_dir, n),
             "data only: template loader + normalisation": lambda: load_template(dm),
             "data only: torchvision DataLoader + ToTensor": lambda: load_torchvision(data_dir, n),
         }
         rates: dict[str, list[float]] = {name: [] for name in rows}
+        cpu_rates: dict[str, list[float]] = {name: [] for name in rows}
         for _ in range(args.repeats):
             for name, run in rows.items():
                 torch.manual_seed(0)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 samples = run()
+                cpu_rates[name].append(samples / (time.process_time() - cpu_start))
                 rates[name].append(samples / (time.perf_counter() - start))
         rss = None if args.no_rss else peak_rss_of_fit(data_dir)
-    figures = {"source": source, "images": n, "samples_per_s": rates, "peak_rss_mib": rss}
+    figures = {
+        "source": source,
+        "images": n,
+        "samples_per_s": rates,
+        "cpu_samples_per_s": cpu_rates,
+        "peak_rss_mib": rss,
+    }
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return figures
 
 
+def ratios(figures: dict) -> list[tuple[str, float, float]]:
+    """``(row, wall ratio, CPU-time ratio)``: the template's (or its loader's) median rate over the row's."""
+    out = []
+    for kind in ("samples_per_s", "cpu_samples_per_s"):
+        medians = {name: statistics.median(values) for name, values in figures[kind].items()}
+        template = next(iter(medians.values()))
+        loader = next(rate for name, rate in medians.items() if name.startswith("data only"))
+        out.append(
+            {name: (loader if name.startswith("data only") else template) / rate for name, rate in medians.items()}
+        )
+    wall, cpu = out
+    return [(name, wall[name], cpu[name]) for name in wall]
+
+
 def main() -> None:
     figures = measure()
-    rates = figures["samples_per_s"]
     print(f"data: {figures['source']}; {figures['images']} training images, batch 100, 784-256-256-10 ReLU, Adam")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    template = statistics.median(next(iter(rates.values())))
-    print(f"{'pipeline':46} {'samples/s':>10} {'min-max':>17} {'template is':>12}")
-    for name, values in rates.items():
-        median = statistics.median(values)
+    print(f"{'pipeline':46} {'samples/s':>10} {'min-max':>17} {'CPU samples/s':>14} {'template is (wall, CPU)':>24}")
+    for name, wall, cpu in ratios(figures):
+        values = figures["samples_per_s"][name]
         spread = f"{min(values):.0f}-{max(values):.0f}"
-        print(f"{name:46} {median:10.0f} {spread:>17} {template / median:11.2f}x")
+        median, cpu_median = statistics.median(values), statistics.median(figures["cpu_samples_per_s"][name])
+        print(f"{name:46} {median:10.0f} {spread:>17} {cpu_median:14.0f} {wall:11.2f}x {cpu:10.2f}x")
     if figures["peak_rss_mib"] is not None:
         print(f"peak RSS of a 1-epoch Fashion-MNIST fit process: {figures['peak_rss_mib']:.0f} MiB")
 

@@ -7,11 +7,13 @@ Rows (each side timed in the same process, interleaved, ``--repeats`` times; med
 1. toy 2-D, 1000 full-batch epochs of the depth-7 width-10 sigmoid MLP: ``Trainer.fit`` with the
    default config (its callbacks, logger and checkpoints) vs a plain loop with the same model,
    data and optimizer, and vs a bare ``Trainer.fit`` of the same (no logging, callbacks, logger,
-   checkpoints or validation: what Lightning's loop itself costs);
+   checkpoints or validation: what Lightning's loop itself costs); and the template without its
+   callbacks, without its logger, without its ``self.log`` calls: what each part costs;
 2. ``GradNormMonitor`` overhead: the same fit with the monitor logging every 10 steps (the
    default config) and every step, vs without it;
-3. one MNIST-sized epoch: the template vs a plain loop over in-memory tensors vs torchvision's
-   Dataset + DataLoader + ToTensor (see ``benchmarks/mnist_pipeline.py``);
+3. one MNIST-sized epoch: the template vs a bare ``Trainer.fit`` vs a plain loop over in-memory
+   tensors vs torchvision's Dataset + DataLoader + ToTensor, samples/s in wall and in CPU time
+   (see ``benchmarks/mnist_pipeline.py``);
 4. start-up: ``python -m src.train --help`` (the usage, without loading Lightning),
    ``python -m src.train fit --help`` (every option: loads the CLI) and ``import src.cli``;
 5. peak RSS of a 1-epoch Fashion-MNIST fit process;
@@ -62,20 +64,33 @@ def interleaved(sides: dict[str, Callable[[], object]], repeats: int) -> dict[st
     return times
 
 
-def template_fit(epochs: int, root: str, grad_every: int | None = 10, monitor: bool = True) -> Callable[[], float]:
-    """A fit of the default config as ``python -m src.train`` runs it (logger, checkpoints, callbacks)."""
+def template_fit(
+    epochs: int, root: str, grad_every: int | None = 10, monitor: bool = True, without: str | None = None
+) -> Callable[[], float]:
+    """A fit of the default config as ``python -m src.train`` runs it (logger, checkpoints, callbacks).
+
+    ``without`` takes one part away, to see what it costs: ``"callbacks"`` (all of them, checkpoints
+    included), ``"logger"`` (TensorBoard) or ``"self.log"`` (the module's metric logging, and so the
+    plateau checks that read the metrics).
+    """
 
     def run() -> float:
         args = ["--config", str(DEFAULT_CONFIG), f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={root}"]
         cli = TemplateCLI(args=args, run=False)
-        trainer = cli.trainer
+        trainer, model = cli.trainer, cli.model
         for cb in trainer.callbacks:
             if isinstance(cb, GradNormMonitor) and grad_every is not None:
                 cb.log_every_n_steps = grad_every
         if not monitor:
             trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, GradNormMonitor)]
+        if without == "callbacks":
+            trainer.callbacks = []
+        elif without == "logger":
+            trainer.loggers = []
+        elif without == "self.log":
+            model.log = lambda *args, **kwargs: None
         start = time.perf_counter()  # the fit itself; parsing the config is row 4's business
-        trainer.fit(cli.model, datamodule=cli.datamodule)
+        trainer.fit(model, datamodule=cli.datamodule)
         return time.perf_counter() - start
 
     return run
@@ -185,12 +200,23 @@ def main() -> None:
         template_fit(5, root)()
         bare_fit(5)()
         plain_loop(5)()
-        sides = {"template": template_fit(args.epochs, root), "bare": bare_fit(args.epochs)}
-        row1 = interleaved({**sides, "plain": plain_loop(args.epochs)}, args.repeats)
+        parts = ("callbacks", "logger", "self.log")
+        sides = {
+            "template": template_fit(args.epochs, root),
+            **{f"without {part}": template_fit(args.epochs, root, without=part) for part in parts},
+            "bare": bare_fit(args.epochs),
+            "plain": plain_loop(args.epochs),
+        }
+        row1 = interleaved(sides, args.repeats)
         results["1 toy fit"] = row1
         plain = statistics.median(row1["plain"])
+        template = statistics.median(row1["template"])
         name = f"1. toy, {args.epochs} epochs: Trainer.fit, default config"
-        table.append((name, *fmt(row1["template"]), f"{statistics.median(row1['template']) / plain:.2f}x plain"))
+        table.append((name, *fmt(row1["template"]), f"{template / plain:.2f}x plain"))
+        for part in parts:
+            median = statistics.median(row1[f"without {part}"])
+            note = f"{median / plain:.2f}x plain: the {part} cost {100 * (1 - median / template):.0f}% of the fit"
+            table.append((f"   the same without {part}", *fmt(row1[f"without {part}"]), note))
         note = f"{statistics.median(row1['bare']) / plain:.2f}x plain: Lightning's floor"
         table.append(("   bare Trainer.fit: no logging, callbacks, logger", *fmt(row1["bare"]), note))
         table.append((f"   plain PyTorch loop, {args.epochs} epochs", *fmt(row1["plain"]), ""))
@@ -216,16 +242,13 @@ def main() -> None:
         argv += ["--limit", "2000"]
     mnist = mnist_pipeline.measure(argv)
     results["3 mnist epoch samples/s"] = mnist["samples_per_s"]
-    rates = {name: statistics.median(values) for name, values in mnist["samples_per_s"].items()}
-    names = list(rates)
-    for name, values in mnist["samples_per_s"].items():
-        reference = rates[names[3]] if name.startswith("data only") else rates[names[0]]
-        note = (
-            ""
-            if rates[name] == reference
-            else f"{'template loader' if name.startswith('data') else 'template'} is {reference / rates[name]:.2f}x"
-        )
-        table.append((f"3. {name}", f"{rates[name]:.0f} samples/s", f"{min(values):.0f}-{max(values):.0f}", note))
+    results["3 mnist epoch samples/s of CPU time"] = mnist["cpu_samples_per_s"]
+    for name, wall, cpu in mnist_pipeline.ratios(mnist):
+        values = mnist["samples_per_s"][name]
+        median = f"{statistics.median(values):.0f} samples/s"
+        who = "template loader" if name.startswith("data only") else "template"
+        note = "" if wall == 1 else f"{who} is {wall:.2f}x (in CPU time {cpu:.2f}x)"
+        table.append((f"3. {name}", median, f"{min(values):.0f}-{max(values):.0f}", note))
     row4 = startup(1 if args.quick else args.repeats)
     results["4 startup"] = row4
     for name, values in row4.items():

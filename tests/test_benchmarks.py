@@ -17,7 +17,10 @@ def test_benchmark_suite_quick_run_prints_every_row(tmp_path):
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = ("1. toy", "2. GradNormMonitor every 10", "3. template", "3. data only", "4. python -m src.train --help")
+    rows = (
+        "1. toy", "the same without self.log", "bare Trainer.fit", "2. GradNormMonitor every 10", "3. template",
+        "3. bare Trainer.fit", "in CPU time", "3. data only", "4. python -m src.train --help",
+    )  # fmt: skip
     for row in rows:
         assert row in result.stdout, result.stdout
     figures = json.loads(out.read_text())
