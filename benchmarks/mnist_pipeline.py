@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -172,19 +171,48 @@ def load_torchvision(data_dir: Path, n: int) -> int:
     return sum(len(x.flatten(1)) for x, _ in torch.utils.data.DataLoader(dataset, batch_size=100, shuffle=True))
 
 
+# Runs ``python -m src.train ARGS`` and, as it exits, writes its own peak resident memory to stderr.
+# The peak is read inside the process: getrusage(RUSAGE_CHILDREN) in the parent would report the
+# parent's own peak instead whenever that is higher, since Linux carries the high-water mark of the
+# memory a child replaces by exec() over into the child's ru_maxrss.
+_REPORT_PEAK = """
+import atexit, resource, runpy, sys
+
+def report():
+    try:
+        with open("/proc/self/status") as status:  # this process's own high-water mark, in KiB
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kib = peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS
+    sys.stderr.write(f"\\npeak_rss_kib {kib}\\n")
+
+atexit.register(report)
+sys.argv[0] = "src.train"
+runpy.run_module("src.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def peak_rss_of_train(args: list[str], cwd: str | Path) -> float:
+    """Peak resident memory (MiB) of a ``python -m src.train *args`` process, measured inside it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-c", _REPORT_PEAK, *args]
+    result = subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True, text=True)
+    kib = next(line.split()[1] for line in reversed(result.stderr.splitlines()) if line.startswith("peak_rss_kib "))
+    return int(kib) / 1024
+
+
 def peak_rss_of_fit(data_dir: Path) -> float:
     """Peak resident memory (MiB) of a real 1-epoch Fashion-MNIST fit process."""
+    args = [
+        "fit", "--config", str(REPO / "configs" / "fashion_mnist.yaml"),
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--data.init_args.data_dir", str(data_dir), "--data.init_args.download", "false",
+    ]  # fmt: skip
+    if not DEBIAN.is_dir():
+        args += ["--data.init_args.raw_dir", "null"]
     with tempfile.TemporaryDirectory() as cwd:
-        args = [
-            sys.executable, "-m", "src.train", "fit", "--config", str(REPO / "configs" / "fashion_mnist.yaml"),
-            "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-            "--data.init_args.data_dir", str(data_dir), "--data.init_args.download", "false",
-        ]  # fmt: skip
-        if not DEBIAN.is_dir():
-            args += ["--data.init_args.raw_dir", "null"]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        subprocess.run(args, cwd=cwd, env=env, check=True, capture_output=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        return peak_rss_of_train(args, cwd)
 
 
 def measure(argv: list[str] | None = None) -> dict:

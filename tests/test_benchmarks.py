@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -25,3 +28,17 @@ def test_benchmark_suite_quick_run_prints_every_row(tmp_path):
         assert row in result.stdout, result.stdout
     figures = json.loads(out.read_text())
     assert figures["results"]["1 toy fit"]["plain"][0] > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak from Linux's /proc")
+def test_peak_rss_is_measured_inside_the_child_not_inherited_from_the_parent(tmp_path):
+    import torch
+
+    from benchmarks.mnist_pipeline import peak_rss_of_train
+
+    ballast = torch.ones(256 * 2**20 // 4)  # this process now holds 256 MiB more than a --help needs
+    ballast += 1
+    with open("/proc/self/status") as status:
+        parent_mib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    peak = peak_rss_of_train(["--help"], tmp_path)  # answered without importing torch
+    assert 1 < peak < 100 < parent_mib, (peak, parent_mib)
