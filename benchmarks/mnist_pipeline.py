@@ -1,4 +1,4 @@
-"""One MNIST-sized training epoch three ways, and the peak memory of a Fashion-MNIST fit.
+"""One MNIST-sized training epoch four ways, and the peak memory of a Fashion-MNIST fit.
 
     python -m benchmarks.mnist_pipeline [--repeats 3] [--json out.json]
 
@@ -16,12 +16,13 @@ Rows (784-256-256-10 ReLU MLP, Adam 1e-3, batch 100, one epoch over the 55k trai
 - data only:   the two data paths iterated without a model (what the data path itself costs).
 
 The rows are run interleaved, ``--repeats`` times each; the table gives the median samples/s and
-the spread (min-max), in wall time and in the process's CPU time. Every row runs in this one
-process (no DataLoader workers), so CPU time is the same work measured without the time a shared
-VM takes the cores away; it is the steadier figure for a ratio. The data is Fashion-MNIST from
+the spread (min-max), in wall time and in the process's CPU time (every row runs in this one
+process, without DataLoader workers). A ratio in CPU time that differs from the wall-time ratio
+means one side waits or uses fewer cores (torchvision's per-image transforms run on one); on a
+shared VM both move together, as the cores' speed drifts. The data is Fashion-MNIST from
 Debian's package when it is installed, otherwise random images of the same shapes. Peak RSS is
-the ``ru_maxrss`` of a separate ``python -m src.train fit --config configs/fashion_mnist.yaml``
-process (1 epoch).
+the high-water mark of a separate ``python -m src.train fit --config configs/fashion_mnist.yaml``
+process (1 epoch), read inside that process.
 """
 
 from __future__ import annotations
