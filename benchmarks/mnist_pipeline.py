@@ -189,7 +189,6 @@ def report():
     sys.stderr.write(f"\\npeak_rss_kib {kib}\\n")
 
 atexit.register(report)
-sys.argv[0] = "src.train"
 runpy.run_module("src.train", run_name="__main__", alter_sys=True)
 """
 
