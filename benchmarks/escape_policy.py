@@ -16,7 +16,7 @@ import warnings
 import lightning as L
 
 from src.callbacks import PlateauDetector, PlateauEscape
-from src.train import DEFAULT_CONFIG, TemplateCLI
+from src.cli import DEFAULT_CONFIG, TemplateCLI
 
 
 class FirstEpochBelow(L.Callback):

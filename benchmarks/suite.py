@@ -44,7 +44,7 @@ from torch import nn
 
 from benchmarks import mnist_pipeline
 from src.callbacks import GradNormMonitor
-from src.train import DEFAULT_CONFIG, TemplateCLI, quiet_expected_warnings
+from src.cli import DEFAULT_CONFIG, TemplateCLI, quiet_expected_warnings
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from src.callbacks import EscapeAction, GradNormMonitor, PlateauDetector, PlateauEscape
-from src.callbacks.escape import apply_action
+from src.callbacks.escape_actions import apply_action
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 from tests.conftest import quiet_trainer
@@ -135,6 +135,7 @@ def escape_trainer(tmp_path, epochs: int, on_exhausted: str = "continue", **kwar
     return quiet_trainer(max_epochs=epochs, callbacks=callbacks, **{**defaults, **kwargs})
 
 
+@pytest.mark.slow
 def test_default_policy_gets_the_stalled_sigmoid_net_out(tmp_path):
     L.seed_everything(0, verbose=False)
     trainer = escape_trainer(tmp_path, 800, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path))
@@ -147,19 +148,31 @@ def test_default_policy_gets_the_stalled_sigmoid_net_out(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["momentum"] == 0.99
 
 
+class Stuck(MLPClassifier):
+    """A scripted stall: with lr 0 the loss never moves, whatever the escape does to momentum or lr."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
 def test_exhausted_actions_stop_training_with_a_reason(tmp_path):
     L.seed_everything(0, verbose=False)
-    trainer = escape_trainer(tmp_path, 2000, on_exhausted="stop")
-    trainer.fit(MLPClassifier(depth=18, activation="sigmoid"), datamodule=Toy2DDataModule())
-    detector = next(cb for cb in trainer.callbacks if isinstance(cb, PlateauDetector))
-    assert trainer.current_epoch < 2000
+    detector, escape = PlateauDetector(patience=3), PlateauEscape(on_exhausted="stop")
+    trainer = quiet_trainer(
+        max_epochs=500, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path
+    )
+    trainer.fit(Stuck(depth=3), datamodule=Toy2DDataModule())
+    spent = [e["actions"][0]["action"] for e in detector.events[:-1]]
+    assert spent == [action.describe() for action in escape.actions] and escape.spent == len(escape.actions)
     assert detector.events[-1]["actions"] == [{"action": "stop: every escape action is spent"}]
+    assert trainer.current_epoch < 50 and trainer.should_stop
 
 
 def weights(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 def test_resume_after_an_action_continues_the_policy_and_matches_an_uninterrupted_run(tmp_path):
     L.seed_everything(0, verbose=False)
     straight = MLPClassifier(depth=7, activation="sigmoid")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from src.callbacks import GradNormMonitor
-from src.callbacks.grad_norm import grad_norms, parameter_layers
+from src.callbacks.grad_flow import grad_norms, parameter_layers
 from tests.conftest import MemoryLogger, quiet_trainer
 
 

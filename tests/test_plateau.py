@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 
 from src.callbacks import GradNormMonitor, PlateauDetector
-from src.callbacks.grad_norm import GradProfile
-from src.callbacks.plateau import PlateauTracker, diagnose
+from src.callbacks.grad_flow import GradProfile
+from src.callbacks.plateau_rule import PlateauTracker, diagnose
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 from tests.conftest import MemoryLogger, quiet_trainer
@@ -98,6 +98,7 @@ def stalled_run(depth: int, epochs: int, tmp_path, **detector_args):
     return detector, logger
 
 
+@pytest.mark.slow
 def test_source_stalls_are_diagnosed_flat_at_depth_7_and_vanishing_at_depth_18(tmp_path):
     shallow, logger = stalled_run(7, 300, tmp_path)
     deep, _ = stalled_run(18, 300, tmp_path)
@@ -168,3 +169,28 @@ def test_missing_metric_is_skipped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="train/nothing.*not logged"):
         trainer.fit(MLPClassifier(), datamodule=Toy2DDataModule())
     assert detector.events == [] and trainer.current_epoch == 5
+
+
+class NanValidation(MLPClassifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return super().validation_step((x * float("nan"), y), batch_idx)
+
+
+def test_validate_sanity_check_and_fast_dev_run_count_no_checks(tmp_path):
+    """EarlyStopping's guard: only a real fit's checks count, so ``validate`` after a fit, the sanity
+    check and ``fast_dev_run`` neither move the patience nor report a (NaN) divergence."""
+    L.seed_everything(0, verbose=False)
+    dm = Toy2DDataModule()
+    detector = PlateauDetector(monitor="val/loss", patience=1)
+    model = MLPClassifier(depth=2, width=4)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[detector], default_root_dir=tmp_path, num_sanity_val_steps=1)
+    trainer.fit(model, datamodule=dm)
+    assert detector.tracker.checks == 2  # one per epoch; the sanity check did not count
+    before = detector.state_dict()
+    for _ in range(3):
+        trainer.validate(NanValidation(depth=2, width=4), datamodule=dm, verbose=False)
+    assert detector.state_dict() == before and not detector.events
+    fast = PlateauDetector(monitor="val/loss", patience=1)
+    quiet_trainer(fast_dev_run=2, callbacks=[fast]).fit(NanValidation(depth=2, width=4), datamodule=dm)
+    assert fast.tracker.checks == 0 and not fast.events

@@ -9,25 +9,37 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from typing_extensions import override
 
-from src.callbacks.grad_norm import parameter_layers
-
-FINAL_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/prob_mae")
+from .grad_flow import parameter_layers
+from .names import (
+    FINAL,
+    FINAL_EPOCHS,
+    FINAL_STALLS,
+    GRAD_NORM,
+    GRAD_NORM_FIRST_TO_LAST,
+    GRAD_NORM_TOTAL,
+    OPTIM_LR,
+    OPTIM_MOMENTUM,
+    PLATEAU,
+)
+from .plateau_rule import StallReporter
 
 
 def custom_scalars_layout(layer_names: list[str]) -> dict[str, dict[str, list[Any]]]:
     """The layout of TensorBoard's Custom Scalars tab: one chart per question a user asks of a run."""
     layers = "|".join(re.escape(name) for name in layer_names) or ".*"
+    exact = re.escape
     return {
         "Why is it not learning?": {
-            "gradient norm of every layer": ["Multiline", [rf"^grad_norm/({layers})$"]],
-            "loss, with stall / divergence markers": ["Multiline", [r"^(train|val)/loss$", r"^plateau/"]],
-            "lr and momentum": ["Multiline", [r"^optim/(lr|momentum)$"]],
-            "first-to-last layer gradient ratio": ["Multiline", [r"^grad_norm/first_to_last$"]],
+            "gradient norm of every layer": ["Multiline", [rf"^{exact(GRAD_NORM)}({layers})$"]],
+            "loss, with stall / divergence markers": ["Multiline", [r"^(train|val)/loss$", rf"^{exact(PLATEAU)}"]],
+            "lr and momentum": ["Multiline", [rf"^({exact(OPTIM_LR)}|{exact(OPTIM_MOMENTUM)})$"]],
+            "first-to-last layer gradient ratio": ["Multiline", [rf"^{exact(GRAD_NORM_FIRST_TO_LAST)}$"]],
         },
         "Metrics": {
             "accuracy": ["Multiline", [r"^(train|val|test)/acc$"]],
-            "total gradient norm": ["Multiline", [r"^grad_norm/total$"]],
+            "total gradient norm": ["Multiline", [rf"^{exact(GRAD_NORM_TOTAL)}$"]],
         },
     }
 
@@ -37,14 +49,29 @@ class TensorBoardDashboard(Callback):
 
     - At fit start, writes a Custom Scalars layout: every layer's gradient norm in one chart; the
       train/val loss together with the ``plateau/stall`` / ``plateau/divergence`` markers of a
-      :class:`~src.callbacks.PlateauDetector` (the same step axis); lr and momentum in one chart.
+      :class:`~.plateau.PlateauDetector` (the same step axis); lr and momentum in one chart.
     - Every ``log_every_n_steps`` steps (default: the Trainer's), logs ``optim/lr`` and
       ``optim/momentum`` of the first param group, so the effect of an escape action is visible.
+      Not Lightning's ``LearningRateMonitor``: it names its keys after the optimizer class
+      (``lr-SGD``, ``lr-Adam-momentum``), so the chart would change with the optimizer.
     - At fit end, writes the hparams summary: the model's hyperparameters, the optimizer and the
-      data with the final metrics (``final/train/loss``...) and the number of stalls, so that the
-      HPARAMS tab compares runs side by side. Lightning's placeholder ``hp_metric`` is turned off.
+      data with every scalar metric of the run as ``final/<name>`` (``final/train/loss``...) and the
+      number of stalls, so that the HPARAMS tab compares runs side by side. Give the logger
+      ``default_hp_metric=False`` (the CLI does) to leave out Lightning's placeholder ``hp_metric``.
 
     Does nothing without a ``TensorBoardLogger``.
+
+    Args:
+        log_every_n_steps: How often lr and momentum are logged; ``None`` takes the Trainer's.
+
+    Raises:
+        ValueError: If ``log_every_n_steps`` is below 1.
+
+    Example::
+
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from src.callbacks import TensorBoardDashboard
+        trainer = Trainer(logger=TensorBoardLogger(".", default_hp_metric=False), callbacks=[TensorBoardDashboard()])
     """
 
     def __init__(self, log_every_n_steps: int | None = None) -> None:
@@ -57,30 +84,28 @@ class TensorBoardDashboard(Callback):
     def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
         return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        logger = self._tensorboard(trainer)
-        if logger is not None:
-            logger._default_hp_metric = False  # the real metrics go in at fit end
-
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = self._tensorboard(trainer)
         if logger is not None and trainer.is_global_zero:
             logger.experiment.add_custom_scalars(custom_scalars_layout(list(parameter_layers(pl_module))))
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps
         step = trainer.global_step
         if not trainer.optimizers or (step - 1) % every or not trainer.is_global_zero:
             return
         group = trainer.optimizers[0].param_groups[0]
-        metrics = {"optim/lr": float(group["lr"])}
+        metrics = {OPTIM_LR: float(group["lr"])}
         if "momentum" in group:
-            metrics["optim/momentum"] = float(group["momentum"])
+            metrics[OPTIM_MOMENTUM] = float(group["momentum"])
         elif "betas" in group:
-            metrics["optim/momentum"] = float(group["betas"][0])
+            metrics[OPTIM_MOMENTUM] = float(group["betas"][0])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = self._tensorboard(trainer)
         if logger is None or not trainer.is_global_zero:
@@ -94,12 +119,12 @@ class TensorBoardDashboard(Callback):
         if trainer.datamodule is not None:
             params["data"] = type(trainer.datamodule).__name__
         metrics = {
-            f"final/{name}": float(trainer.callback_metrics[name])
-            for name in FINAL_METRICS
-            if name in trainer.callback_metrics and math.isfinite(float(trainer.callback_metrics[name]))
+            f"{FINAL}{name}": float(value)
+            for name, value in trainer.callback_metrics.items()
+            if value.numel() == 1 and math.isfinite(float(value))
         }
-        events = [e for cb in trainer.callbacks for e in getattr(cb, "events", [])]
-        metrics["final/stalls"] = float(sum(e.get("kind") == "stall" for e in events))
-        metrics["final/epochs"] = float(trainer.current_epoch)
+        events = [e for cb in trainer.callbacks if isinstance(cb, StallReporter) for e in cb.events]
+        metrics[FINAL_STALLS] = float(sum(e.get("kind") == "stall" for e in events))
+        metrics[FINAL_EPOCHS] = float(trainer.current_epoch)
         logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)
         logger.experiment.flush()

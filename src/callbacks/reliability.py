@@ -10,6 +10,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from .plateau_rule import StallReporter
 
 
 class GracefulStop(Callback):
@@ -49,6 +52,7 @@ class GracefulStop(Callback):
         self.requested = sig.name
         rank_zero_info(f"\nReceived {sig.name}: stopping after this epoch with a resumable last.ckpt (again to abort)")
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.requested = self.stopped_by = None
         if threading.current_thread() is not threading.main_thread():
@@ -58,6 +62,7 @@ class GracefulStop(Callback):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             self.stopped_by = self.requested or "a signal to another process"
@@ -68,9 +73,11 @@ class GracefulStop(Callback):
             signal.signal(sig, handler)
         self._previous.clear()
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
 
@@ -83,8 +90,8 @@ def weights_are_finite(module: torch.nn.Module) -> bool:
 class FiniteModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that writes nothing once the run has diverged.
 
-    A save is skipped while the model holds NaN/inf weights, or after a callback on the Trainer
-    (a :class:`~src.callbacks.PlateauDetector`) has reported a divergence (``diverged`` is true).
+    A save is skipped while the model holds NaN/inf weights, or after a callback on the Trainer (a
+    :class:`~.plateau_rule.StallReporter`, such as the PlateauDetector) has reported a divergence.
     The checkpoints on disk, ``last.ckpt`` included, are then all from before the divergence, and
     resuming from them restarts a healthy run. ``skipped`` counts the refused saves and
     ``saved_epoch`` is the epoch of the newest checkpoint written.
@@ -95,6 +102,7 @@ class FiniteModelCheckpoint(ModelCheckpoint):
         self.skipped = 0
         self.saved_epoch: int | None = None
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # ModelCheckpoint deep-copies every logged metric at each epoch end before it looks at its
         # schedule (~0.2 ms: as long as a training step of the toy MLP). Call it only on the epochs
@@ -106,8 +114,9 @@ class FiniteModelCheckpoint(ModelCheckpoint):
         if epoch_due or last_due:
             super().on_train_epoch_end(trainer, pl_module)
 
+    @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        diverged = any(getattr(cb, "diverged", False) is True for cb in trainer.callbacks)
+        diverged = any(cb.diverged for cb in trainer.callbacks if isinstance(cb, StallReporter))
         if diverged or not weights_are_finite(trainer.lightning_module):
             if not self.skipped:
                 why = "the run has diverged" if diverged else "the model's weights are not finite"

@@ -12,6 +12,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
+from src.names import TRAIN_ACC, TRAIN_LOSS, metric
+
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "selu"]
 Init = Literal["default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "normal"]
 DropoutProb = restricted_number_type("DropoutProb", float, [(">=", 0.0), ("<", 1.0)])
@@ -203,19 +205,19 @@ class MLPClassifier(L.LightningModule):
         # per step would add ~15% to a 2 ms MNIST step.) The values are in trainer.callback_metrics
         # by the callbacks' on_train_epoch_end, as with per-step logging.
         if not self._train_metrics_logged:
-            self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+            self.log(TRAIN_LOSS, self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+            self.log(TRAIN_ACC, self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
             self._train_metrics_logged = True
         return loss
 
     def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, accuracy) -> None:
         logits, loss = self._logits_and_loss(batch)
         accuracy.update(logits, batch[1])
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(metric(stage, "loss"), loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(metric(stage, "acc"), accuracy, on_step=False, on_epoch=True, prog_bar=True)
         if len(batch) > 2 and self.binary:
             mae = (torch.sigmoid(logits) - batch[2]).abs().mean()
-            self.log(f"{stage}/prob_mae", mae, on_step=False, on_epoch=True, sync_dist=True)
+            self.log(metric(stage, "prob_mae"), mae, on_step=False, on_epoch=True, sync_dist=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)

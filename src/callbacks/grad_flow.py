@@ -1,0 +1,160 @@
+"""Per-layer gradient norms of a module: which parameters make a layer, their norms, a bounded history.
+
+Torch only, no Lightning: :class:`GradNormRecorder` is owned by both
+:class:`~.grad_norm.GradNormMonitor` (which logs what it records) and
+:class:`~.plateau.PlateauDetector` (which diagnoses a stall from it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def parameter_layers(module: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The modules that own trainable parameters directly, in registration order, with those parameters.
+
+    Shared leading name components are dropped, keeping the last two, so an MLP wrapped in a
+    LightningModule as ``self.net`` reads ``layers.0, layers.1, ...`` rather than ``net.layers.0``.
+    A parameter shared by two modules counts once, for the first that registers it.
+
+    >>> list(parameter_layers(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))))
+    ['0', '2']
+    """
+    seen: set[int] = set()
+    layers: dict[str, list[nn.Parameter]] = {}
+    for name, child in module.named_modules():
+        params = [p for p in child.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            layers[name] = params
+    parts = [name.split(".") for name in layers]
+    common = 0
+    # Strip the shared leading components, but keep the container's name (``layers.0``, not ``0``).
+    while parts and all(len(p) > common + 2 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return {".".join(p[common:]) or "(root)": params for p, params in zip(parts, layers.values(), strict=True)}
+
+
+def is_weight_layer(params: list[nn.Parameter]) -> bool:
+    """Layers with a weight matrix (Linear, Conv); norm layers' 1-D scales do not count for gradient flow."""
+    return any(p.ndim >= 2 for p in params)
+
+
+def grad_norms(layers: dict[str, list[nn.Parameter]], norm_type: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-parameter and per-layer gradient norms, on the parameters' device, without a host sync.
+
+    Returns ``(param_norms, layer_norms)`` following the order of ``layers`` (parameters with no
+    gradient count as zero). A layer's norm is the norm of all its gradients together.
+    """
+    params = [p for params in layers.values() for p in params]
+    device = params[0].device
+    grads = [p.grad if p.grad is not None else torch.zeros(1, device=device) for p in params]
+    # torch._foreach_norm is what clip_grad_norm_ uses: one fused kernel per device and dtype.
+    param_norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(grads, norm_type)])
+    owner = torch.tensor([i for i, ps in enumerate(layers.values()) for _ in ps], device=device)
+    if math.isinf(norm_type):
+        layer_norms = torch.zeros(len(layers), device=device).scatter_reduce(0, owner, param_norms, "amax")
+    else:
+        powered = torch.zeros(len(layers), device=device).index_add(0, owner, param_norms.pow(norm_type))
+        layer_norms = powered.pow(1.0 / norm_type)
+    return param_norms, layer_norms
+
+
+def total_norm(layer_norms: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of all gradients, from the per-layer norms."""
+    if math.isinf(norm_type):
+        return layer_norms.max()
+    return layer_norms.pow(norm_type).sum().pow(1.0 / norm_type)
+
+
+@dataclass(frozen=True)
+class GradProfile:
+    """The per-layer gradient norms of one optimizer step.
+
+    >>> GradProfile(0, ("a", "b"), (1e-6, 1e-2), (True, True)).first_to_last()  # doctest: +ELLIPSIS
+    9.99...e-05
+    >>> GradProfile(0, ("a.weight", "a.bias", "b.weight"), (1.0, 5.0, 4.0), (True, False, True)).first_to_last()
+    0.25
+    """
+
+    step: int
+    names: tuple[str, ...]
+    norms: tuple[float, ...]
+    weight_layers: tuple[bool, ...]
+    total: float = math.nan
+
+    def first_to_last(self) -> float:
+        """First weight layer's gradient norm over the last's (0 when the last is 0)."""
+        flow = [n for n, weight in zip(self.norms, self.weight_layers, strict=True) if weight] or list(self.norms)
+        return flow[0] / flow[-1] if flow[-1] > 0 else 0.0
+
+
+class GradNormRecorder:
+    """Computes a module's per-layer gradient norms every ``every_n_steps`` steps and keeps the latest.
+
+    Call :meth:`bind` once the module's parameters exist, then :meth:`record` where the gradients are
+    final for the step (Lightning: ``on_before_optimizer_step``). Steps whose gradients are not finite
+    (an AMP overflow the scaler will skip) are not recorded; ``skipped_nonfinite`` counts them.
+
+    >>> net = nn.Linear(2, 1)
+    >>> net(torch.ones(4, 2)).sum().backward()
+    >>> recorder = GradNormRecorder(every_n_steps=1).bind(net)
+    >>> recorder.record(step=0).names
+    ('(root)',)
+    """
+
+    def __init__(
+        self, every_n_steps: int = 1, norm_type: float = 2.0, history_size: int = 1000, per_parameter: bool = False
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if not float(norm_type) > 0:
+            raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
+        if history_size < 1:
+            raise ValueError(f"history_size must be >= 1, got {history_size}")
+        self.every_n_steps = every_n_steps
+        self.norm_type = float(norm_type)
+        self.per_parameter = per_parameter
+        self.history: deque[GradProfile] = deque(maxlen=history_size)
+        self.param_norms: dict[str, float] = {}  # with per_parameter: the latest, by "<layer>.<name>"
+        self.skipped_nonfinite = 0
+        self._layers: dict[str, list[nn.Parameter]] = {}
+        self._param_names: list[str] = []
+
+    def bind(self, module: nn.Module) -> GradNormRecorder:
+        """Read which parameters make each layer (again, if they changed: frozen, unfrozen or new)."""
+        self._layers = parameter_layers(module)
+        short = {id(p): name.rsplit(".", 1)[-1] for name, p in module.named_parameters()}
+        self._param_names = [f"{layer}.{short[id(p)]}" for layer, ps in self._layers.items() for p in ps]
+        return self
+
+    def due(self, step: int) -> bool:
+        return bool(self._layers) and step % self.every_n_steps == 0
+
+    def record(self, step: int) -> GradProfile | None:
+        """The profile of this step's gradients (also appended to ``history``); ``None`` if not finite."""
+        if not self._layers:
+            return None
+        param_norms, layer_norms = grad_norms(self._layers, self.norm_type)
+        total = total_norm(layer_norms, self.norm_type)
+        values = torch.cat([layer_norms, total.reshape(1), param_norms[: len(param_norms) * self.per_parameter]])
+        values = values.cpu().tolist()  # the one host copy per recorded step
+        count = len(self._layers)
+        if not math.isfinite(values[count]):
+            self.skipped_nonfinite += 1
+            return None
+        weight_layers = tuple(is_weight_layer(p) for p in self._layers.values())
+        profile = GradProfile(step, tuple(self._layers), tuple(values[:count]), weight_layers, values[count])
+        self.history.append(profile)
+        if self.per_parameter:
+            self.param_norms = dict(zip(self._param_names, values[count + 1 :], strict=True))
+        return profile
+
+    def since(self, step: int) -> list[GradProfile]:
+        """The recorded profiles from ``step`` on (the latest one if none is that recent)."""
+        return [p for p in self.history if p.step >= step] or list(self.history)[-1:]

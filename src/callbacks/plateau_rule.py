@@ -1,0 +1,179 @@
+"""When has a run stalled, and why: the decision rule and the diagnosis, apart from Lightning.
+
+:class:`PlateauTracker` decides from the monitored values, :func:`diagnose` reads the per-layer
+gradient norms seen while the stall built up. :class:`~.plateau.PlateauDetector` wires both to
+Lightning's hooks; :class:`StallReporter` is what other code may rely on from such a detector.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from .grad_flow import GradProfile
+
+Diagnosis = Literal["vanishing", "flat", "unclear"]
+
+
+@runtime_checkable
+class StallReporter(Protocol):
+    """What a callback that reports stalls offers to the rest of a run (summary, dashboard, checkpoint).
+
+    ``events`` lists every stall and divergence of the fit so far, as recorded in ``stall_events.json``;
+    ``diverged`` is true once one of them is a divergence.
+    """
+
+    events: list[dict[str, Any]]
+
+    @property
+    def diverged(self) -> bool: ...
+
+
+class Status(Enum):
+    """What one check of the monitored metric concluded."""
+
+    WARMUP = "warmup"
+    IMPROVED = "improved"
+    WAITING = "waiting"
+    COOLDOWN = "cooldown"
+    PLATEAU = "plateau"
+    DIVERGED = "diverged"
+
+
+class PlateauTracker:
+    """The decision rule, apart from Lightning: has the metric stopped improving?
+
+    A value improves on the best so far when it beats it by more than ``min_delta``, relative to
+    the best (``threshold_mode="rel"``) or absolute (``"abs"``), as in ``ReduceLROnPlateau``.
+    After ``warmup`` checks, ``patience`` checks in a row without improvement make a plateau; then
+    the counter restarts, and ``cooldown`` checks pass before waiting starts again. A value that is
+    NaN or infinite, or worse than ``divergence_threshold``, is a divergence, never a plateau.
+
+    >>> tracker = PlateauTracker(patience=2)
+    >>> [tracker.update(v).value for v in (0.9, 0.7, 0.7, 0.7, float("nan"))]
+    ['improved', 'improved', 'waiting', 'plateau', 'diverged']
+    """
+
+    mode_dict = {"min": -1.0, "max": 1.0}
+
+    def __init__(
+        self,
+        mode: str = "min",
+        patience: int = 100,
+        min_delta: float = 1e-4,
+        threshold_mode: str = "rel",
+        cooldown: int = 0,
+        warmup: int = 0,
+        divergence_threshold: float | None = None,
+    ) -> None:
+        if mode not in self.mode_dict:
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if threshold_mode not in ("rel", "abs"):
+            raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+        for name, value in (("patience", patience), ("cooldown", cooldown), ("warmup", warmup)):
+            if value < (1 if name == "patience" else 0):
+                raise ValueError(f"{name} must be >= {1 if name == 'patience' else 0}, got {value}")
+        if min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+        self.mode, self.patience, self.min_delta = mode, patience, min_delta
+        self.threshold_mode, self.cooldown, self.warmup = threshold_mode, cooldown, warmup
+        self.divergence_threshold = divergence_threshold
+        self.best = math.inf if mode == "min" else -math.inf
+        self.wait = 0
+        self.cooldown_left = 0
+        self.checks = 0
+
+    def improves(self, value: float) -> bool:
+        sign = self.mode_dict[self.mode]
+        if math.isinf(self.best):
+            return True
+        margin = self.min_delta * abs(self.best) if self.threshold_mode == "rel" else self.min_delta
+        return sign * (value - self.best) > margin
+
+    def diverged(self, value: float) -> bool:
+        if self.divergence_threshold is None:
+            return False
+        return value > self.divergence_threshold if self.mode == "min" else value < self.divergence_threshold
+
+    def update(self, value: float) -> Status:
+        self.checks += 1
+        if not math.isfinite(value) or self.diverged(value):
+            return Status.DIVERGED
+        improved = self.improves(value)
+        if improved:
+            self.best = value
+        if self.checks <= self.warmup:
+            return Status.WARMUP
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.wait = 0
+            return Status.IMPROVED if improved else Status.COOLDOWN
+        if improved:
+            self.wait = 0
+            return Status.IMPROVED
+        self.wait += 1
+        if self.wait < self.patience:
+            return Status.WAITING
+        self.wait = 0
+        self.cooldown_left = self.cooldown
+        return Status.PLATEAU
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait, "cooldown_left": self.cooldown_left, "checks": self.checks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.wait = state["best"], state["wait"]
+        self.cooldown_left, self.checks = state["cooldown_left"], state["checks"]
+
+
+def diagnose(
+    profiles: Sequence[GradProfile],
+    vanishing_ratio: float = 1e-3,
+    flat_norm: float = 1e-3,
+    flat_spread: float = 100.0,
+) -> Diagnosis:
+    """Why a stall happened, from the per-layer gradient norms seen while it built up.
+
+    Each weight layer's norms are summarised by the median over ``profiles`` of their log (ignoring exact zeros). Then:
+
+    - ``vanishing``: the first layer's gradient is below ``vanishing_ratio`` times the last's: the
+      early layers cannot learn (a deep sigmoid net: first/last 1e-7 and lower).
+    - ``flat``: every layer's gradient is below ``flat_norm`` and the largest is within
+      ``flat_spread`` times the smallest: an even, tiny profile, so the loss itself is flat there
+      (a saddle, plateau or local minimum).
+    - ``unclear``: neither, or no gradients were seen.
+
+    >>> deep = GradProfile(0, ("a", "b", "c"), (1e-9, 1e-5, 1e-2), (True, True, True))
+    >>> even = GradProfile(0, ("a", "b", "c"), (2e-5, 1e-5, 3e-5), (True, True, True))
+    >>> diagnose([deep]), diagnose([even]), diagnose([])
+    ('vanishing', 'flat', 'unclear')
+    """
+    if not profiles:
+        return "unclear"
+    columns = [i for i, w in enumerate(profiles[-1].weight_layers) if w] or list(range(len(profiles[-1].norms)))
+    # The median of log10 norms over the steps where the layer's gradient was not exactly 0: a step
+    # whose gradient underflows to 0 in float32 must not decide the diagnosis.
+    log_norm = [
+        statistics.median([math.log10(p.norms[i]) for p in profiles if p.norms[i] > 0] or [-38.0]) for i in columns
+    ]
+    if log_norm[0] - log_norm[-1] < math.log10(vanishing_ratio):
+        return "vanishing"
+    if max(log_norm) < math.log10(flat_norm) and max(log_norm) - min(log_norm) < math.log10(flat_spread):
+        return "flat"
+    return "unclear"
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    """One line of text for an event, as shown in TensorBoard and the end-of-run summary."""
+    text = f"epoch {event['epoch']} (step {event['step']}): {event['kind']}"
+    if "diagnosis" in event:
+        text += f", diagnosis {event['diagnosis']}"
+    text += f", {event['monitor']} = {event['value']:.4g}" if isinstance(event["value"], float) else ""
+    if "first_to_last" in event:
+        text += f", first/last grad {event['first_to_last']:.1e}"
+    for action in event["actions"]:
+        text += f"; action: {action['action']}"
+    return text
