@@ -1,130 +1,117 @@
 """The template's LightningCLI, run by ``python -m src.train [fit|validate|test|predict] [--config FILE] [options]``.
 
-With no subcommand it runs ``fit``; with no ``--config`` it uses ``configs/default.yaml``.
-Set ``TEMPLATE_DEBUG=1`` to see the full traceback of an error instead of its one-line summary.
-``src/train.py`` is the light entry point; everything here is also importable from ``src.train``.
+With no subcommand it runs ``fit``; with no ``--config`` it uses ``configs/default.yaml``. A bad
+option, value or file ends in one ``error:`` line (set ``TEMPLATE_DEBUG=1`` for the traceback).
+Everything here uses LightningCLI's public hooks; checkpoint resolution lives in
+:mod:`src.checkpoints`, the end-of-fit summary in :mod:`src.summary`, error lines in :mod:`src.errors`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from src.callbacks import FiniteModelCheckpoint, GracefulStop, PlateauDetector, TensorBoardDashboard
-from src.callbacks.plateau import describe_event
+from src.callbacks import FiniteModelCheckpoint, GracefulStop, TensorBoardDashboard
+from src.callbacks.plateau_rule import StallReporter
+from src.checkpoints import resolve_ckpt_path
+from src.errors import debugging, one_line, one_line_errors
 from src.models import MLPClassifier
+from src.names import DEBUG_ENV
+from src.summary import run_summary
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DEBUG_ENV = "TEMPLATE_DEBUG"
-
-
-def one_line(message: object) -> str:
-    """The message on one line; jsonargparse's 'none of the Union subtypes' lists cut to what matters."""
-    text = " ".join(str(message).split())
-    match = re.search(r"Does not validate against any of the Union subtypes Subtypes: \[.*?\] Errors: (.*)$", text)
-    if match is None:
-        return text
-    errors = [e.strip() for e in re.split(r"(?:^| )- ", match.group(1)) if e.strip()]
-    useful = [
-        re.sub(r" ?Given value type: <class '[^']*'>", "", e)
-        for e in errors
-        if not e.startswith(("Expected a <class 'NoneType'>", "Expected a <class 'list'>", "Expected a <class 'bool'>"))
-    ]
-    return text[: match.start()] + " | ".join(useful or errors)
 
 
 class OneLineErrorParser(LightningArgumentParser):
     """Reports a bad option or config value in one line on stderr and exits with status 2."""
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
-        if os.environ.get(DEBUG_ENV):
+        if debugging():
             return super().error(message, ex)
         sys.stderr.write(f"error: {one_line(message)} (options: python -m src.train fit --help)\n")
         sys.exit(2)
 
 
 class TemplateCLI(LightningCLI):
-    """LightningCLI with the template's wiring: data shapes flow into the model, a checkpoint
-    callback is always present (``checkpoint:`` section), and a short summary ends each fit."""
+    """LightningCLI with the template's wiring.
 
-    def __init__(self, **kwargs) -> None:
+    - The data's shapes flow into the model (``data.in_features`` -> ``model.in_features``...).
+    - A checkpoint callback is always present (the ``checkpoint:`` section, Lightning's
+      ``ModelCheckpoint`` that never saves a diverged model); ``trainer.enable_checkpointing: false``
+      leaves it out.
+    - Every run stops cleanly on SIGTERM/SIGINT (``GracefulStop``) and gets the TensorBoard
+      dashboards, unless the config already has them.
+    - The default logger is TensorBoard without Lightning's placeholder ``hp_metric``; ``--ckpt_path``
+      may be ``last`` (the newest run), and a resumed run goes on logging into its own directory.
+    - A bad optimizer or scheduler value is reported before anything is built, naming the section.
+    - A short summary ends each fit.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("model_class", MLPClassifier)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("parser_class", OneLineErrorParser)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        self.resume_version: int | None = None
         super().__init__(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.in_features", "model.in_features", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(FiniteModelCheckpoint, "checkpoint")
+        # Not add_lightning_class_args: a callback added that way is always passed to the Trainer,
+        # which then fails on `enable_checkpointing: false`. instantiate_trainer adds it instead.
+        parser.add_class_arguments(FiniteModelCheckpoint, "checkpoint", fail_untyped=False, sub_configs=True)
         parser.set_defaults({"checkpoint.save_last": True})
 
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
-        # `trainer.enable_checkpointing: false` turns the always-present checkpoint callback off
-        # instead of failing on it.
-        if config.get("enable_checkpointing") is False:
-            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
-        # Every CLI run stops cleanly on SIGTERM/SIGINT and gets the TensorBoard dashboards.
-        for kind in (GracefulStop, TensorBoardDashboard):
-            if not any(isinstance(cb, kind) for cb in [*callbacks, *(config.get("callbacks") or [])]):
-                callbacks = [*callbacks, kind()]
-        trainer = super()._instantiate_trainer(config, callbacks)
-        version = getattr(self, "resume_version", None)
-        if version is not None and isinstance(trainer.logger, TensorBoardLogger) and trainer.logger._version is None:
-            trainer.logger._version = version  # a resumed run goes on writing into its own run directory
-        return trainer
+    def section(self, config: Any) -> Any:
+        """The subcommand's part of a config (the whole config when run without a subcommand)."""
+        return config[self.subcommand] if self.subcommand else config
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters here: resolve `last` and check the file first.
-        self._resolve_ckpt_path()
-        if hasattr(super(), "_parse_ckpt_path"):
-            super()._parse_ckpt_path()
-
-    def _resolve_ckpt_path(self) -> None:
-        if getattr(self, "resume_version", False) is not False:
-            return  # done already
-        self.resume_version = None
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI reads the checkpoint's hyperparameters: resolve `last`, check the file.
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         if config.get("ckpt_path"):
-            config.ckpt_path, self.resume_version = resolve_ckpt_path(
-                config.ckpt_path, config.trainer.get("default_root_dir") or os.getcwd()
-            )
+            root = config.trainer.get("default_root_dir") or os.getcwd()
+            config.ckpt_path, self.resume_version = resolve_ckpt_path(config.ckpt_path, root)
 
     def before_instantiate_classes(self) -> None:
-        self._resolve_ckpt_path()
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self.section(self.config)
         check_trainer_config(config.trainer)
-        # Build the configured optimizer (and scheduler) once on a dummy parameter, so that a bad
-        # value such as a negative lr is reported now, naming the section, not midway into fit.
-        params = [torch.nn.Parameter(torch.zeros(1))]
-        optimizer = torch.optim.SGD(params, lr=0.1)
-        for key in ("optimizer", "lr_scheduler"):
-            if config.get(key) is None:
-                continue
-            try:
-                built = instantiate_class((params,) if key == "optimizer" else optimizer, config[key])
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"{key} ({config[key].class_path}): {one_line(err)}") from err
-            if key == "optimizer":
-                optimizer = built
+        check_optimizer_config(config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.section(self.config_init)
+        trainer = config["trainer"]
+        callbacks = list(trainer.get("callbacks") or [])
+        if trainer.get("enable_checkpointing") is not False:
+            callbacks.append(config["checkpoint"])
+        callbacks += [kind() for kind in (GracefulStop, TensorBoardDashboard) if not _has(callbacks, kind)]
+        kwargs.setdefault("callbacks", callbacks)
+        if trainer.get("logger") in (None, True):
+            kwargs.setdefault(
+                "logger",
+                TensorBoardLogger(
+                    save_dir=trainer.get("default_root_dir") or os.getcwd(),
+                    version=self.resume_version,  # None: the next free version_N
+                    default_hp_metric=False,  # the dashboard writes the real final metrics
+                ),
+            )
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         summary = run_summary(self.trainer)  # on every rank: trainer.log_dir is a collective under DDP
@@ -136,16 +123,19 @@ class TemplateCLI(LightningCLI):
                 print(f"Stopped by {stop.stopped_by}. Resume: python -m src.train fit [same options] --ckpt_path last")
             signum = getattr(signal, stop.stopped_by, None)
             sys.exit(128 + int(signum) if signum is not None else 1)
-        if any(isinstance(cb, PlateauDetector) and cb.diverged for cb in self.trainer.callbacks):
+        if any(cb.diverged for cb in self.trainer.callbacks if isinstance(cb, StallReporter)):
             sys.exit(1)
+
+
+def _has(callbacks: list[Any], kind: type) -> bool:
+    return any(isinstance(cb, kind) for cb in callbacks)
 
 
 def check_trainer_config(trainer: Any) -> None:
     """Reject Trainer values that Lightning would accept and then misbehave on (or crash deep inside)."""
-    for key, low in (("max_epochs", -1), ("max_steps", -1), ("check_val_every_n_epoch", 1), ("num_nodes", 1)):
-        value = trainer.get(key)
-        if value is not None and value < low:
-            raise ValueError(f"trainer.{key}={value}: must be >= {low}" + (" (-1: no limit)" if low == -1 else ""))
+    value = trainer.get("check_val_every_n_epoch")
+    if value is not None and value < 1:
+        raise ValueError(f"trainer.check_val_every_n_epoch={value}: must be >= 1")
     devices, accelerator = trainer.get("devices"), trainer.get("accelerator")
     count = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()) else None
     on_cpu = accelerator == "cpu" or (accelerator in ("auto", None) and not torch.cuda.is_available())
@@ -157,77 +147,20 @@ def check_trainer_config(trainer: Any) -> None:
         )
 
 
-def newest_last_checkpoint(root: Path) -> Path | None:
-    """The ``last.ckpt`` written most recently under ``root/lightning_logs/*/checkpoints/``."""
-    candidates = [p for p in Path(root).glob("lightning_logs/*/checkpoints/last.ckpt") if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
-def resolve_ckpt_path(ckpt_path: str, root: str | Path) -> tuple[str, int | None]:
-    """``last`` -> the newest run's ``last.ckpt``; check that a given path is a checkpoint file.
-
-    Returns the path and, when it lies in ``lightning_logs/version_N/checkpoints``, N (the run the
-    resumed fit goes on logging into).
-    """
-    if ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry"):
-        return ckpt_path, None  # Lightning's own meanings
-    if ckpt_path == "last":
-        found = newest_last_checkpoint(Path(root))
-        if found is None:
-            raise FileNotFoundError(
-                f"ckpt_path=last: no lightning_logs/*/checkpoints/last.ckpt under {root}; "
-                "run fit first, or give the checkpoint's path"
-            )
-        path = found
-    else:
-        path = Path(ckpt_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file; give a .ckpt file or 'last'")
-        if not zipfile.is_zipfile(path):
-            raise ValueError(f"ckpt_path={ckpt_path}: not a checkpoint (torch.save writes a zip archive)")
-    run = path.parent.parent.name
-    version = int(run.removeprefix("version_")) if run.startswith("version_") and run[8:].isdigit() else None
-    return str(path), version
-
-
-def run_summary(trainer: Trainer) -> str:
-    """The lines printed when a fit ends: final metrics, where the run is, how to look at it."""
-    metrics = trainer.callback_metrics
-    lines = [f"Finished after {trainer.current_epoch} epochs ({trainer.global_step} steps)."]
-    for stage in ("train", "val"):
-        values = [
-            f"{name} {metrics[f'{stage}/{name}'].item():.4f}"
-            for name in ("loss", "acc", "prob_mae")
-            if f"{stage}/{name}" in metrics
-        ]
-        if values:
-            lines.append(f"  {stage:<5} " + ", ".join(values))
-    for detector in (cb for cb in trainer.callbacks if isinstance(cb, PlateauDetector)):
-        lines.append(f"  {len(detector.events)} stall/divergence event(s) on {detector.monitor}")
-        lines.extend(f"    {describe_event(event)}" for event in detector.events[:10])
-        if len(detector.events) > 10:
-            lines.append(f"    ... {len(detector.events) - 10} more in stall_events.json")
-    if trainer.log_dir:
-        lines.append(f"  logs  {trainer.log_dir}")
-    checkpoint = trainer.checkpoint_callback
-    last = Path(checkpoint.last_model_path) if checkpoint is not None and checkpoint.last_model_path else None
-    skipped = getattr(checkpoint, "skipped", 0)
-    if last is not None and last.is_file():
-        saved = getattr(checkpoint, "saved_epoch", None)
-        note = f" (from epoch {saved}, before the divergence)" if skipped and saved is not None else ""
-        lines.append(f"  last  {last}{note}")
-    elif skipped:
-        lines.append("  last  none: the run diverged before the first checkpoint was due")
-    for detector in (cb for cb in trainer.callbacks if isinstance(cb, PlateauDetector)):
-        divergence = next((e for e in detector.events if e["kind"] == "divergence"), None)
-        if divergence is not None:
-            lines.append(
-                f"  DIVERGED at epoch {divergence['epoch']}: {detector.monitor} = {divergence['value']}; "
-                "lower the learning rate (the checkpoints are from before it)"
-            )
-    root = trainer.logger.root_dir if trainer.logger is not None else "lightning_logs"
-    lines.append(f"  view  tensorboard --logdir {root}")
-    return "\n".join(lines)
+def check_optimizer_config(config: Any) -> None:
+    """Build the configured optimizer (and scheduler) once on a dummy parameter, so that a bad value
+    such as a negative lr is reported now, naming the section, not midway into fit."""
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    for key in ("optimizer", "lr_scheduler"):
+        if config.get(key) is None:
+            continue
+        try:
+            built = instantiate_class((params,) if key == "optimizer" else optimizer, config[key])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{key} ({config[key].class_path}): {one_line(err)}") from err
+        if key == "optimizer":
+            optimizer = built
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -251,6 +184,11 @@ def resolve_argv(argv: list[str]) -> list[str]:
 
     Idempotent: Lightning's DDP launcher starts each extra process with the same argv, which then
     already holds both.
+
+    >>> resolve_argv(["--model.depth", "3"])[:2]
+    ['fit', '--config']
+    >>> resolve_argv(["test", "--config", "my.yaml"])
+    ['test', '--config', 'my.yaml']
     """
     if not argv or argv[0] not in SUBCOMMANDS:
         argv = ["fit", *argv]
@@ -268,20 +206,17 @@ def quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI on ``argv`` (default: the command line); exit non-zero with one line on bad input."""
     quiet_expected_warnings()
     # Rewriting sys.argv (not passing args=) keeps what DDP's launcher re-runs equal to what ran here.
-    sys.argv[1:] = resolve_argv(sys.argv[1:])
+    sys.argv[1:] = resolve_argv(sys.argv[1:] if argv is None else argv)
+    # Under DDP every process fails the same way: one line per machine is enough.
+    quiet = os.environ.get("LOCAL_RANK", "0") != "0"
     try:
-        check_config_files(sys.argv[1:])
-        TemplateCLI()
-    except Exception as err:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        # Under DDP every process fails the same way: one line per machine is enough.
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            sys.stderr.write(f"error: {type(err).__name__}: {one_line(err)} (set {DEBUG_ENV}=1 for the traceback)\n")
-        sys.exit(1)
+        with one_line_errors(hint=f" (set {DEBUG_ENV}=1 for the traceback)", show_type=True, quiet=quiet):
+            check_config_files(sys.argv[1:])
+            TemplateCLI()
     finally:
         # Lightning leaves the process group up. Left to interpreter shutdown, a rank once aborted there
         # under torchrun ("terminate called without an active exception"), failing its node's agent.

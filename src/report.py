@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -24,9 +23,19 @@ from typing import Any
 
 import yaml
 
-DEBUG_ENV = "TEMPLATE_DEBUG"
-LAYER_TAG = re.compile(r"^grad_norm/(.+)$")
-NOT_LAYERS = {"total", "first_to_last"}
+from src.errors import one_line_errors
+from src.names import (
+    EVENTS_FILE,
+    GRAD_NORM,
+    GRAD_NORM_FIRST_TO_LAST,
+    GRAD_NORM_TOTAL,
+    METRICS,
+    TRAIN_LOSS,
+    VAL_LOSS,
+)
+
+LAYER_TAG = re.compile(rf"^{re.escape(GRAD_NORM)}(.+)$")
+NOT_LAYERS = {GRAD_NORM_TOTAL.removeprefix(GRAD_NORM), GRAD_NORM_FIRST_TO_LAST.removeprefix(GRAD_NORM)}
 
 
 class RunError(ValueError):
@@ -56,13 +65,13 @@ class Run:
         layers = self.layer_names()
         if not layers:
             return [], [], []
-        common = set(self.scalars[f"grad_norm/{layers[0]}"][0])
+        common = set(self.scalars[f"{GRAD_NORM}{layers[0]}"][0])
         for name in layers[1:]:
-            common &= set(self.scalars[f"grad_norm/{name}"][0])
+            common &= set(self.scalars[f"{GRAD_NORM}{name}"][0])
         steps = sorted(common)
         rows = []
         for name in layers:
-            by_step = dict(zip(*self.scalars[f"grad_norm/{name}"], strict=True))
+            by_step = dict(zip(*self.scalars[f"{GRAD_NORM}{name}"], strict=True))
             rows.append([by_step[s] for s in steps])
         return layers, steps, rows
 
@@ -107,8 +116,8 @@ def load_run(path: str | Path) -> Run:
     if (run_dir / "config.yaml").is_file():
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     events: list[dict[str, Any]] = []
-    if (run_dir / "stall_events.json").is_file():
-        events = json.loads((run_dir / "stall_events.json").read_text())
+    if (run_dir / EVENTS_FILE).is_file():
+        events = json.loads((run_dir / EVENTS_FILE).read_text())
     return Run(run_dir, scalars, config, events)
 
 
@@ -131,12 +140,12 @@ def summary(run: Run) -> str:
     for key in ("optimizer", "data"):
         if key in run.config:
             rows.append((key, _class_name(run.config[key])))
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/prob_mae"):
+    for tag in METRICS:
         value = run.last(tag)
         if value is not None:
             steps = run.scalars[tag][0]
             rows.append((tag, f"{value:.4g} (step {steps[-1]})"))
-    ratio = run.scalars.get("grad_norm/first_to_last")
+    ratio = run.scalars.get(GRAD_NORM_FIRST_TO_LAST)
     if ratio:
         rows.append(
             ("first/last grad", f"{ratio[1][0]:.2g} at step {ratio[0][0]} -> {ratio[1][-1]:.2g} at {ratio[0][-1]}")
@@ -172,7 +181,7 @@ def plot_loss(run: Run):
     """train/val loss against step, log scale, with a line at each stall/divergence and its actions."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for tag in ("train/loss", "val/loss"):
+    for tag in (TRAIN_LOSS, VAL_LOSS):
         if tag in run.scalars:
             steps, values = run.scalars[tag]
             ax.plot(steps, [max(v, 1e-12) for v in values], label=tag)
@@ -258,17 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="print the table only")
     parser.add_argument("--out", type=Path, help="where to write the PNGs (default: the run directory)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors((RunError, OSError)):
         run = load_run(args.run_dir)
         print(summary(run))
         if not args.no_plots:
             for path in write_plots(run, args.out):
                 print(f"wrote {path}")
-    except (RunError, OSError) as err:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        sys.stderr.write(f"error: {err}\n")
-        sys.exit(1)
 
 
 if __name__ == "__main__":

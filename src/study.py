@@ -8,9 +8,10 @@ processes. Writes ``OUT/summary.csv`` (one row per run), ``OUT/summary.md`` (one
 point over the seeds) and ``OUT/final_loss_vs_depth.png``, and prints progress as runs finish.
 
 Study file keys: ``base_config``, ``out_dir``, ``activations``, ``depths``, ``seeds``,
-``optimizers`` (optional: ``{label: {class_path, init_args}}``), ``args`` (extra CLI options for
-every run), ``stalled_above`` (a final train loss above it counts as stalled) and ``solved_below``
-(the loss whose first epoch below it is reported).
+``optimizers`` (optional: ``{label: {class_path, init_args}}``), ``config`` (a config mapping
+stacked on ``base_config`` for every run, as a second ``--config`` would be), ``args`` (extra CLI
+options for every run), ``stalled_above`` (a final train loss above it counts as stalled) and
+``solved_below`` (the loss whose first epoch below it is reported).
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from typing import Any
 
 import yaml
 
+from src.errors import fail, one_line_errors
+from src.names import TRAIN_LOSS
+
 REPO = Path(__file__).resolve().parent.parent
-DEBUG_ENV = "TEMPLATE_DEBUG"
 KEYS = {
-    "base_config", "out_dir", "activations", "depths", "seeds", "optimizers", "args", "stalled_above", "solved_below",
+    "base_config", "out_dir", "activations", "depths", "seeds", "optimizers", "config", "args", "stalled_above",
+    "solved_below",
 }  # fmt: skip
 
 
@@ -58,13 +62,15 @@ def load_study(path: str | Path) -> dict[str, Any]:
     if any(not isinstance(d, int) or d < 1 for d in study["depths"]):
         raise StudyError(f"{path}: 'depths' must be positive integers, got {study['depths']}")
     base = Path(study.get("base_config", REPO / "configs" / "default.yaml"))
-    study["base_config"] = str(base if base.is_absolute() or base.is_file() else REPO / base)
+    study["base_config"] = str((base if base.is_absolute() or base.is_file() else REPO / base).resolve())
     if not Path(study["base_config"]).is_file():
         raise StudyError(f"{path}: base_config {base} does not exist")
     optimizers = study.get("optimizers") or {"config": None}
     if not isinstance(optimizers, dict):
         raise StudyError(f"{path}: 'optimizers' must map a label to {{class_path, init_args}}")
     study["optimizers"] = optimizers
+    if not isinstance(study.setdefault("config", {}), dict):
+        raise StudyError(f"{path}: 'config' must be a mapping of config sections, like a config file's")
     study.setdefault("args", [])
     study.setdefault("stalled_above", 0.5)
     study.setdefault("solved_below", 0.05)
@@ -84,6 +90,22 @@ def run_name(point: dict[str, Any]) -> str:
     return f"{point['activation']}_d{point['depth']:02d}_s{point['seed']}{suffix}"
 
 
+def run_args(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> list[str]:
+    """The CLI options of one grid point's run (what ``python -m src.train fit`` would be given)."""
+    args = [
+        "--config", study["base_config"], *(["--config", yaml.safe_dump(study["config"])] if study["config"] else []),
+        *study["args"],
+        f"--model.activation={point['activation']}", f"--model.depth={point['depth']}",
+        f"--seed_everything={point['seed']}",
+        f"--trainer.default_root_dir={Path(out_dir) / 'runs' / run_name(point)}",
+        "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    optimizer = study["optimizers"][point["optimizer"]]
+    if optimizer is not None:
+        args.append(f"--optimizer={json.dumps(optimizer)}")
+    return args
+
+
 def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """One fit, in a worker process; returns its row of the summary."""
     import warnings
@@ -92,7 +114,7 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
     import torch
 
     from src.callbacks import PlateauDetector
-    from src.train import TemplateCLI, quiet_expected_warnings
+    from src.cli import TemplateCLI, quiet_expected_warnings
 
     torch.set_num_threads(1)  # the workers share the cores
     warnings.filterwarnings("ignore")
@@ -105,26 +127,17 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
         epoch = None
 
         def on_train_epoch_end(self, trainer, pl_module):
-            loss = trainer.callback_metrics.get("train/loss")
+            loss = trainer.callback_metrics.get(TRAIN_LOSS)
             if self.epoch is None and loss is not None and float(loss) < study["solved_below"]:
                 self.epoch = trainer.current_epoch
 
-    args = [
-        "--config", study["base_config"], *study["args"],
-        f"--model.activation={point['activation']}", f"--model.depth={point['depth']}",
-        f"--seed_everything={point['seed']}",
-        f"--trainer.default_root_dir={Path(out_dir) / 'runs' / run_name(point)}",
-        "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
-    optimizer = study["optimizers"][point["optimizer"]]
-    if optimizer is not None:
-        args.append(f"--optimizer={json.dumps(optimizer)}")
+    args = run_args(study, point, out_dir)
     start = time.perf_counter()
     cli = TemplateCLI(args=args, run=False, save_config_kwargs={"overwrite": True})
     probe = FirstBelow()
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    final = float(cli.trainer.callback_metrics["train/loss"])
+    final = float(cli.trainer.callback_metrics[TRAIN_LOSS])
     detector = next((cb for cb in cli.trainer.callbacks if isinstance(cb, PlateauDetector)), None)
     stalls = [e for e in (detector.events if detector else []) if e["kind"] == "stall"]
     return {
@@ -204,15 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (default: cores)")
     parser.add_argument("--out", help="output folder (default: the study's out_dir)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(StudyError, status=2):
         study = load_study(args.study)
         if args.workers < 1:
             raise StudyError(f"--workers must be >= 1, got {args.workers}")
-    except StudyError as err:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        sys.stderr.write(f"error: {err}\n")
-        sys.exit(2)
     out_dir = Path(args.out or study["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     points = grid(study)
@@ -235,8 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{done}/{len(points)}] {row['run']}: final loss {row['final_loss']:.4g}, {state} "
                   f"({elapsed:.0f} s elapsed)", flush=True)  # fmt: skip
     if not rows:
-        sys.stderr.write("error: every run failed; run one alone with python -m src.train to see why\n")
-        sys.exit(1)
+        fail("every run failed; run one alone with python -m src.train to see why")
     command = "python -m src.study " + " ".join(sys.argv[1:] if argv is None else argv)
     write_outputs(rows, study, out_dir, command)
     print((out_dir / "summary.md").read_text())

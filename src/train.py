@@ -2,13 +2,12 @@
 
 The CLI itself is :mod:`src.cli`. This module stays light, so that ``python -m src.train --help``
 answers at once instead of after importing torch and Lightning (seconds); ``fit --help`` and every
-real command load the CLI. Names such as ``TemplateCLI`` are importable from here as before.
+real command load the CLI.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 USAGE = """\
 usage: python -m src.train [fit|validate|test|predict] [--config FILE ...] [--section.option VALUE ...]
@@ -28,19 +27,13 @@ line; set TEMPLATE_DEBUG=1 for the traceback.
 """
 
 
-def __getattr__(name: str) -> Any:
-    from src import cli  # loaded on first use: `from src.train import TemplateCLI` keeps working
-
-    return getattr(cli, name)
-
-
 def main(argv: list[str] | None = None) -> None:
     if (sys.argv[1:] if argv is None else argv) in (["-h"], ["--help"]):
         print(USAGE, end="")
         return
     from src.cli import main as run_cli
 
-    run_cli()
+    run_cli(argv)
 
 
 if __name__ == "__main__":
