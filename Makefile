@@ -1,11 +1,11 @@
-# Two commands from a fresh clone: `make train` and `make test`. Both create .venv on first use.
+# Two commands from a fresh clone: `make train` and `make test` (`make test-fast` while editing). All create .venv.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test lint
+.PHONY: train test test-fast lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The edit-test loop: everything not marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

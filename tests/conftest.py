@@ -1,4 +1,4 @@
-"""Shared fixtures: running the real CLI in a subprocess, and the repository's paths."""
+"""Shared fixtures: the CLI in-process (``main``) or in a subprocess (``cli``), loggers, the repository's paths."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,6 +39,43 @@ def cli(tmp_path: Path):
 
     def _run(*args: str, **kwargs):
         return run_cli(*args, cwd=tmp_path, **kwargs)
+
+    _run.cwd = tmp_path
+    return _run
+
+
+def call_entry(
+    entry: Callable[[list[str]], None], args: Sequence[str], capsys: pytest.CaptureFixture
+) -> SimpleNamespace:
+    """Call a ``main(argv)`` entry function in this process: the exit status its process would have
+    (``SystemExit``'s code, 0 when it returns) and what it wrote (``returncode``, ``stdout``, ``stderr``)."""
+    capsys.readouterr()
+    try:
+        entry(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+@pytest.fixture
+def main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Call as ``main("fit", "--trainer.max_epochs", "2")``: ``src.cli.main`` in this process, from a
+    fresh temporary directory (or ``cwd=``), with its exit status and what it wrote (``returncode``,
+    ``stdout``, ``stderr``).
+
+    The entry function itself, so the exit status and the one ``error:`` line are the real ones;
+    only the process around it is shared. Use ``cli`` where the process is what is tested.
+    """
+    from src.cli import main as cli_main
+
+    monkeypatch.delenv("TEMPLATE_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["python -m src.train"])  # main rewrites sys.argv[1:], as DDP needs
+
+    def _run(*args: str, cwd: Path | None = None) -> SimpleNamespace:
+        monkeypatch.chdir(cwd or tmp_path)
+        return call_entry(cli_main, args, capsys)
 
     _run.cwd = tmp_path
     return _run

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_benchmark_suite_quick_run_prints_every_row(tmp_path):
     out = tmp_path / "figures.json"
     result = subprocess.run(

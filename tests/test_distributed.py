@@ -44,6 +44,7 @@ def test_ddp_preset_runs_the_default_experiment_on_two_cpu_processes(tmp_path):
     assert torch.equal(states[0]["weights"], states[1]["weights"])
 
 
+@pytest.mark.slow
 @needs_two_cores
 def test_a_global_batch_that_does_not_split_is_one_clear_error(tmp_path):
     result = run_cli(

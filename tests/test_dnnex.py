@@ -91,9 +91,9 @@ def test_bad_csv_is_one_error_naming_file_and_place(tmp_path, case):
     assert message.startswith(str(path)) and expected in message and "\n" not in message
 
 
-def test_bad_csv_through_the_cli_is_one_line_and_no_traceback(cli, tmp_path):
+def test_bad_csv_through_the_cli_is_one_line_and_no_traceback(main, tmp_path):
     (tmp_path / "bad.csv").write_text("x,y\n0.1,1\n0.2,7\n")
-    result = cli("fit", "--config", str(REPO / "configs" / "dnnex.yaml"), "--data.init_args.csv_path", "bad.csv")
+    result = main("fit", "--config", str(REPO / "configs" / "dnnex.yaml"), "--data.init_args.csv_path", "bad.csv")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]

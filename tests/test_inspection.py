@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -21,28 +20,37 @@ from nbclient import NotebookClient
 from torch.utils.tensorboard import SummaryWriter
 
 from src.report import load_run
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, call_entry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A fresh default run long enough to stall, escape and learn (700 epochs, ~10 s)."""
+    """A fresh default run long enough to stall, escape and learn (700 epochs, in this process): tests
+    that read it are ``slow``."""
+    from src.cli import main
+
     cwd = tmp_path_factory.mktemp("run")
-    result = run_cli("fit", "--trainer.max_epochs", "700", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", ["python -m src.train"])
+        patch.delenv("TEMPLATE_DEBUG", raising=False)
+        main(["fit", "--trainer.max_epochs", "700"])
     return cwd / "lightning_logs" / "version_0"
 
 
-def report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("TEMPLATE_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "src.report", *args], cwd=cwd, env=env, capture_output=True, text=True)
+@pytest.fixture
+def report(capsys):
+    """``python -m src.report ARGS`` in this process."""
+    from src.report import main
+
+    return lambda *args: call_entry(main, args, capsys)
 
 
-def test_report_prints_the_run_and_writes_its_plots(run_dir, tmp_path):
-    result = report(str(run_dir), "--out", str(tmp_path), cwd=tmp_path)
+@pytest.mark.slow
+def test_report_prints_the_run_and_writes_its_plots(run_dir, tmp_path, report):
+    result = report(str(run_dir), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "depth 7, width 10, activation sigmoid" in out and "SGD(lr=0.1" in out
@@ -54,6 +62,7 @@ def test_report_prints_the_run_and_writes_its_plots(run_dir, tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
 
 
+@pytest.mark.slow
 def test_report_reads_the_layers_in_order_and_the_events(run_dir):
     run = load_run(run_dir.parent)  # the folder of runs: its newest run
     assert run.path == run_dir
@@ -65,14 +74,14 @@ def test_report_reads_the_layers_in_order_and_the_events(run_dir):
     assert run.events[0]["kind"] == "stall" and run.events[0]["diagnosis"] == "flat"
 
 
-def test_report_on_a_bad_run_dir_is_one_line(tmp_path):
+def test_report_on_a_bad_run_dir_is_one_line(tmp_path, report):
     empty = tmp_path / "empty"
     empty.mkdir()
     no_scalars = tmp_path / "no_scalars"
     SummaryWriter(str(no_scalars)).close()
     for path, expected in ((tmp_path / "missing", "no such folder"), (empty, "not a run directory"),
                            (no_scalars, "no scalars logged yet")):  # fmt: skip
-        result = report(str(path), cwd=tmp_path)
+        result = report(str(path))
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
 
@@ -90,6 +99,7 @@ def get_json(url: str, data: dict | None = None):
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_scalars_layout_and_hparams_of_a_run(run_dir):
     tensorboard = shutil.which("tensorboard", path=str(Path(sys.executable).parent)) or shutil.which("tensorboard")
     port = free_port()
@@ -128,19 +138,19 @@ def test_tensorboard_serves_the_scalars_layout_and_hparams_of_a_run(run_dir):
         server.wait(timeout=30)
 
 
-def test_study_runs_a_grid_and_finds_sigmoid_stalls_where_relu_learns(tmp_path):
+@pytest.mark.slow
+def test_study_runs_a_grid_and_finds_sigmoid_stalls_where_relu_learns(tmp_path, capsys, monkeypatch):
+    from src.study import main
+
     study = tmp_path / "study.yaml"
     study.write_text(
         "base_config: configs/default.yaml\nactivations: [sigmoid, relu]\ndepths: [7]\nseeds: [0]\n"
-        "args:\n"
-        """  - '--trainer.callbacks=[{"class_path": "src.callbacks.PlateauDetector"}]'\n"""
-        "  - --trainer.enable_checkpointing=false\n  - --trainer.max_epochs=300\n"
+        "config:\n  trainer:\n    callbacks: [{class_path: src.callbacks.PlateauDetector}]\n"
+        "    enable_checkpointing: false\n"
+        "args: [--trainer.max_epochs=300]\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "src.study", str(study), "--out", str(tmp_path / "out"), "--workers", "2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    result = call_entry(main, [str(study), "--out", str(tmp_path / "out"), "--workers", "2"], capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[2/2]" in result.stdout
     with open(tmp_path / "out" / "summary.csv") as f:
@@ -153,16 +163,17 @@ def test_study_runs_a_grid_and_finds_sigmoid_stalls_where_relu_learns(tmp_path):
         assert list((tmp_path / "out" / "runs" / name).glob("lightning_logs/version_0/events.out.tfevents.*"))
 
 
-def test_bad_study_file_is_one_line(tmp_path):
+def test_bad_study_file_is_one_line(tmp_path, capsys):
+    from src.study import main
+
     study = tmp_path / "bad.yaml"
     study.write_text("activations: [sigmoid]\ndepths: [0]\nseeds: [0]\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "src.study", str(study)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True)  # fmt: skip
+    result = call_entry(main, [str(study)], capsys)
     assert result.returncode == 2 and "'depths' must be positive integers" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notebook", sorted((REPO / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
 def test_notebook_is_committed_clean_and_runs_on_a_fresh_run(notebook, run_dir, monkeypatch):
     nb = nbformat.read(notebook, as_version=4)

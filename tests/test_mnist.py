@@ -185,6 +185,7 @@ def test_failed_download_leaves_nothing_behind_and_a_retry_works(tmp_path, http_
     MNISTDataModule(data_dir=str(data_dir), mirror=http_dir.url, val_size=10).setup()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION_DEBIAN.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_config_reaches_84_percent_test_accuracy_in_two_epochs(tmp_path):
     """The real data through the fast path: full 60k Fashion-MNIST, imported offline, 2 epochs."""

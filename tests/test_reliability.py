@@ -14,13 +14,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src.callbacks import FiniteModelCheckpoint, GracefulStop
+from src.checkpoints import resolve_ckpt_path
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
-from src.train import resolve_ckpt_path
-from tests.conftest import REPO, quiet_trainer, run_cli
+from tests.conftest import REPO, quiet_trainer
 
-# Deterministic toy run, paced to ~10 ms an epoch so that a signal lands mid-run.
-PACED = ("--trainer.deterministic", "true", "--trainer.callbacks+=tests.ddp_probe.Pace")
+# A toy run paced to ~10 ms an epoch, so that a signal lands mid-run.
+PACED = ("--trainer.callbacks+=tests.ddp_probe.Pace",)
 
 
 def start_cli(*args: str, cwd: Path, marker: Path) -> subprocess.Popen:
@@ -46,11 +46,12 @@ def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigterm_mid_run_then_resume_from_last_equals_an_uninterrupted_run(tmp_path):
-    epochs = ("--trainer.max_epochs", "700")
+def test_sigterm_mid_run_then_resume_from_last_equals_an_uninterrupted_run(tmp_path, main):
+    epochs = ("--trainer.max_epochs", "700", "--trainer.deterministic", "true")
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     interrupted.mkdir()
     straight.mkdir()
+    # the signal needs a real process, paced so that it lands mid-run; the rest runs in this one, unpaced
     process = start_cli("fit", *epochs, *PACED, cwd=interrupted, marker=tmp_path / "m")
     wait_for(tmp_path / "m", process)
     time.sleep(0.5)
@@ -63,10 +64,10 @@ def test_sigterm_mid_run_then_resume_from_last_equals_an_uninterrupted_run(tmp_p
     assert 10 <= stopped["epoch"] < 699  # stopped at an epoch boundary, mid-run
     assert not list(last.parent.glob("*.tmp*"))
 
-    resumed = run_cli("fit", *epochs, *PACED, "--ckpt_path", "last", cwd=interrupted)
+    resumed = main("fit", *epochs, "--ckpt_path", "last", cwd=interrupted)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not (interrupted / "lightning_logs" / "version_1").exists()  # went on in its own run directory
-    baseline = run_cli("fit", *epochs, *PACED, cwd=straight)
+    baseline = main("fit", *epochs, cwd=straight)
     assert baseline.returncode == 0, baseline.stderr[-2000:]
     weights, resumed_ckpt = final_weights(last)
     expected, baseline_ckpt = final_weights(straight / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
@@ -96,11 +97,11 @@ def test_ctrl_c_stops_at_the_epoch_end_with_a_resumable_checkpoint(tmp_path):
     )
 
 
-def test_divergence_stops_naming_the_epoch_and_keeps_the_checkpoint_from_before(cli):
-    result = cli("fit", "--optimizer.init_args.lr", "1e6", "--checkpoint.every_n_epochs", "1")
+def test_divergence_stops_naming_the_epoch_and_keeps_the_checkpoint_from_before(main):
+    result = main("fit", "--optimizer.init_args.lr", "1e6", "--checkpoint.every_n_epochs", "1")
     assert result.returncode == 1
     assert "DIVERGED at epoch 1: train/loss" in result.stdout and "lower the learning rate" in result.stdout
-    ckpt = cli.cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = main.cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     state, checkpoint = final_weights(ckpt)
     assert checkpoint["epoch"] == 0 and all(torch.isfinite(t).all() for t in state.values())
 

@@ -8,6 +8,8 @@ import pytest
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 
+pytestmark = pytest.mark.slow  # 2000 epochs a seed
+
 
 def final_train_loss(activation: str, seed: int, epochs: int = 1000) -> float:
     L.seed_everything(seed, verbose=False)
