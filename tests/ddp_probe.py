@@ -16,10 +16,17 @@ class DumpRankState(L.Callback):
     def on_train_end(self, trainer, pl_module):
         escape = next(cb for cb in trainer.callbacks if isinstance(cb, PlateauEscape))
         groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizers[0].param_groups]
+        optimizer = trainer.optimizers[0]
         state = {
             "spent": escape.spent,
             "param_groups": groups,
             "weights": torch.cat([p.detach().flatten().cpu() for p in pl_module.parameters()]),
+            "optimizer_state": [
+                v.detach().flatten().cpu()
+                for p in pl_module.parameters()
+                for v in optimizer.state.get(p, {}).values()
+                if isinstance(v, torch.Tensor)
+            ],
         }
         torch.save(state, Path(os.environ["RANK_STATE_DIR"]) / f"rank{trainer.global_rank}.pt")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -42,6 +43,35 @@ def test_ddp_preset_runs_the_default_experiment_on_two_cpu_processes(tmp_path):
     assert states[0]["spent"] >= 1 and states[0]["spent"] == states[1]["spent"]
     assert states[0]["param_groups"] == states[1]["param_groups"]
     assert torch.equal(states[0]["weights"], states[1]["weights"])
+
+
+@pytest.mark.slow
+@needs_two_cores
+def test_re_placed_units_are_the_same_on_both_ranks(tmp_path):
+    """Each rank sees its own half of the data, so each would put a new kink on its own points:
+    rank 0's weights go to every rank, and the optimizer state is reset alike."""
+    (tmp_path / "policy.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        "    - {class_path: src.callbacks.PlateauDetector, init_args: {patience: 3, min_delta: 0.5}}\n"
+        "    - class_path: src.callbacks.PlateauEscape\n"
+        "      init_args: {actions: {any: [{replace_units: true, repeat: true}]}}\n"
+        "    - tests.ddp_probe.DumpRankState\n"
+    )  # a scripted stall every 3 epochs: no epoch improves the loss by half
+    result = run_cli(
+        "fit", "--config", str(CONFIGS / "dnnex.yaml"), "--config", str(CONFIGS / "trainer" / "ddp.yaml"),
+        "--config", "policy.yaml", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "10",
+        "--model.width", "8", "--data.init_args.n_samples", "200",
+        cwd=tmp_path, env={"RANK_STATE_DIR": str(tmp_path)}, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = json.loads((tmp_path / "lightning_logs" / "version_0" / "stall_events.json").read_text())
+    replaced = [a["action"] for e in events for a in e["actions"]]
+    assert replaced and all(a.startswith("re-place idle units: net.layers.0 [") for a in replaced), replaced
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert states[0]["spent"] == states[1]["spent"] == len(events) >= 2
+    assert torch.equal(states[0]["weights"], states[1]["weights"])
+    for a, b in zip(states[0]["optimizer_state"], states[1]["optimizer_state"], strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.slow

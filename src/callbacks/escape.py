@@ -6,39 +6,50 @@ import math
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from .escape_actions import DEFAULT_ACTIONS, EscapeAction, apply_action, as_action, check_applicable
+from .escape_actions import DEFAULT_ACTIONS, EscapeAction, apply_action, as_action, check_applicable, trust_ratio_
+from .grad_flow import parameter_layers
 from .names import OPTIM_LR, OPTIM_MOMENTUM, PLATEAU_ACTIONS_TEXT
 from .plateau import PlateauDetector
+from .plateau_rule import DIAGNOSES
+from .units import next_linear, replace_units
 
 
 class PlateauEscape(Callback):
-    r"""Acts on the stalls a :class:`~src.callbacks.PlateauDetector` reports: one action per stall, in order.
+    r"""Acts on the stalls a :class:`~src.callbacks.PlateauDetector` reports, with the remedy for each diagnosis.
 
-    The default sequence is the source study's remedy for a stalled sigmoid net trained by plain SGD:
-    momentum 0.9, then momentum 0.99, then the learning rate times 5 (at most 0.5), then times 2
-    (at most 1.0). Each action
-    changes the optimizer's ``param_groups`` in place (see :func:`apply_action`), is logged
+    ``actions`` maps a diagnosis to its escalation list; each stall gets the next action of its
+    diagnosis's list, or of ``any`` once that list is spent or where there is none. The default:
+
+    - ``vanishing``: layer-wise steps of 0.01 x ``|W|`` (``trust_ratio``), until out of the stall;
+    - ``dead_units``, ``always_on_units``, ``redundant_units``: re-place those ReLU units, on every
+      such stall (``repeat``);
+    - ``any`` (``flat``, ``unclear``): the source study's remedy for a sigmoid net on a plateau:
+      momentum 0.9, then 0.99, then the lr times 5 (at most 0.5), then times 2 (at most 1.0).
+
+    Each action changes the optimizer's ``param_groups`` or the model in place, is logged
     (``optim/lr`` and ``optim/momentum`` scalars and a text entry) and is recorded in
     ``stall_events.json`` next to the stall that caused it. Divergence events are never acted on.
 
-    Which actions are spent is part of the checkpoint, so a resumed run continues the sequence;
-    the optimizer's own state (the switched momentum and lr) is restored by Lightning.
+    What is spent and what is in force is part of the checkpoint, so a resumed run continues the
+    policy; the optimizer's own state (the switched momentum and lr) is restored by Lightning.
 
     Args:
-        actions: The actions, in order, as a YAML list such as
-            ``[{momentum: 0.9}, {momentum: 0.99, nesterov: true}, {lr_factor: 10, max_lr: 1.0}]``.
-        on_exhausted: What to do on a stall once every action is spent: ``continue`` training,
+        actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
+            same as ``{any: [...]}``), as YAML such as ``{vanishing: [{trust_ratio: 0.01}], any:
+            [{momentum: 0.9}, {lr_factor: 10, max_lr: 1.0}]}``; see :class:`EscapeAction`.
+        on_exhausted: What to do on a stall that has no action left: ``continue`` training,
             or ``stop`` it with the reason stated.
-        restore_lr_below: A raised lr is a kick, not a new setting: once the monitored value has
-            fallen below this fraction of its value at the stall that caused the last lr raise
-            (above its inverse with ``mode: max``), the run is out of the stall and every lr raise
-            is undone (momentum changes stay). The lr that got a net off a plateau tends to blow it
-            up after. ``null`` keeps the raised lr.
+        restore_lr_below: lr raises and layer-wise steps are a kick, not a new setting: once the
+            monitored value has fallen below this fraction of its value at the stall that caused the
+            last kick (above its inverse with ``mode: max``), the run is out of the stall and they are
+            undone (momentum changes stay). The lr that got a net off a plateau tends to blow it up
+            after. ``null`` keeps them.
 
     Raises:
         ValueError: At construction for a malformed action; at fit start when an action cannot apply
@@ -52,25 +63,34 @@ class PlateauEscape(Callback):
 
     def __init__(
         self,
-        actions: list[EscapeAction] | None = None,
+        actions: list[EscapeAction] | dict[str, list[EscapeAction]] | None = None,
         on_exhausted: Literal["continue", "stop"] = "continue",
         restore_lr_below: float | None = 0.5,
     ) -> None:
         super().__init__()
         if on_exhausted not in ("continue", "stop"):
             raise ValueError(f"PlateauEscape: on_exhausted must be 'continue' or 'stop', got {on_exhausted!r}")
-        self.actions = [self._as_action(a) for a in (DEFAULT_ACTIONS if actions is None else actions)]
-        if not self.actions:
+        policy = DEFAULT_ACTIONS if actions is None else actions
+        policy = {"any": policy} if isinstance(policy, (list, tuple)) else dict(policy)
+        unknown = set(policy) - {*DIAGNOSES, "any"}
+        if unknown:
+            raise ValueError(
+                f"PlateauEscape: unknown diagnosis {sorted(unknown)} in actions; use {', '.join(DIAGNOSES)} or any"
+            )
+        self.actions = {key: [self._as_action(a) for a in listed] for key, listed in policy.items()}
+        if not any(self.actions.values()):
             raise ValueError("PlateauEscape: actions is empty; give at least one, or leave it out for the defaults")
         if restore_lr_below is not None and not 0 < restore_lr_below < 1:
             raise ValueError(f"PlateauEscape: restore_lr_below must be in (0, 1) or null, got {restore_lr_below}")
         self.on_exhausted = on_exhausted
         self.restore_lr_below = restore_lr_below
-        self.spent = 0
+        self.spent_by: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
         self.lr_scale = 1.0  # product of the lr raises in force
-        self.raised_at: float | None = None  # monitored value at the stall that caused the last raise
+        self.trust_ratio: float | None = None  # layer-wise steps in force
+        self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
         self._detector: PlateauDetector | None = None
+        self._layers: dict[str, list[Any]] = {}
 
     @staticmethod
     def _as_action(action: EscapeAction | dict[str, Any]) -> EscapeAction:
@@ -80,11 +100,19 @@ class PlateauEscape(Callback):
             raise ValueError(f"PlateauEscape: {err}") from None
 
     @property
+    def spent(self) -> int:
+        """How many actions this fit has applied."""
+        return sum(self.spent_by.values())
+
+    @property
     @override
     def state_key(self) -> str:
         # Lightning asks for it around every hook call; the actions are fixed at construction.
         if getattr(self, "_state_key", None) is None:
-            self._state_key = self._generate_state_key(actions=[a.describe() for a in self.actions])
+            described = {key: [a.describe() for a in listed] for key, listed in self.actions.items()}
+            self._state_key = self._generate_state_key(
+                actions=described["any"] if list(described) == ["any"] else described
+            )
         return self._state_key
 
     @override
@@ -100,8 +128,34 @@ class PlateauEscape(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for optimizer in trainer.optimizers:
-            for action in self.actions:
-                check_applicable(optimizer, action)
+            for listed in self.actions.values():
+                for action in listed:
+                    check_applicable(optimizer, action)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._layers = parameter_layers(pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.trust_ratio is not None:
+            trust_ratio_(self._layers, optimizer, self.trust_ratio)
+
+    def next_action(self, diagnosis: str | None) -> tuple[str, EscapeAction] | None:
+        """The action the next stall with this diagnosis gets, and the list it comes from: the
+        diagnosis's own list, then ``any``; a spent list's last action again if it repeats."""
+        for key in (diagnosis, "any"):
+            listed = self.actions.get(key) or []
+            if not listed:
+                continue
+            spent = self.spent_by.get(key, 0)
+            if spent < len(listed):
+                return key, listed[spent]
+            if listed[-1].repeat:
+                return key, listed[-1]
+        return None
 
     def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> None:
         """Apply the next action for a stall event (called by the PlateauDetector)."""
@@ -112,20 +166,52 @@ class PlateauEscape(Callback):
             event["actions"].append({"action": note, "epoch": event["epoch"], "step": event["step"]})
         if event["kind"] != "stall":
             return
-        if self.spent >= len(self.actions):
+        chosen = self.next_action(event.get("diagnosis"))
+        if chosen is None:
             if self.on_exhausted == "stop":
                 trainer.should_stop = True
                 event["actions"].append({"action": "stop: every escape action is spent"})
-                rank_zero_info(f"PlateauEscape: still stalled after {len(self.actions)} actions; stopping")
+                rank_zero_info("PlateauEscape: still stalled after every action; stopping")
             return
-        action = self.actions[self.spent]
-        self.spent += 1
+        key, action = chosen
+        self.spent_by[key] = self.spent_by.get(key, 0) + 1
         lr_before = float(trainer.optimizers[0].param_groups[0]["lr"])
-        settings = self._apply(trainer, action)
+        what = action.describe()
+        if action.momentum is not None or action.nesterov is not None or action.lr_factor is not None:
+            self._apply(trainer, action)
         if action.lr_factor is not None and lr_before > 0:
-            self.lr_scale *= settings["lr"][0] / lr_before
+            self.lr_scale *= float(trainer.optimizers[0].param_groups[0]["lr"]) / lr_before
             self.raised_at = float(event["value"])
-        self._record(trainer, event, action.describe(), settings, lr_raise=action.lr_factor is not None)
+        if action.trust_ratio is not None:
+            self.trust_ratio = action.trust_ratio
+            self.raised_at = float(event["value"])
+        if action.replace_units:
+            what += self._replace_units(trainer, pl_module, event)
+        self._record(trainer, event, what, self._settings(trainer), lr_raise=action.lr_factor is not None)
+
+    def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> str:
+        """Re-place the units the event names; the same new weights on every rank (rank 0's)."""
+        recorder = self._detector.units
+        generator = torch.Generator().manual_seed(trainer.global_step)
+        replaced = []
+        for name, found in event.get("units", {}).items():
+            units = sorted({*found["dead"], *found["always_on"], *(pair[1] for pair in found["redundant"])})
+            layer = pl_module.get_submodule(name)
+            if not units or name not in recorder.inputs:
+                continue
+            for optimizer in trainer.optimizers:
+                replace_units(layer, next_linear(pl_module, name), units, recorder.inputs[name], optimizer, generator)
+            if trainer.world_size > 1:  # each rank put the kinks on its own data: take rank 0's
+                for param in (layer.weight, layer.bias):
+                    if param is not None:
+                        param.data.copy_(trainer.strategy.broadcast(param.data, src=0))
+            replaced.append(f"{name} {units}")
+        return f": {', '.join(replaced)}" if replaced else ": none found"
+
+    @staticmethod
+    def _settings(trainer: L.Trainer) -> dict[str, list[float]]:
+        groups = trainer.optimizers[0].param_groups
+        return {"lr": [float(g["lr"]) for g in groups], "momentum": [float(g.get("momentum", 0.0)) for g in groups]}
 
     @staticmethod
     def _apply(trainer: L.Trainer, action: EscapeAction) -> dict[str, list[float]]:
@@ -136,7 +222,7 @@ class PlateauEscape(Callback):
         return settings
 
     def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
-        """Undo the lr raises once the monitored ``value`` says the run is out of the stall."""
+        """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall."""
         # Only the detector calls this (set up in `setup`), and only after it reported a stall.
         if self.restore_lr_below is None or self.raised_at is None or not math.isfinite(value):
             return
@@ -146,10 +232,16 @@ class PlateauEscape(Callback):
             escaped = value <= self.raised_at * self.restore_lr_below
         if not escaped:
             return
-        settings = self._apply(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
-        self.lr_scale, self.raised_at = 1.0, None
+        undone = []
+        if self.lr_scale != 1.0:
+            self._apply(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
+            undone.append("lr restored")
+        if self.trust_ratio is not None:
+            undone.append("layer-wise steps off")
+        self.lr_scale, self.trust_ratio, self.raised_at = 1.0, None, None
         event = next(e for e in reversed(self._detector.events) if e["kind"] == "stall")
-        what = f"lr restored (out of the stall: {value:.4g} vs {float(event['value']):.4g})"
+        what = f"{', '.join(undone)} (out of the stall: {value:.4g} vs {float(event['value']):.4g})"
+        settings = self._settings(trainer)
         self._record(trainer, event, what, settings, epoch=trainer.current_epoch, step=trainer.global_step)
         self._detector.save_events(trainer)
 
@@ -178,11 +270,15 @@ class PlateauEscape(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"spent": self.spent, "history": self.history, "lr_scale": self.lr_scale, "raised_at": self.raised_at}
+        return {
+            "spent": self.spent, "spent_by": self.spent_by, "history": self.history, "lr_scale": self.lr_scale,
+            "trust_ratio": self.trust_ratio, "raised_at": self.raised_at,
+        }  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.spent = state_dict["spent"]
+        self.spent_by = dict(state_dict.get("spent_by", {"any": state_dict["spent"]}))
         self.history = list(state_dict["history"])
         self.lr_scale = state_dict.get("lr_scale", 1.0)
+        self.trust_ratio = state_dict.get("trust_ratio")
         self.raised_at = state_dict.get("raised_at")

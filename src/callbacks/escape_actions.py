@@ -25,6 +25,15 @@ class EscapeAction:
             much of why momentum gets a net off a plateau.
         lr_factor: Multiply the learning rate by this factor (> 0).
         max_lr: Cap the learning rate this action can reach.
+        trust_ratio: From now until the run is out of the stall, scale each weight layer's gradient
+            so that its SGD step is this fraction of the layer's weight norm (LARS's trust ratio; see
+            :func:`trust_ratio_`): the first layers of a net whose gradients vanish move as fast as
+            the last. The remedy for ``vanishing``; needs SGD.
+        replace_units: Re-place the ReLU units the stall's diagnosis names (dead, always on, or the
+            second of a redundant pair) with new ones whose kink is on a training point (see
+            :func:`~.units.replace_units`). The remedy for the unit diagnoses.
+        repeat: Once reached, apply this action again on every later stall it is chosen for, instead
+            of moving on (re-placing units may take a few rounds).
     """
 
     momentum: float | None = None
@@ -32,10 +41,15 @@ class EscapeAction:
     compensate_lr: bool = False
     lr_factor: float | None = None
     max_lr: float | None = None
+    trust_ratio: float | None = None
+    replace_units: bool = False
+    repeat: bool = False
 
     def __post_init__(self) -> None:
-        if self.momentum is None and self.nesterov is None and self.lr_factor is None:
-            raise ValueError("an escape action must set momentum, nesterov or lr_factor")
+        if (self.momentum, self.nesterov, self.lr_factor, self.trust_ratio) == (None,) * 4 and not self.replace_units:
+            raise ValueError("an escape action must set momentum, nesterov, lr_factor, trust_ratio or replace_units")
+        if self.trust_ratio is not None and not 0 < self.trust_ratio < 1:
+            raise ValueError(f"escape action trust_ratio must be in (0, 1), got {self.trust_ratio}")
         if self.momentum is not None and not 0 <= self.momentum < 1:
             raise ValueError(f"escape action momentum must be in [0, 1), got {self.momentum}")
         if self.lr_factor is not None and not self.lr_factor > 0:
@@ -51,20 +65,36 @@ class EscapeAction:
             parts.append(f"nesterov {'on' if self.nesterov else 'off'}")
         if self.lr_factor is not None:
             parts.append(f"lr x{self.lr_factor:g}" + (f" (max {self.max_lr:g})" if self.max_lr is not None else ""))
+        if self.trust_ratio is not None:
+            parts.append(f"layer-wise steps of {self.trust_ratio:g} x |W|")
+        if self.replace_units:
+            parts.append("re-place idle units")
         return ", ".join(parts)
 
 
-DEFAULT_ACTIONS = (
+FLAT_ACTIONS = (
     EscapeAction(momentum=0.9),
     EscapeAction(momentum=0.99),
     EscapeAction(lr_factor=5, max_lr=0.5),
     EscapeAction(lr_factor=2, max_lr=1.0),
 )
+REPLACE_UNITS = (EscapeAction(replace_units=True, repeat=True),)
+# The default policy, per diagnosis; "any" serves the other diagnoses, and a diagnosis whose own
+# list is spent. The source study's remedy for a flat region (momentum, then larger steps) is
+# "any"; vanishing gradients get layer-wise steps; idle ReLU units are re-placed.
+DEFAULT_ACTIONS: dict[str, tuple[EscapeAction, ...]] = {
+    "vanishing": (EscapeAction(trust_ratio=0.01),),
+    "dead_units": REPLACE_UNITS,
+    "always_on_units": REPLACE_UNITS,
+    "redundant_units": REPLACE_UNITS,
+    "any": FLAT_ACTIONS,
+}
 
 
 def check_applicable(optimizer: torch.optim.Optimizer, action: EscapeAction) -> None:
     """Raise ``ValueError`` naming the optimizer when ``action`` cannot apply to it (momentum on Adam)."""
-    for key, wanted in (("momentum", action.momentum), ("nesterov", action.nesterov)):
+    needs_sgd = True if action.trust_ratio is not None else None
+    for key, wanted in (("momentum", action.momentum), ("nesterov", action.nesterov), ("momentum", needs_sgd)):
         if wanted is not None and any(key not in group for group in optimizer.param_groups):
             raise ValueError(
                 f"PlateauEscape action '{action.describe()}' needs an optimizer with '{key}' (such as "
@@ -77,6 +107,9 @@ def apply_action(
     optimizer: torch.optim.Optimizer, action: EscapeAction, schedulers: Sequence[Any] = ()
 ) -> dict[str, list[float]]:
     """Change ``optimizer.param_groups`` in place and return the new ``lr`` and ``momentum`` per group.
+
+    Only the ``momentum``, ``nesterov`` and ``lr_factor`` parts act here; ``trust_ratio`` and
+    ``replace_units`` need the model (:func:`trust_ratio_`, :func:`~.units.replace_units`).
 
     The optimizer object is never replaced, so schedulers, ``LearningRateMonitor`` and checkpoints
     keep working. An lr raise is also applied to ``initial_lr`` and to each scheduler's ``base_lrs``,
@@ -110,6 +143,32 @@ def apply_action(
         "lr": [float(group["lr"]) for group in optimizer.param_groups],
         "momentum": [float(group.get("momentum", 0.0)) for group in optimizer.param_groups],
     }
+
+
+@torch.no_grad()
+def trust_ratio_(layers: dict[str, list[torch.nn.Parameter]], optimizer: torch.optim.Optimizer, ratio: float) -> None:
+    """Scale each layer's gradients in place so that its SGD step ``lr * grad`` on the weight has the
+    norm ``ratio * |W|`` (the layer's bias is scaled alike). Layers without a weight matrix, or with
+    a zero weight or gradient, are left alone. Call it where the gradients are final for the step
+    (Lightning: ``on_before_optimizer_step``); under DDP they are already reduced, so every rank
+    scales alike.
+    """
+    lrs = {param: float(group["lr"]) for group in optimizer.param_groups for param in group["params"]}
+    for params in layers.values():
+        weights = [p for p in params if p.ndim >= 2 and p.grad is not None and p in lrs]
+        if not weights:
+            continue
+        weight_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in weights]))
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in weights]))
+        lr = lrs[weights[0]]
+        if lr <= 0:
+            continue
+        scale = torch.where(
+            (weight_norm > 0) & (grad_norm > 0), ratio * weight_norm / (lr * grad_norm), torch.ones_like(grad_norm)
+        )
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(scale.to(param.grad.dtype))
 
 
 def as_action(action: EscapeAction | dict[str, Any]) -> EscapeAction:

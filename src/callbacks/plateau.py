@@ -21,6 +21,7 @@ from typing_extensions import override
 from .grad_flow import GradNormRecorder
 from .names import EVENTS_FILE, PLATEAU, PLATEAU_EVENTS_TEXT
 from .plateau_rule import PlateauTracker, Status, describe_event, diagnose
+from .units import UnitRecorder, idle_units
 
 StallListener = Callable[[L.Trainer, L.LightningModule, dict[str, Any]], None]
 CheckListener = Callable[[L.Trainer, L.LightningModule, float], None]
@@ -37,8 +38,10 @@ class PlateauDetector(Callback):
     check, or under ``fast_dev_run``.
 
     On a stall it records an event (epoch, step, value, and a diagnosis from the per-layer gradient
-    norms over the patience window: ``vanishing``, ``flat`` or ``unclear``, see
-    :func:`~.plateau_rule.diagnose`), logs a ``plateau/stall`` scalar marker and a text entry,
+    norms over the patience window and, in a ReLU MLP, the units that did nothing over the last
+    epoch: ``vanishing``, ``dead_units``, ``always_on_units``, ``redundant_units``, ``flat`` or
+    ``unclear``, see :func:`~.plateau_rule.diagnose`; the units involved are in the event's
+    ``units``), logs a ``plateau/stall`` scalar marker and a text entry,
     writes the events to ``stall_events.json`` in the run directory and keeps them in its state, so
     a resumed run knows them. A NaN or infinite value, or one worse than ``divergence_threshold``,
     is recorded as a ``divergence`` event instead, and stops training when ``stop_on_divergence`` is set.
@@ -70,6 +73,7 @@ class PlateauDetector(Callback):
             in ``EarlyStopping``: a loss can blow up to 1e6 and stay finite. ``None``: only NaN/inf.
         good_enough: A plateau at a value at least this good (below it for ``min``, above for
             ``max``) is convergence, not a stall: no event. ``None``: every plateau is a stall.
+        same_kink: Cosine between two ReLU units' ``[w, b]`` rows above which they are redundant.
 
     Raises:
         ValueError: On a bad argument, naming it.
@@ -97,6 +101,7 @@ class PlateauDetector(Callback):
         stop_on_divergence: bool = True,
         good_enough: float | None = None,
         divergence_threshold: float | None = None,
+        same_kink: float = 0.999,
     ) -> None:
         super().__init__()
         try:
@@ -108,6 +113,8 @@ class PlateauDetector(Callback):
         for name, value in (("vanishing_ratio", vanishing_ratio), ("flat_norm", flat_norm)):
             if not 0 < value < 1:
                 raise ValueError(f"PlateauDetector: {name} must be in (0, 1), got {value}")
+        if not 0 < same_kink <= 1:
+            raise ValueError(f"PlateauDetector: same_kink must be in (0, 1], got {same_kink}")
         if flat_spread < 1:
             raise ValueError(f"PlateauDetector: flat_spread must be >= 1, got {flat_spread}")
         if norms_every_n_steps is not None and norms_every_n_steps < 1:
@@ -122,7 +129,9 @@ class PlateauDetector(Callback):
         self.stop_on_divergence = stop_on_divergence
         self.good_enough = good_enough
         self.events: list[dict[str, Any]] = []
+        self.same_kink = same_kink
         self.recorder = GradNormRecorder(norms_every_n_steps or 1)
+        self.units = UnitRecorder()
         self._check_steps: deque[int] = deque(maxlen=patience + 1)
         self._listeners: list[StallListener] = []
         self._check_listeners: list[CheckListener] = []
@@ -152,6 +161,15 @@ class PlateauDetector(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.recorder.every_n_steps = self.norms_every_n_steps or trainer.log_every_n_steps
         self.recorder.bind(pl_module)
+        self.units.bind(pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.units.reset()
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.units.close()
 
     @override
     def on_before_optimizer_step(
@@ -230,11 +248,37 @@ class PlateauDetector(Callback):
         }
         if status is Status.PLATEAU:
             window = self.recorder.since(self._check_steps[0])
-            event["diagnosis"] = diagnose(window, **self.thresholds)
+            units = self.idle_units(trainer)
+            if units:
+                event["units"] = units
+            event["diagnosis"] = diagnose(window, **self.thresholds, units=units)
             if window:
                 event["first_to_last"] = window[-1].first_to_last()
                 event["grad_norms"] = dict(zip(window[-1].names, window[-1].norms, strict=True))
         return event
+
+    def idle_units(self, trainer: L.Trainer) -> dict[str, dict[str, list]]:
+        """Per ReLU layer, its dead, always-on and redundant units over this epoch (layers with none left out).
+
+        Counts are summed over the processes, so every rank finds the same units."""
+        found = {}
+        for name, layer in self.units.layers.items():
+            if name not in self.units.active:
+                continue
+            active = self.units.active[name].float()
+            samples = torch.tensor(float(self.units.samples[name]), device=active.device)
+            if trainer.world_size > 1:
+                active = trainer.strategy.reduce(active, reduce_op="sum")
+                samples = trainer.strategy.reduce(samples, reduce_op="sum")
+            rows = layer.weight.detach()
+            if layer.bias is not None:
+                rows = torch.cat([rows, layer.bias.detach()[:, None]], dim=1)
+            units = idle_units(
+                [int(n) for n in active.tolist()], int(samples.item()), rows.tolist(), same_kink=self.same_kink
+            )
+            if any(units.values()):
+                found[name] = units
+        return found
 
     def _report(self, trainer: L.Trainer, event: dict[str, Any]) -> None:
         what = event.get("diagnosis", "")

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from .grad_flow import GradProfile
+if TYPE_CHECKING:  # torch-free at run time: the report reads events without importing torch
+    from .grad_flow import GradProfile
 
-Diagnosis = Literal["vanishing", "flat", "unclear"]
+Diagnosis = Literal["vanishing", "dead_units", "always_on_units", "redundant_units", "flat", "unclear"]
+DIAGNOSES: tuple[str, ...] = ("vanishing", "dead_units", "always_on_units", "redundant_units", "flat", "unclear")
+# which list of :func:`~.units.idle_units` each unit diagnosis reads
+UNIT_DIAGNOSES = {"dead_units": "dead", "always_on_units": "always_on", "redundant_units": "redundant"}
 
 
 @runtime_checkable
@@ -134,33 +138,50 @@ def diagnose(
     vanishing_ratio: float = 1e-3,
     flat_norm: float = 1e-3,
     flat_spread: float = 100.0,
+    units: Mapping[str, Mapping[str, list]] | None = None,
 ) -> Diagnosis:
-    """Why a stall happened, from the per-layer gradient norms seen while it built up.
+    """Why a stall happened, from the per-layer gradient norms seen while it built up, and the
+    ReLU units that did nothing over the last epoch (``units``: per layer, the lists of
+    :func:`~.units.idle_units`).
 
     Each weight layer's norms are summarised by the median over ``profiles`` of their log (ignoring exact zeros). Then:
 
-    - ``vanishing``: the first layer's gradient is below ``vanishing_ratio`` times the last's: the
-      early layers cannot learn (a deep sigmoid net: first/last 1e-7 and lower).
+    - ``vanishing``: the first layer's gradient is below ``vanishing_ratio`` times the last's, in a
+      net of three weight layers or more: the early layers cannot learn (a deep sigmoid net:
+      first/last 1e-7 and lower).
+    - ``dead_units``, ``always_on_units``, ``redundant_units`` (in that order): some layer has a
+      ReLU unit that is zero on every sample, one that is active on every sample (its kink lies
+      outside the data: no nonlinearity), or two units with one kink. A net of few units settles
+      in such a minimum and no optimizer setting gets it out (the dnnex fit).
     - ``flat``: every layer's gradient is below ``flat_norm`` and the largest is within
       ``flat_spread`` times the smallest: an even, tiny profile, so the loss itself is flat there
       (a saddle, plateau or local minimum).
     - ``unclear``: neither, or no gradients were seen.
 
+    >>> from src.callbacks.grad_flow import GradProfile
     >>> deep = GradProfile(0, ("a", "b", "c"), (1e-9, 1e-5, 1e-2), (True, True, True))
     >>> even = GradProfile(0, ("a", "b", "c"), (2e-5, 1e-5, 3e-5), (True, True, True))
     >>> diagnose([deep]), diagnose([even]), diagnose([])
     ('vanishing', 'flat', 'unclear')
+    >>> diagnose([even], units={"layers.0": {"dead": [], "always_on": [1], "redundant": []}})
+    'always_on_units'
     """
+    unit_diagnosis = next(
+        (d for d, key in UNIT_DIAGNOSES.items() if any(found.get(key) for found in (units or {}).values())), None
+    )
     if not profiles:
-        return "unclear"
+        return unit_diagnosis or "unclear"
     columns = [i for i, w in enumerate(profiles[-1].weight_layers) if w] or list(range(len(profiles[-1].norms)))
     # The median of log10 norms over the steps where the layer's gradient was not exactly 0: a step
     # whose gradient underflows to 0 in float32 must not decide the diagnosis.
     log_norm = [
         statistics.median([math.log10(p.norms[i]) for p in profiles if p.norms[i] > 0] or [-38.0]) for i in columns
     ]
-    if log_norm[0] - log_norm[-1] < math.log10(vanishing_ratio):
+    # Gradients vanish through depth: with two weight layers a small first/last ratio is something else.
+    if len(log_norm) >= 3 and log_norm[0] - log_norm[-1] < math.log10(vanishing_ratio):
         return "vanishing"
+    if unit_diagnosis:
+        return unit_diagnosis
     if max(log_norm) < math.log10(flat_norm) and max(log_norm) - min(log_norm) < math.log10(flat_spread):
         return "flat"
     return "unclear"
@@ -174,6 +195,22 @@ def describe_event(event: dict[str, Any]) -> str:
     text += f", {event['monitor']} = {event['value']:.4g}" if isinstance(event["value"], float) else ""
     if "first_to_last" in event:
         text += f", first/last grad {event['first_to_last']:.1e}"
+    if event.get("units"):
+        text += f", units {describe_units(event['units'])}"
     for action in event["actions"]:
         text += f"; action: {action['action']}"
     return text
+
+
+def describe_units(units: Mapping[str, Mapping[str, list]]) -> str:
+    """The idle units of an event, short: ``net.layers.0 dead [1], always on [0]``.
+
+    >>> describe_units({"net.layers.0": {"dead": [1], "always_on": [0], "redundant": []}})
+    'net.layers.0 dead [1], always on [0]'
+    """
+    parts = []
+    for layer, found in units.items():
+        kinds = [f"{kind.replace('_', ' ')} {found[kind]}" for kind in ("dead", "always_on", "redundant")
+                 if found[kind]]  # fmt: skip
+        parts.append(f"{layer} {', '.join(kinds)}")
+    return "; ".join(parts)

@@ -1,0 +1,248 @@
+"""Remedies that follow the diagnosis: idle ReLU units found and re-placed, layer-wise steps for
+vanishing gradients, and the per-diagnosis policy that picks between them."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from src.callbacks import EscapeAction, PlateauDetector, PlateauEscape
+from src.callbacks.escape_actions import trust_ratio_
+from src.callbacks.grad_flow import GradProfile, parameter_layers
+from src.callbacks.plateau_rule import diagnose
+from src.callbacks.units import UnitRecorder, idle_units, replace_units, unit_layers
+from src.data import Toy2DDataModule
+from src.models import MLPClassifier
+from tests.conftest import quiet_trainer
+
+EVEN = GradProfile(0, ("a", "b"), (2e-5, 1e-5), (True, True))
+DEEP = GradProfile(0, ("a", "b", "c"), (1e-12, 1e-6, 1e-2), (True, True, True))
+
+
+def found(dead=(), always_on=(), redundant=()) -> dict[str, dict[str, list]]:
+    return {"layers.0": {"dead": list(dead), "always_on": list(always_on), "redundant": list(redundant)}}
+
+
+def test_idle_units_are_dead_always_on_or_a_copy_and_healthy_units_are_none():
+    rows = [[1.0, 0.0], [1.0, 2.0], [-1.0, 0.5], [2.0, 4.0], [0.5, -0.1]]
+    units = idle_units([0, 10, 4, 7, 3], 10, rows)
+    # unit 3 is live and points like unit 1, but unit 1 (always on) is listed already: it is re-placed anyway
+    assert units == {"dead": [0], "always_on": [1], "redundant": []}
+    assert idle_units([3, 7, 4], 10, [[1.0, 0.0], [-1.0, 0.5], [2.0, 0.01]]) == {
+        "dead": [], "always_on": [], "redundant": [[0, 2]],
+    }  # fmt: skip
+    assert idle_units([3, 7], 10, [[1.0, 0.0], [-1.0, 0.5]]) == {"dead": [], "always_on": [], "redundant": []}
+
+
+def test_diagnosis_order_vanishing_then_dead_always_on_redundant_then_flat():
+    assert diagnose([DEEP], units=found(dead=[0])) == "vanishing"
+    assert diagnose([EVEN], units=found(dead=[0], always_on=[1])) == "dead_units"
+    assert diagnose([EVEN], units=found(always_on=[1], redundant=[[0, 2]])) == "always_on_units"
+    assert diagnose([EVEN], units=found(redundant=[[0, 2]])) == "redundant_units"
+    assert diagnose([EVEN], units=found()) == "flat"
+    assert diagnose([], units=found(dead=[1])) == "dead_units"
+    two_layers = GradProfile(0, ("a", "b"), (1e-9, 1e-2), (True, True))  # no depth for gradients to vanish in
+    assert diagnose([two_layers], units=found(dead=[0])) == "dead_units"
+
+
+def tiny_relu() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0], [1.0], [-1.0]]))
+        net[0].bias.copy_(torch.tensor([-5.0, 5.0, 0.2]))  # dead on [-1, 1], always on, kink at 0.2
+    return net
+
+
+def test_unit_recorder_counts_active_samples_in_training_only():
+    net = tiny_relu()
+    recorder = UnitRecorder()
+    recorder.bind(net)
+    x = torch.linspace(-1, 1, 11)[:, None]
+    net(x)
+    net(x[:5])
+    assert recorder.active["0"].tolist() == [0, 16, 7 + 5] and recorder.samples["0"] == 16
+    assert torch.equal(recorder.inputs["0"], x[:5])
+    with torch.no_grad():  # validation: not counted
+        net(x)
+    net.eval()
+    net(x)
+    assert recorder.samples["0"] == 16
+    recorder.reset()
+    assert recorder.active == {}
+    recorder.close()
+    net.train()
+    net(x)
+    assert recorder.active == {}
+
+
+def test_unit_layers_only_in_relu_mlps_without_normalisation():
+    assert list(unit_layers(MLPClassifier(depth=3, activation="relu"))) == ["net.layers.0", "net.layers.1"]
+    assert unit_layers(MLPClassifier(depth=3, activation="sigmoid")) == {}
+    assert unit_layers(MLPClassifier(depth=3, activation="relu", batch_norm=True)) == {}
+
+
+def test_replace_units_puts_the_kink_on_a_data_point_and_resets_their_optimizer_state():
+    net = tiny_relu()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    x = torch.linspace(-1, 1, 11)[:, None]
+    net(x).sum().backward()
+    optimizer.step()
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    state_before = {k: v.clone() for k, v in optimizer.state[net[2].weight].items()}
+    replace_units(net[0], net[2], [0, 1], x, optimizer, torch.Generator().manual_seed(0))
+    weight, bias = net[0].weight.detach(), net[0].bias.detach()
+    kinks = -bias[:2] / weight[:2, 0]
+    assert all(torch.isclose(kinks[j], x[:, 0]).any() for j in range(2))  # each kink on a data point
+    assert weight[:2].norm(dim=1) == pytest.approx([before["0.weight"][2].norm().item()] * 2)
+    assert torch.equal(weight[2], before["0.weight"][2]) and bias[2] == before["0.bias"][2]  # unit 2 untouched
+    assert torch.equal(net[2].weight, before["2.weight"])  # outgoing weights kept
+    for param, index in ((net[0].weight, [0, 1]), (net[0].bias, [0, 1])):
+        assert (optimizer.state[param]["exp_avg"][index] == 0).all()
+        assert (optimizer.state[param]["exp_avg_sq"][index] == 0).all()
+    assert (optimizer.state[net[0].weight]["exp_avg"][2] != 0).all()
+    assert (optimizer.state[net[2].weight]["exp_avg"][:, [0, 1]] == 0).all()
+    assert torch.equal(optimizer.state[net[2].weight]["exp_avg"][:, 2], state_before["exp_avg"][:, 2])
+    # a re-placed unit is alive on part of the data again
+    active = (net[0](x) > 0).sum(0)
+    assert 0 < active[0] < len(x) and 0 < active[1] < len(x)
+
+
+def test_trust_ratio_scales_each_layers_step_to_a_fraction_of_its_weight_norm():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.Sigmoid(), nn.Linear(4, 1))
+    net(torch.randn(8, 2)).sum().backward()
+    with torch.no_grad():
+        net[0].weight.grad *= 1e-9  # a vanishing first layer
+    grads = {name: p.grad.clone() for name, p in net.named_parameters()}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    trust_ratio_(parameter_layers(net), optimizer, 0.01)
+    for layer in ("0", "2"):
+        weight, bias = net.get_submodule(layer).weight, net.get_submodule(layer).bias
+        assert 0.1 * weight.grad.norm().item() == pytest.approx(0.01 * weight.norm().item(), rel=1e-5)
+        factor = weight.grad.norm() / grads[f"{layer}.weight"].norm()
+        assert torch.allclose(bias.grad, grads[f"{layer}.bias"] * factor)  # the bias moves with its layer
+
+
+def test_policy_picks_the_diagnosis_list_then_any_and_repeats_what_repeats():
+    escape = PlateauEscape(
+        actions={
+            "vanishing": [{"trust_ratio": 0.01}],
+            "dead_units": [{"replace_units": True, "repeat": True}],
+            "any": [{"momentum": 0.9}],
+        }  # fmt: skip
+    )
+    assert escape.next_action("vanishing")[1].trust_ratio == 0.01
+    escape.spent_by["vanishing"] = 1
+    assert escape.next_action("vanishing") == ("any", EscapeAction(momentum=0.9))
+    escape.spent_by["dead_units"] = 5
+    assert escape.next_action("dead_units") == ("dead_units", EscapeAction(replace_units=True, repeat=True))
+    escape.spent_by["any"] = 1
+    assert escape.next_action("flat") is None and escape.next_action("vanishing") is None
+    assert PlateauEscape(actions=[{"momentum": 0.9}]).actions == {"any": [EscapeAction(momentum=0.9)]}
+    restored = PlateauEscape(actions=escape.actions)
+    escape.trust_ratio, escape.raised_at = 0.01, 0.69
+    restored.load_state_dict(escape.state_dict())
+    assert restored.state_dict() == escape.state_dict() and restored.spent == 7
+
+
+@pytest.mark.parametrize(
+    ("actions", "message"),
+    [
+        ({"vanishin": [{"trust_ratio": 0.01}]}, "unknown diagnosis ['vanishin']"),
+        ({"vanishing": [{"trust_ratio": 2}]}, "trust_ratio must be in (0, 1)"),
+        ([{"repeat": True}], "must set momentum, nesterov, lr_factor, trust_ratio or replace_units"),
+    ],
+)
+def test_bad_policies_are_named(actions, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        PlateauEscape(actions=actions)
+
+
+class AdamNet(MLPClassifier):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_layer_wise_steps_on_adam_fail_at_fit_start(tmp_path):
+    escape = PlateauEscape(actions={"vanishing": [{"trust_ratio": 0.01}]})
+    trainer = quiet_trainer(max_epochs=1, callbacks=[PlateauDetector(), escape], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="layer-wise steps of 0.01 x |W|' needs an optimizer with 'momentum'"):
+        trainer.fit(AdamNet(depth=2), datamodule=Toy2DDataModule())
+
+
+def deep_sigmoid_run(tmp_path, epochs: int, **kwargs):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=50, good_enough=0.01)
+    escape = PlateauEscape()
+    trainer = quiet_trainer(
+        max_epochs=epochs, limit_val_batches=0, log_every_n_steps=10, default_root_dir=tmp_path, deterministic=True,
+        callbacks=[detector, escape, *kwargs.pop("callbacks", [])], **kwargs,
+    )  # fmt: skip
+    model = MLPClassifier(depth=18, activation="sigmoid")
+    return trainer, model, detector, escape
+
+
+@pytest.mark.slow
+def test_the_default_policy_gets_a_depth_18_sigmoid_net_out_with_layer_wise_steps(tmp_path):
+    trainer, model, detector, escape = deep_sigmoid_run(tmp_path, 600)
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    assert detector.events[0]["diagnosis"] == "vanishing"
+    assert detector.events[0]["actions"][0]["action"] == "layer-wise steps of 0.01 x |W|"
+    assert trainer.callback_metrics["train/loss"] < 0.05
+    undone = [a["action"] for e in detector.events for a in e["actions"] if "layer-wise steps off" in a["action"]]
+    assert len(undone) == 1 and escape.trust_ratio is None
+
+
+@pytest.mark.slow
+def test_resume_with_layer_wise_steps_in_force_matches_an_uninterrupted_run(tmp_path):
+    straight_trainer, straight, *_ = deep_sigmoid_run(tmp_path / "a", 130)
+    straight_trainer.fit(straight, datamodule=Toy2DDataModule())
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first, model, _, escape = deep_sigmoid_run(tmp_path / "b", 100, callbacks=[checkpoint], enable_checkpointing=True)
+    first.fit(model, datamodule=Toy2DDataModule())
+    assert escape.trust_ratio == 0.01  # stalled at epoch 91: in force when the run stopped
+    resumed, resumed_model, _, resumed_escape = deep_sigmoid_run(tmp_path / "b", 130)
+    resumed.fit(resumed_model, datamodule=Toy2DDataModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed_escape.state_dict()["spent_by"] == {"vanishing": 1}
+    for a, b in zip(resumed_model.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_dead_unit_in_the_dnnex_net_is_found_and_re_placed(tmp_path):
+    from src.data import DnnexDataModule
+
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(in_features=1, num_classes=2, depth=2, width=2, activation="relu")
+    with torch.no_grad():  # unit 0: dead on [-1, 1]; unit 1: kink at 0
+        model.net.layers[0].weight.copy_(torch.tensor([[1.0], [1.0]]))
+        model.net.layers[0].bias.copy_(torch.tensor([-3.0, 0.0]))
+    detector = PlateauDetector(patience=3, min_delta=0.5)  # a scripted stall: no epoch improves by half
+    escape = PlateauEscape(actions={"dead_units": [{"replace_units": True, "repeat": True}]})
+    trainer = quiet_trainer(max_epochs=5, callbacks=[detector, escape], default_root_dir=tmp_path, limit_val_batches=0)
+    dm = DnnexDataModule(n_samples=200)
+    trainer.fit(model, datamodule=dm)
+    stall = detector.events[0]
+    assert stall["diagnosis"] == "dead_units" and stall["units"]["net.layers.0"]["dead"] == [0]
+    assert stall["actions"][0]["action"] == "re-place idle units: net.layers.0 [0]"
+    x = dm.train_set.tensors[0]
+    with torch.no_grad():
+        active = (model.net.layers[0](x)[:, 0] > 0).sum().item()
+    assert 0 < active < len(x)  # alive again, with its kink inside the data
+
+
+def test_a_run_that_never_stalls_is_bit_identical_with_and_without_the_policy(tmp_path):
+    def fit(callbacks) -> torch.Tensor:
+        L.seed_everything(0, verbose=False)
+        model = MLPClassifier(depth=3, activation="relu")
+        trainer = quiet_trainer(max_epochs=60, callbacks=callbacks, default_root_dir=tmp_path, deterministic=True)
+        trainer.fit(model, datamodule=Toy2DDataModule())
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    detector = PlateauDetector(patience=100)
+    with_policy = fit([detector, PlateauEscape()])
+    assert not detector.events
+    assert torch.equal(with_policy, fit([PlateauDetector(patience=100)]))
+    assert torch.equal(with_policy, fit([]))
