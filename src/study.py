@@ -8,7 +8,9 @@ processes. Writes ``OUT/summary.csv`` (one row per run), ``OUT/summary.md`` (one
 point over the seeds) and ``OUT/final_loss_vs_depth.png``, and prints progress as runs finish.
 
 Study file keys: ``base_config``, ``out_dir``, ``activations``, ``depths``, ``seeds``,
-``optimizers`` (optional: ``{label: {class_path, init_args}}``), ``config`` (a config mapping
+``optimizers`` (optional: ``{label: {class_path, init_args}}``), ``policies`` (optional:
+``{label: config mapping or null}``, each stacked on ``config``: for example with and without
+``PlateauEscape``), ``config`` (a config mapping
 stacked on ``base_config`` for every run, as a second ``--config`` would be), ``args`` (extra CLI
 options for every run), ``stalled_above`` (a final train loss above it counts as stalled) and
 ``solved_below`` (the loss whose first epoch below it is reported).
@@ -36,8 +38,8 @@ from src.names import TRAIN_LOSS
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = {
-    "base_config", "out_dir", "activations", "depths", "seeds", "optimizers", "config", "args", "stalled_above",
-    "solved_below",
+    "base_config", "out_dir", "activations", "depths", "seeds", "optimizers", "policies", "config", "args",
+    "stalled_above", "solved_below",
 }  # fmt: skip
 
 
@@ -69,6 +71,10 @@ def load_study(path: str | Path) -> dict[str, Any]:
     if not isinstance(optimizers, dict):
         raise StudyError(f"{path}: 'optimizers' must map a label to {{class_path, init_args}}")
     study["optimizers"] = optimizers
+    policies = study.get("policies") or {"config": None}
+    if not isinstance(policies, dict) or any(p is not None and not isinstance(p, dict) for p in policies.values()):
+        raise StudyError(f"{path}: 'policies' must map a label to a config mapping (or null for none)")
+    study["policies"] = policies
     if not isinstance(study.setdefault("config", {}), dict):
         raise StudyError(f"{path}: 'config' must be a mapping of config sections, like a config file's")
     study.setdefault("args", [])
@@ -79,14 +85,16 @@ def load_study(path: str | Path) -> dict[str, Any]:
 
 
 def grid(study: dict[str, Any]) -> list[dict[str, Any]]:
+    axes = (study["policies"], study["optimizers"], study["activations"], study["depths"], study["seeds"])
     return [
-        {"activation": a, "depth": d, "seed": s, "optimizer": o}
-        for o, a, d, s in itertools.product(study["optimizers"], study["activations"], study["depths"], study["seeds"])
+        {"activation": a, "depth": d, "seed": s, "optimizer": o, "policy": p}
+        for p, o, a, d, s in itertools.product(*axes)
     ]
 
 
 def run_name(point: dict[str, Any]) -> str:
     suffix = "" if point["optimizer"] == "config" else f"_{point['optimizer']}"
+    suffix += "" if point.get("policy", "config") == "config" else f"_{point['policy']}"
     return f"{point['activation']}_d{point['depth']:02d}_s{point['seed']}{suffix}"
 
 
@@ -94,6 +102,7 @@ def run_args(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> list
     """The CLI options of one grid point's run (what ``python -m src.train fit`` would be given)."""
     args = [
         "--config", study["base_config"], *(["--config", yaml.safe_dump(study["config"])] if study["config"] else []),
+        *(["--config", yaml.safe_dump(policy)] if (policy := study["policies"][point["policy"]]) else []),
         *study["args"],
         f"--model.activation={point['activation']}", f"--model.depth={point['depth']}",
         f"--seed_everything={point['seed']}",
@@ -156,15 +165,16 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
 def aggregate(rows: list[dict[str, Any]], study: dict[str, Any]) -> list[dict[str, Any]]:
     below = f"epoch_below_{study['solved_below']}"
     table = []
-    keys = sorted({(r["optimizer"], r["activation"], r["depth"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
-    for optimizer, activation, depth in keys:
-        group = [r for r in rows if (r["optimizer"], r["activation"], r["depth"]) == (optimizer, activation, depth)]
+    fields = ("policy", "optimizer", "activation", "depth")
+    for key in sorted({tuple(r[f] for f in fields) for r in rows}):
+        group = [r for r in rows if tuple(r[f] for f in fields) == key]
         escapes = [r[below] for r in group if r[below] != ""]
         diagnoses = sorted({r["diagnosis"] for r in group if r["diagnosis"]})
         table.append({
-            "optimizer": optimizer, "activation": activation, "depth": depth,
+            **dict(zip(fields, key, strict=True)),
             "median_final_loss": statistics.median(r["final_loss"] for r in group),
             "stalled": f"{sum(r['stalled'] for r in group)}/{len(group)}",
+            f"below_{study['solved_below']}": f"{len(escapes)}/{len(group)}",
             "diagnosis": ", ".join(diagnoses) or "-",
             f"median_{below}": statistics.median(escapes) if escapes else "-",
         })  # fmt: skip
@@ -172,18 +182,20 @@ def aggregate(rows: list[dict[str, Any]], study: dict[str, Any]) -> list[dict[st
 
 
 def write_outputs(rows: list[dict[str, Any]], study: dict[str, Any], out_dir: Path, command: str) -> None:
-    rows = sorted(rows, key=lambda r: (r["optimizer"], r["activation"], r["depth"], r["seed"]))
+    rows = sorted(rows, key=lambda r: (r["policy"], r["optimizer"], r["activation"], r["depth"], r["seed"]))
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     table = aggregate(rows, study)
     header = list(table[0])
-    if len(study["optimizers"]) == 1:
-        header.remove("optimizer")
+    for axis, column in (("optimizers", "optimizer"), ("policies", "policy")):
+        if len(study[axis]) == 1:
+            header.remove(column)
     lines = [f"`{command}`", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in table:
-        cells = [f"{row[h]:.4f}" if isinstance(row[h], float) else str(row[h]) for h in header]
+        cells = [f"{row[h]:.4g}" if h.startswith("median_epoch") and row[h] != "-" else
+                 f"{row[h]:.4f}" if isinstance(row[h], float) else str(row[h]) for h in header]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     plot_final_loss(table, out_dir / "final_loss_vs_depth.png")
@@ -196,9 +208,9 @@ def plot_final_loss(table: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for optimizer, activation in sorted({(r["optimizer"], r["activation"]) for r in table}):
-        points = [r for r in table if (r["optimizer"], r["activation"]) == (optimizer, activation)]
-        label = activation if optimizer == "config" else f"{activation}, {optimizer}"
+    for policy, optimizer, activation in sorted({(r["policy"], r["optimizer"], r["activation"]) for r in table}):
+        points = [r for r in table if (r["policy"], r["optimizer"], r["activation"]) == (policy, optimizer, activation)]
+        label = ", ".join([activation] + [v for v in (optimizer, policy) if v != "config"])
         losses = [max(r["median_final_loss"], 1e-8) for r in points]
         ax.plot([r["depth"] for r in points], losses, marker="o", label=label)
     ax.axhline(0.6931, color="gray", linestyle="--", linewidth=0.8, label="ln 2 (chance)")

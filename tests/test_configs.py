@@ -40,12 +40,21 @@ def test_config_resolves_to_what_it_says(main, config: Path):
     assert_printed_has(yaml.safe_load(result.stdout), yaml.safe_load(config.read_text()))
 
 
+def stacked(first: dict, second: dict | None) -> dict:
+    """``second`` over ``first`` as a later ``--config`` is: mappings merge, other values (lists) replace."""
+    merged = dict(first)
+    for key, value in (second or {}).items():
+        merged[key] = stacked(first[key], value) if isinstance(value, dict) and key in first else value
+    return merged
+
+
 @pytest.mark.parametrize("study_file", STUDIES, ids=lambda p: p.name)
-def test_study_file_resolves_for_every_run(main, study_file: Path):
+def test_study_file_resolves_for_every_policy(main, study_file: Path):
     study = load_study(study_file)
-    point = grid(study)[-1]
-    result = main("fit", *run_args(study, point, "out"), "--print_config")
-    assert result.returncode == 0, result.stderr[-2000:]
-    printed = yaml.safe_load(result.stdout)
-    assert_printed_has(printed, study["config"])
-    assert printed["model"]["depth"] == point["depth"]
+    for policy, fragment in study["policies"].items():
+        point = next(p for p in grid(study) if p["policy"] == policy)
+        result = main("fit", *run_args(study, point, "out"), "--print_config")
+        assert result.returncode == 0, result.stderr[-2000:]
+        printed = yaml.safe_load(result.stdout)
+        assert_printed_has(printed, stacked(study["config"], fragment), f"{policy}: ")
+        assert printed["model"]["depth"] == point["depth"]

@@ -184,3 +184,30 @@ def test_notebook_is_committed_clean_and_runs_on_a_fresh_run(notebook, run_dir, 
     ).execute()
     images = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 3
+
+
+def test_study_policy_axis_doubles_the_grid_and_shows_in_the_table(tmp_path):
+    from src.study import grid, load_study, run_args, run_name, write_outputs
+
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(
+        "activations: [relu]\ndepths: [2, 3]\nseeds: [0, 1]\n"
+        "policies:\n  none: null\n  default: {trainer: {callbacks: [{class_path: src.callbacks.PlateauEscape}]}}\n"
+    )
+    study = load_study(study_file)
+    points = grid(study)
+    assert len(points) == 8 and len({run_name(p) for p in points}) == 8
+    default = next(p for p in points if p["policy"] == "default")
+    assert run_name(default).endswith("_default") and "PlateauEscape" in " ".join(run_args(study, default, "o"))
+    assert "PlateauEscape" not in " ".join(run_args(study, next(p for p in points if p["policy"] == "none"), "o"))
+    rows = [
+        {**p, "run": run_name(p), "final_loss": 0.01 if p["policy"] == "default" else 0.69,
+         "stalled": p["policy"] == "none", "diagnosis": "flat", "first_stall_epoch": 100,
+         "epoch_below_0.05": 300 if p["policy"] == "default" else "", "seconds": 1.0, "log_dir": ""}
+        for p in points
+    ]  # fmt: skip
+    write_outputs(rows, study, tmp_path, "python -m src.study study.yaml")
+    table = (tmp_path / "summary.md").read_text()
+    assert "| policy | activation | depth |" in table
+    assert "| default | relu | 2 | 0.0100 | 0/2 | 2/2 | flat | 300 |" in table
+    assert "| none | relu | 3 | 0.6900 | 2/2 | 0/2 | flat | - |" in table
