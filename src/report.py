@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from src.callbacks.plateau_rule import describe_units
 from src.errors import one_line_errors
 from src.names import (
     EVENTS_FILE,
@@ -157,8 +158,10 @@ def summary(run: Run) -> str:
         what = event["kind"] + (f" ({event['diagnosis']})" if event.get("diagnosis") else "")
         value = event["value"] if isinstance(event["value"], str) else f"{event['value']:.4g}"
         actions = "; ".join(a["action"] for a in event.get("actions", [])) or "-"
+        units = f"  [{describe_units(event['units'])}]" if event.get("units") else ""
         lines.append(
             f"  epoch {event['epoch']:>5}  step {event['step']:>6}  {what:<18} {event['monitor']} {value}  {actions}"
+            + units
         )
     return "\n".join(lines)
 
