@@ -69,6 +69,7 @@ def test_lr_raises_are_undone_once_the_run_is_out_of_the_stall(restore_lr_below)
     escape = PlateauEscape(
         actions=[{"momentum": 0.9}, {"lr_factor": 5, "max_lr": 0.5}, {"lr_factor": 2, "max_lr": 1.0}],
         restore_lr_below=restore_lr_below,
+        rollback_on_divergence=False,
     )
     events = [{"kind": "stall", "epoch": e, "step": e, "value": 0.69, "actions": []} for e in (1, 2, 3)]
     trainer, escape._detector = fake_trainer(optimizer, scheduler, events)
@@ -157,13 +158,14 @@ class Stuck(MLPClassifier):
 
 def test_exhausted_actions_stop_training_with_a_reason(tmp_path):
     L.seed_everything(0, verbose=False)
-    detector, escape = PlateauDetector(patience=3), PlateauEscape(on_exhausted="stop")
+    actions = [{"momentum": 0.9}, {"momentum": 0.99}, {"lr_factor": 5, "max_lr": 0.5}]
+    detector, escape = PlateauDetector(patience=3), PlateauEscape(actions=actions, on_exhausted="stop")
     trainer = quiet_trainer(
         max_epochs=500, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path
     )
     trainer.fit(Stuck(depth=3), datamodule=Toy2DDataModule())
     spent = [e["actions"][0]["action"] for e in detector.events[:-1]]
-    flat_list = escape.actions["any"]  # the stuck net's stalls are not vanishing nor about units
+    flat_list = escape.actions["any"]
     assert spent == [action.describe() for action in flat_list] and escape.spent == len(flat_list)
     assert detector.events[-1]["actions"] == [{"action": "stop: every escape action is spent"}]
     assert trainer.current_epoch < 50 and trainer.should_stop
@@ -199,7 +201,7 @@ def test_resume_after_an_action_continues_the_policy_and_matches_an_uninterrupte
 
 def test_a_divergence_after_an_lr_raise_names_the_raise():
     optimizer = sgd(lr=0.1)
-    escape = PlateauEscape(actions=[{"momentum": 0.9}, {"lr_factor": 5, "max_lr": 0.5}])
+    escape = PlateauEscape(actions=[{"momentum": 0.9}, {"lr_factor": 5, "max_lr": 0.5}], rollback_on_divergence=False)
     stalls = [{"kind": "stall", "epoch": e, "step": e, "value": 0.69, "actions": []} for e in (1, 2)]
     trainer, escape._detector = fake_trainer(
         optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0), stalls
@@ -210,3 +212,39 @@ def test_a_divergence_after_an_lr_raise_names_the_raise():
     escape.on_stall(trainer, None, divergence)
     assert divergence["actions"][0]["action"] == "none: diverged after 'lr x5 (max 0.5)' at epoch 2 (lr 0.5)"
     assert escape.spent == 2  # a divergence spends no action
+
+
+class BlowsUpAboveLr(MLPClassifier):
+    """A scripted divergence: the loss is NaN whenever the lr is above 0.15 (after a raise)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.optimizers[0].param_groups[0]["lr"] > 0.15 else loss
+
+
+def test_a_divergence_after_an_action_rolls_back_to_before_it_and_goes_on(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = BlowsUpAboveLr(depth=3)
+    detector = PlateauDetector(patience=2, min_delta=0.5)  # a scripted stall every 2 epochs
+    escape = PlateauEscape(actions=[{"lr_factor": 5}, {"momentum": 0.9}])
+    at_stall, after_rollback = [], []
+    detector.add_listener(lambda t, m, e: at_stall.append(weights(m)) if not at_stall else None)  # before the raise
+
+    class AfterCheck(L.Callback):  # runs after the detector's check, in the epoch of the divergence
+        def on_train_epoch_end(self, trainer, pl_module):
+            if detector.events[-1:] and detector.events[-1]["kind"] == "divergence" and not after_rollback:
+                after_rollback.append(weights(pl_module))
+
+    trainer = quiet_trainer(max_epochs=6, limit_val_batches=0, callbacks=[detector, escape, AfterCheck()],
+                            default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    stall, divergence = detector.events[0], detector.events[1]
+    assert divergence["kind"] == "divergence" and divergence["recovered"]
+    assert divergence["actions"][0]["action"] == f"rolled back to epoch {stall['epoch']}, before 'lr x5'"
+    assert torch.equal(after_rollback[0], at_stall[0])  # the weights from before the raise, exactly
+    assert not detector.diverged and trainer.current_epoch == 6  # not stopped
+    # the list that made it worse is not tried again: later stalls get no action from it
+    assert escape.failed == ["any"] and escape.next_action("flat") is None
+    assert len(detector.events) > 2 and detector.events[-1]["actions"] == []
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 and escape.lr_scale == 1.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())

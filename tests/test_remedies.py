@@ -43,6 +43,8 @@ def test_diagnosis_order_vanishing_then_dead_always_on_redundant_then_flat():
     assert diagnose([EVEN], units=found(redundant=[[0, 2]])) == "redundant_units"
     assert diagnose([EVEN], units=found()) == "flat"
     assert diagnose([], units=found(dead=[1])) == "dead_units"
+    blocked = GradProfile(0, ("a", "b", "c"), (0.0, 0.0, 1e-2), (True, True, True))  # below a dead layer
+    assert diagnose([blocked], units=found(dead=[0, 1])) == "dead_units" and diagnose([blocked]) == "vanishing"
     two_layers = GradProfile(0, ("a", "b"), (1e-9, 1e-2), (True, True))  # no depth for gradients to vanish in
     assert diagnose([two_layers], units=found(dead=[0])) == "dead_units"
 
@@ -190,7 +192,7 @@ def test_the_default_policy_gets_a_depth_18_sigmoid_net_out_with_layer_wise_step
     trainer, model, detector, escape = deep_sigmoid_run(tmp_path, 600)
     trainer.fit(model, datamodule=Toy2DDataModule())
     assert detector.events[0]["diagnosis"] == "vanishing"
-    assert detector.events[0]["actions"][0]["action"] == "layer-wise steps of 0.01 x |W|"
+    assert detector.events[0]["actions"][0]["action"] == "momentum 0.0, layer-wise steps of 0.01 x |W|"
     assert trainer.callback_metrics["train/loss"] < 0.05
     undone = [a["action"] for e in detector.events for a in e["actions"] if "layer-wise steps off" in a["action"]]
     assert len(undone) == 1 and escape.trust_ratio is None
@@ -246,3 +248,23 @@ def test_a_run_that_never_stalls_is_bit_identical_with_and_without_the_policy(tm
     assert not detector.events
     assert torch.equal(with_policy, fit([PlateauDetector(patience=100)]))
     assert torch.equal(with_policy, fit([]))
+
+
+def test_a_run_of_dead_layers_comes_back_in_one_action(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(depth=4, width=6, activation="relu")
+    with torch.no_grad():  # the first two hidden layers dead on every point: the rest sees only zeros
+        for layer in model.net.layers[:2]:
+            layer.bias.fill_(-100.0)
+    detector = PlateauDetector(patience=2, min_delta=0.5)  # a scripted stall
+    escape = PlateauEscape(actions={"dead_units": [{"replace_units": True}]})
+    trainer = quiet_trainer(max_epochs=3, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    dm = Toy2DDataModule()
+    trainer.fit(model, datamodule=dm)
+    assert detector.events[0]["diagnosis"] == "dead_units"
+    assert set(detector.events[0]["units"]) == {"net.layers.0", "net.layers.1", "net.layers.2"}
+    h = dm.train_set.tensors[0]
+    for layer in model.net.layers[:3]:  # every hidden layer has live units after the one action
+        pre = layer(h)
+        assert ((pre > 0).sum(0) > 0).any(), layer
+        h = torch.relu(pre)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -66,6 +67,7 @@ class PlateauEscape(Callback):
         actions: list[EscapeAction] | dict[str, list[EscapeAction]] | None = None,
         on_exhausted: Literal["continue", "stop"] = "continue",
         restore_lr_below: float | None = 0.5,
+        rollback_on_divergence: bool = True,
     ) -> None:
         super().__init__()
         if on_exhausted not in ("continue", "stop"):
@@ -85,10 +87,13 @@ class PlateauEscape(Callback):
         self.on_exhausted = on_exhausted
         self.restore_lr_below = restore_lr_below
         self.spent_by: dict[str, int] = {}
+        self.failed: list[str] = []  # lists whose action was rolled back: not tried again
         self.history: list[dict[str, Any]] = []
         self.lr_scale = 1.0  # product of the lr raises in force
         self.trust_ratio: float | None = None  # layer-wise steps in force
         self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
+        self.rollback_on_divergence = rollback_on_divergence
+        self._snapshot: dict[str, Any] | None = None  # the state before the last action, in memory
         self._detector: PlateauDetector | None = None
         self._layers: dict[str, list[Any]] = {}
 
@@ -148,7 +153,7 @@ class PlateauEscape(Callback):
         diagnosis's own list, then ``any``; a spent list's last action again if it repeats."""
         for key in (diagnosis, "any"):
             listed = self.actions.get(key) or []
-            if not listed:
+            if not listed or key in self.failed:
                 continue
             spent = self.spent_by.get(key, 0)
             if spent < len(listed):
@@ -159,6 +164,9 @@ class PlateauEscape(Callback):
 
     def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> None:
         """Apply the next action for a stall event (called by the PlateauDetector)."""
+        if event["kind"] == "divergence" and self._snapshot is not None:
+            self._roll_back(trainer, pl_module, event)
+            return
         if event["kind"] == "divergence" and self.lr_scale != 1.0:
             # Never escape into divergence silently: say which lr raise preceded it.
             last = next(r for r in reversed(self.history) if r.get("lr_raise"))
@@ -174,6 +182,13 @@ class PlateauEscape(Callback):
                 rank_zero_info("PlateauEscape: still stalled after every action; stopping")
             return
         key, action = chosen
+        if self.rollback_on_divergence:
+            self._snapshot = {
+                "epoch": event["epoch"], "value": float(event["value"]), "action": action.describe(), "list": key,
+                "model": copy.deepcopy(pl_module.state_dict()),
+                "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
+                "kicks": (self.lr_scale, self.trust_ratio, self.raised_at),
+            }  # fmt: skip
         self.spent_by[key] = self.spent_by.get(key, 0) + 1
         lr_before = float(trainer.optimizers[0].param_groups[0]["lr"])
         what = action.describe()
@@ -189,23 +204,52 @@ class PlateauEscape(Callback):
             what += self._replace_units(trainer, pl_module, event)
         self._record(trainer, event, what, self._settings(trainer), lr_raise=action.lr_factor is not None)
 
+    def _roll_back(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> None:
+        """A divergence after an action: go back to the weights, optimizer and kicks from before it,
+        mark the event ``recovered`` (the detector then does not stop the run) and go on. The list
+        that action came from is not used again: the next stall gets the next list (``any``)."""
+        snapshot, self._snapshot = self._snapshot, None
+        lrs_before = [[float(g["lr"]) for g in o.param_groups] for o in trainer.optimizers]
+        pl_module.load_state_dict(snapshot["model"])
+        for optimizer, state in zip(trainer.optimizers, snapshot["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        for optimizer, before in zip(trainer.optimizers, lrs_before, strict=True):
+            for index, (group, lr) in enumerate(zip(optimizer.param_groups, before, strict=True)):
+                for scheduler in schedulers:  # an lr raise also scaled the schedulers' base_lrs
+                    if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs") and lr > 0:
+                        scheduler.base_lrs[index] *= float(group["lr"]) / lr
+        self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
+        if snapshot["list"] not in self.failed:
+            self.failed.append(snapshot["list"])
+        event["recovered"] = True
+        what = f"rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
+        self._record(trainer, event, what, self._settings(trainer))
+
     def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> str:
-        """Re-place the units the event names; the same new weights on every rank (rank 0's)."""
+        """Re-place the units the event names, layer by layer from the input: a layer's new kinks go on
+        the points its (already mended) predecessor now gives it, so a run of dead layers comes back
+        in one action. The same new weights on every rank (rank 0's)."""
         recorder = self._detector.units
         generator = torch.Generator().manual_seed(trainer.global_step)
-        replaced = []
-        for name, found in event.get("units", {}).items():
-            units = sorted({*found["dead"], *found["always_on"], *(pair[1] for pair in found["redundant"])})
-            layer = pl_module.get_submodule(name)
-            if not units or name not in recorder.inputs:
-                continue
-            for optimizer in trainer.optimizers:
-                replace_units(layer, next_linear(pl_module, name), units, recorder.inputs[name], optimizer, generator)
-            if trainer.world_size > 1:  # each rank put the kinks on its own data: take rank 0's
-                for param in (layer.weight, layer.bias):
-                    if param is not None:
-                        param.data.copy_(trainer.strategy.broadcast(param.data, src=0))
-            replaced.append(f"{name} {units}")
+        found_units = event.get("units", {})
+        replaced, inputs = [], None
+        for name, layer in recorder.layers.items():
+            if inputs is None:
+                inputs = recorder.inputs.get(name)
+            if inputs is None:
+                break
+            found = found_units.get(name)
+            units = sorted({*found["dead"], *found["always_on"], *(p[1] for p in found["redundant"])}) if found else []
+            if units:
+                replace_units(layer, next_linear(pl_module, name), units, inputs, trainer.optimizers, generator)
+                if trainer.world_size > 1:  # each rank put the kinks on its own data: take rank 0's
+                    for param in (layer.weight, layer.bias):
+                        if param is not None:
+                            param.data.copy_(trainer.strategy.broadcast(param.data, src=0))
+                replaced.append(f"{name} {units}")
+            with torch.no_grad():  # what the next unit layer reads (the Linear-ReLU layout of unit_layers)
+                inputs = torch.relu(layer(inputs))
         return f": {', '.join(replaced)}" if replaced else ": none found"
 
     @staticmethod
@@ -224,13 +268,15 @@ class PlateauEscape(Callback):
     def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
         """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall."""
         # Only the detector calls this (set up in `setup`), and only after it reported a stall.
-        if self.restore_lr_below is None or self.raised_at is None or not math.isfinite(value):
+        if not math.isfinite(value):
             return
-        if self._detector.mode == "max":
-            escaped = value >= self.raised_at / self.restore_lr_below
-        else:
-            escaped = value <= self.raised_at * self.restore_lr_below
-        if not escaped:
+        if self._snapshot is not None and self._out_of_stall(
+            value, self._snapshot["value"], self.restore_lr_below or 0.5
+        ):
+            self._snapshot = None  # out of the stall: a later divergence is not the action's
+        if self.restore_lr_below is None or self.raised_at is None:
+            return
+        if not self._out_of_stall(value, self.raised_at, self.restore_lr_below):
             return
         undone = []
         if self.lr_scale != 1.0:
@@ -244,6 +290,9 @@ class PlateauEscape(Callback):
         settings = self._settings(trainer)
         self._record(trainer, event, what, settings, epoch=trainer.current_epoch, step=trainer.global_step)
         self._detector.save_events(trainer)
+
+    def _out_of_stall(self, value: float, at: float, fraction: float) -> bool:
+        return value >= at / fraction if self._detector.mode == "max" else value <= at * fraction
 
     def _record(
         self,
@@ -272,7 +321,7 @@ class PlateauEscape(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "spent": self.spent, "spent_by": self.spent_by, "history": self.history, "lr_scale": self.lr_scale,
-            "trust_ratio": self.trust_ratio, "raised_at": self.raised_at,
+            "trust_ratio": self.trust_ratio, "raised_at": self.raised_at, "failed": self.failed,
         }  # fmt: skip
 
     @override
@@ -282,3 +331,4 @@ class PlateauEscape(Callback):
         self.lr_scale = state_dict.get("lr_scale", 1.0)
         self.trust_ratio = state_dict.get("trust_ratio")
         self.raised_at = state_dict.get("raised_at")
+        self.failed = list(state_dict.get("failed", []))

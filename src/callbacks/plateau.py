@@ -51,7 +51,9 @@ class PlateauDetector(Callback):
     the decision reduced, so every rank decides the same; a rank that misses the metric makes every
     rank skip that check rather than wait for it.
 
-    Other callbacks (:class:`~.escape.PlateauEscape`) subscribe with :meth:`add_listener`.
+    Other callbacks (:class:`~.escape.PlateauEscape`) subscribe with :meth:`add_listener`; a listener
+    that undoes a divergence (rolls back to a finite state) sets the event's ``recovered`` to true,
+    and the run then goes on.
 
     Args:
         monitor: The metric to watch.
@@ -155,7 +157,7 @@ class PlateauDetector(Callback):
     @property
     def diverged(self) -> bool:
         """Whether this fit has seen a divergence event."""
-        return any(event["kind"] == "divergence" for event in self.events)
+        return any(event["kind"] == "divergence" and not event.get("recovered") for event in self.events)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -225,7 +227,7 @@ class PlateauDetector(Callback):
         for listener in self._listeners:
             listener(trainer, pl_module, event)
         self.save_events(trainer)
-        if status is Status.DIVERGED and self.stop_on_divergence:
+        if status is Status.DIVERGED and self.stop_on_divergence and not event.get("recovered"):
             trainer.should_stop = True
             rank_zero_warn(
                 f"Training diverged: {self.monitor} = {value} at epoch {trainer.current_epoch}; stopping. "

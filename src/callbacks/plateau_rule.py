@@ -149,7 +149,8 @@ def diagnose(
     - ``vanishing``: the first layer's gradient is below ``vanishing_ratio`` times the last's, in a
       net of three weight layers or more: the early layers cannot learn (a deep sigmoid net:
       first/last 1e-7 and lower).
-    - ``dead_units``, ``always_on_units``, ``redundant_units`` (in that order): some layer has a
+    - ``dead_units``, ``always_on_units``, ``redundant_units`` (in that order; before ``vanishing``
+      when some layer's gradient was exactly 0 throughout, as below a layer of dead units): some layer has a
       ReLU unit that is zero on every sample, one that is active on every sample (its kink lies
       outside the data: no nonlinearity), or two units with one kink. A net of few units settles
       in such a minimum and no optimizer setting gets it out (the dnnex fit).
@@ -177,6 +178,10 @@ def diagnose(
     log_norm = [
         statistics.median([math.log10(p.norms[i]) for p in profiles if p.norms[i] > 0] or [-38.0]) for i in columns
     ]
+    # A layer whose gradient is exactly 0 throughout sits below a dead layer: units, not vanishing.
+    blocked = any(all(p.norms[i] == 0 for p in profiles) for i in columns)
+    if unit_diagnosis and blocked:
+        return unit_diagnosis
     # Gradients vanish through depth: with two weight layers a small first/last ratio is something else.
     if len(log_norm) >= 3 and log_norm[0] - log_norm[-1] < math.log10(vanishing_ratio):
         return "vanishing"

@@ -129,7 +129,7 @@ def replace_units(
     reader: nn.Linear | None,
     units: Sequence[int],
     inputs: torch.Tensor,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] = (),
     generator: torch.Generator | None = None,
 ) -> None:
     """Give ``units`` of ``layer`` new incoming weights with their kink at a random row of ``inputs``.
@@ -138,7 +138,8 @@ def replace_units(
     the kink (pre-activation 0) on a training point, so the unit is active on part of the data. The
     outgoing weights (``reader``'s columns) are kept. The optimizer's per-parameter state for those
     rows and columns (Adam's moments, SGD's momentum) is zeroed: the old unit's history does not
-    apply to the new one.
+    apply to the new one. Where ``inputs`` are all one point (its predecessor was dead), the
+    new kinks are all there too: re-place layers from the input on (see ``PlateauEscape``).
     """
     if not units:
         return
@@ -155,14 +156,15 @@ def replace_units(
     weight[units] = rows
     if layer.bias is not None:
         layer.bias[units] = -(rows * points).sum(1)
-    if optimizer is None:
-        return
+    if isinstance(optimizers, torch.optim.Optimizer):
+        optimizers = [optimizers]
     slices = [(weight, (units,)), (layer.bias, (units,))]
     if reader is not None:
         slices.append((reader.weight, (slice(None), units)))
     for param, index in slices:
         if param is None:
             continue
-        for value in optimizer.state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value[index] = 0
+        for optimizer in optimizers:
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value[index] = 0
