@@ -240,7 +240,7 @@ def test_a_divergence_after_an_action_rolls_back_to_before_it_and_goes_on(tmp_pa
     trainer.fit(model, datamodule=Toy2DDataModule())
     stall, divergence = detector.events[0], detector.events[1]
     assert divergence["kind"] == "divergence" and divergence["recovered"]
-    assert divergence["actions"][0]["action"] == f"rolled back to epoch {stall['epoch']}, before 'lr x5'"
+    assert divergence["actions"][0]["action"] == f"diverged: rolled back to epoch {stall['epoch']}, before 'lr x5'"
     assert torch.equal(after_rollback[0], at_stall[0])  # the weights from before the raise, exactly
     assert not detector.diverged and trainer.current_epoch == 6  # not stopped
     # the list that made it worse is not tried again: later stalls get no action from it
@@ -248,3 +248,33 @@ def test_a_divergence_after_an_action_rolls_back_to_before_it_and_goes_on(tmp_pa
     assert len(detector.events) > 2 and detector.events[-1]["actions"] == []
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 and escape.lr_scale == 1.0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class WorseAboveLr(MLPClassifier):
+    """A scripted bad remedy: while the lr is above 0.15 every logit is pushed up by 10, so half the
+    points are wrong by a wide margin and the loss is several times chance (finite)."""
+
+    def forward(self, x):
+        shift = 10.0 if self._trainer is not None and self.trainer.optimizers[0].param_groups[0]["lr"] > 0.15 else 0
+        return super().forward(x) + shift
+
+
+def test_a_stall_at_a_worse_loss_after_an_action_rolls_back_and_tries_the_next_list(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = WorseAboveLr(depth=3)
+    detector = PlateauDetector(patience=2, min_delta=0.5)  # a scripted stall every 2 epochs
+    at_stall = []
+    detector.add_listener(lambda t, m, e: at_stall.append(weights(m)) if not at_stall else None)
+    escape = PlateauEscape(
+        actions={"flat": [{"lr_factor": 5}], "unclear": [{"lr_factor": 5}], "any": [{"momentum": 0.9}]}
+    )
+    trainer = quiet_trainer(max_epochs=5, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    first, second = detector.events[:2]
+    assert first["actions"][0]["action"] == "lr x5"
+    rolled, then = (a["action"] for a in second["actions"])
+    assert rolled.startswith("train/loss rose to ") and rolled.endswith(
+        f"rolled back to epoch {first['epoch']}, before 'lr x5'"
+    )
+    assert then == "momentum 0.9" and escape.failed == [first["diagnosis"]]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 and not second.get("recovered")

@@ -174,6 +174,9 @@ class PlateauEscape(Callback):
             event["actions"].append({"action": note, "epoch": event["epoch"], "step": event["step"]})
         if event["kind"] != "stall":
             return
+        if self._snapshot is not None and self._worse(float(event["value"]), self._snapshot["value"]):
+            # the last action left the run stalled at a worse loss than the stall it answered
+            self._roll_back(trainer, pl_module, event, why=f"{self._detector.monitor} rose to {event['value']:.4g}")
         chosen = self.next_action(event.get("diagnosis"))
         if chosen is None:
             if self.on_exhausted == "stop":
@@ -204,10 +207,13 @@ class PlateauEscape(Callback):
             what += self._replace_units(trainer, pl_module, event)
         self._record(trainer, event, what, self._settings(trainer), lr_raise=action.lr_factor is not None)
 
-    def _roll_back(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> None:
-        """A divergence after an action: go back to the weights, optimizer and kicks from before it,
-        mark the event ``recovered`` (the detector then does not stop the run) and go on. The list
-        that action came from is not used again: the next stall gets the next list (``any``)."""
+    def _roll_back(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any], why: str = "diverged"
+    ) -> None:
+        """An action made things worse (a divergence, or a stall at twice the loss it answered): go
+        back to the weights, optimizer and kicks from before it, mark the event ``recovered`` (the
+        detector then does not stop the run) and go on. The list that action came from is not used
+        again: the next stall gets the next list (``any``)."""
         snapshot, self._snapshot = self._snapshot, None
         lrs_before = [[float(g["lr"]) for g in o.param_groups] for o in trainer.optimizers]
         pl_module.load_state_dict(snapshot["model"])
@@ -222,8 +228,9 @@ class PlateauEscape(Callback):
         self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
         if snapshot["list"] not in self.failed:
             self.failed.append(snapshot["list"])
-        event["recovered"] = True
-        what = f"rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
+        if event["kind"] == "divergence":
+            event["recovered"] = True
+        what = f"{why}: rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
         self._record(trainer, event, what, self._settings(trainer))
 
     def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> str:
@@ -290,6 +297,10 @@ class PlateauEscape(Callback):
         settings = self._settings(trainer)
         self._record(trainer, event, what, settings, epoch=trainer.current_epoch, step=trainer.global_step)
         self._detector.save_events(trainer)
+
+    def _worse(self, value: float, at: float) -> bool:
+        """Twice as bad as ``at`` (half as good with ``mode: max``)."""
+        return value < at / 2 if self._detector.mode == "max" else value > 2 * at
 
     def _out_of_stall(self, value: float, at: float, fraction: float) -> bool:
         return value >= at / fraction if self._detector.mode == "max" else value <= at * fraction

@@ -95,6 +95,9 @@ class FiniteModelCheckpoint(ModelCheckpoint):
     The checkpoints on disk, ``last.ckpt`` included, are then all from before the divergence, and
     resuming from them restarts a healthy run. ``skipped`` counts the refused saves and
     ``saved_epoch`` is the epoch of the newest checkpoint written.
+
+    It overrides ``ModelCheckpoint._save_checkpoint``, a protected method: Lightning has no public
+    hook that can veto one save, and every save (top-k, last, on schedule) goes through it.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
