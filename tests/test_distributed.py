@@ -66,7 +66,9 @@ def test_re_placed_units_are_the_same_on_both_ranks(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     events = json.loads((tmp_path / "lightning_logs" / "version_0" / "stall_events.json").read_text())
     replaced = [a["action"] for e in events for a in e["actions"]]
-    assert replaced and all(a.startswith("re-place idle units: net.layers.0 [") for a in replaced), replaced
+    # the first stall re-places units; a later stall may find none left idle, and says so
+    assert replaced and replaced[0].startswith("re-place idle units: net.layers.0 ["), replaced
+    assert all(a.startswith("re-place idle units: ") for a in replaced), replaced
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert states[0]["spent"] == states[1]["spent"] == len(events) >= 2
     assert torch.equal(states[0]["weights"], states[1]["weights"])
