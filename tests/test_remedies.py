@@ -112,20 +112,24 @@ def test_replace_units_puts_the_kink_on_a_data_point_and_resets_their_optimizer_
     assert 0 < active[0] < len(x) and 0 < active[1] < len(x)
 
 
-def test_trust_ratio_scales_each_layers_step_to_a_fraction_of_its_weight_norm():
+def test_trust_ratio_scales_each_layers_step_to_a_fraction_of_its_norm():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 4), nn.Sigmoid(), nn.Linear(4, 1))
     net(torch.randn(8, 2)).sum().backward()
     with torch.no_grad():
-        net[0].weight.grad *= 1e-9  # a vanishing first layer
+        net[0].weight.grad *= 1e-9  # a vanishing first layer (its bias gradient is not)
     grads = {name: p.grad.clone() for name, p in net.named_parameters()}
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     trust_ratio_(parameter_layers(net), optimizer, 0.01)
     for layer in ("0", "2"):
         weight, bias = net.get_submodule(layer).weight, net.get_submodule(layer).bias
-        assert 0.1 * weight.grad.norm().item() == pytest.approx(0.01 * weight.norm().item(), rel=1e-5)
+        step = 0.1 * torch.cat([weight.grad.flatten(), bias.grad])
+        norm = torch.cat([weight.flatten(), bias]).norm()
+        assert step.norm().item() == pytest.approx(0.01 * norm.item(), rel=1e-5)
         factor = weight.grad.norm() / grads[f"{layer}.weight"].norm()
-        assert torch.allclose(bias.grad, grads[f"{layer}.bias"] * factor)  # the bias moves with its layer
+        assert torch.allclose(bias.grad, grads[f"{layer}.bias"] * factor)  # one factor per layer
+    # scaled by the weight's gradient alone, the first layer's bias would have stepped 1e9 x too far
+    assert 0.1 * net[0].bias.grad.norm() <= 0.01 * torch.cat([net[0].weight.flatten(), net[0].bias]).norm() * 1.0001
 
 
 def test_policy_picks_the_diagnosis_list_then_any_and_repeats_what_repeats():

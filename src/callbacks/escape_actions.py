@@ -151,28 +151,26 @@ def apply_action(
 
 @torch.no_grad()
 def trust_ratio_(layers: dict[str, list[torch.nn.Parameter]], optimizer: torch.optim.Optimizer, ratio: float) -> None:
-    """Scale each layer's gradients in place so that its SGD step ``lr * grad`` on the weight has the
-    norm ``ratio * |W|`` (the layer's bias is scaled alike). Layers without a weight matrix, or with
-    a zero weight or gradient, are left alone. Call it where the gradients are final for the step
-    (Lightning: ``on_before_optimizer_step``); under DDP they are already reduced, so every rank
-    scales alike.
+    """Scale each layer's gradients in place so that its SGD step ``lr * grad`` has the norm
+    ``ratio * |[W, b]|``: both norms are taken over all the layer's parameters (weight and bias
+    together; a bias scaled by the weight's ratio alone takes a huge step where the weight's gradient
+    is tiny, and blew deep ReLU nets up). Layers without a weight matrix, or with a zero norm or gradient, are left alone. Call it
+    where the gradients are final for the step (Lightning: ``on_before_optimizer_step``); under DDP
+    they are already reduced, so every rank scales alike.
     """
     lrs = {param: float(group["lr"]) for group in optimizer.param_groups for param in group["params"]}
     for params in layers.values():
-        weights = [p for p in params if p.ndim >= 2 and p.grad is not None and p in lrs]
-        if not weights:
+        params = [p for p in params if p.grad is not None and p in lrs]
+        if not any(p.ndim >= 2 for p in params):
             continue
-        weight_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in weights]))
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in weights]))
-        lr = lrs[weights[0]]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in params]))
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        lr = lrs[params[0]]
         if lr <= 0:
             continue
-        scale = torch.where(
-            (weight_norm > 0) & (grad_norm > 0), ratio * weight_norm / (lr * grad_norm), torch.ones_like(grad_norm)
-        )
+        scale = torch.where((norm > 0) & (grad_norm > 0), ratio * norm / (lr * grad_norm), torch.ones_like(grad_norm))
         for param in params:
-            if param.grad is not None:
-                param.grad.mul_(scale.to(param.grad.dtype))
+            param.grad.mul_(scale.to(param.grad.dtype))
 
 
 def as_action(action: EscapeAction | dict[str, Any]) -> EscapeAction:
