@@ -278,3 +278,48 @@ def test_a_stall_at_a_worse_loss_after_an_action_rolls_back_and_tries_the_next_l
     )
     assert then == "momentum 0.9" and escape.failed == [first["diagnosis"]]
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 and not second.get("recovered")
+
+
+class BlowsUpWhenTheRaiseIsUndone(MLPClassifier):
+    """A scripted bad undo: the loss is NaN once the lr is back at 0.1 after having been raised."""
+
+    raised = False
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.trainer.optimizers[0].param_groups[0]["lr"] > 0.15:
+            self.raised = True
+        return loss * float("nan") if self.raised and self.trainer.optimizers[0].param_groups[0]["lr"] < 0.15 else loss
+
+
+def test_a_divergence_after_the_kick_is_undone_rolls_back_to_the_undo_and_keeps_the_kick(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = BlowsUpWhenTheRaiseIsUndone(depth=3)
+    detector = PlateauDetector(patience=2, min_delta=0.5)  # a scripted stall every 2 epochs
+    escape = PlateauEscape(actions=[{"lr_factor": 5}], restore_lr_below=0.99)  # out of it at a 1% drop
+    at_undo = []
+    take_snapshot = escape._take_snapshot
+    escape._take_snapshot = lambda trainer, module, *args, **kwargs: (
+        at_undo.append(weights(module)) or take_snapshot(trainer, module, *args, **kwargs)
+    )
+    after_rollback = []
+
+    class AfterCheck(L.Callback):  # runs after the detector's check, in the epoch of the divergence
+        def on_train_epoch_end(self, trainer, pl_module):
+            if detector.events[-1:] and detector.events[-1]["kind"] == "divergence" and not after_rollback:
+                after_rollback.append(weights(pl_module))
+
+    callbacks = [detector, escape, AfterCheck()]
+    trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=callbacks, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    undone = [a for e in detector.events for a in e["actions"] if a["action"].startswith("lr restored")]
+    divergence = next(e for e in detector.events if e["kind"] == "divergence")
+    assert len(undone) == 1 and divergence["recovered"] and not detector.diverged and trainer.current_epoch == 8
+    assert divergence["actions"][0]["action"] == (
+        f"diverged: rolled back to epoch {undone[0]['epoch']}, before 'lr restored'; they stay in force"
+    )
+    assert escape.keep_kicks and escape.failed == []  # the raise itself was fine: its list stays usable
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5) and escape.lr_scale == pytest.approx(5)
+    assert len(at_undo) == 2 and torch.equal(after_rollback[0], at_undo[1])  # the weights at the undo, exactly
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "keep_kicks" in escape.state_dict() and escape.state_dict()["keep_kicks"] is True

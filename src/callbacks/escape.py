@@ -50,7 +50,11 @@ class PlateauEscape(Callback):
             monitored value has fallen below this fraction of its value at the stall that caused the
             last kick (above its inverse with ``mode: max``), the run is out of the stall and they are
             undone (momentum changes stay). The lr that got a net off a plateau tends to blow it up
-            after. ``null`` keeps them.
+            after. ``null`` keeps them. Where undoing them is what blows the run up (a divergence,
+            or a stall at twice the loss, before the loss halves again), the run is rolled back to
+            where they were undone and they stay in force for the rest of the fit.
+        rollback_on_divergence: Keep the state from before each action (in memory) and go back to
+            it when the run diverges, or stalls at twice the loss, after that action.
 
     Raises:
         ValueError: At construction for a malformed action; at fit start when an action cannot apply
@@ -92,6 +96,7 @@ class PlateauEscape(Callback):
         self.lr_scale = 1.0  # product of the lr raises in force
         self.trust_ratio: float | None = None  # layer-wise steps in force
         self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
+        self.keep_kicks = False  # undoing them blew the run up once: they stay
         self.rollback_on_divergence = rollback_on_divergence
         self._snapshot: dict[str, Any] | None = None  # the state before the last action, in memory
         self._detector: PlateauDetector | None = None
@@ -176,7 +181,10 @@ class PlateauEscape(Callback):
             return
         if self._snapshot is not None and self._worse(float(event["value"]), self._snapshot["value"]):
             # the last action left the run stalled at a worse loss than the stall it answered
+            undo = self._snapshot["list"] is None
             self._roll_back(trainer, pl_module, event, why=f"{self._detector.monitor} rose to {event['value']:.4g}")
+            if undo:  # back to where the kicks were getting the run out: nothing more to do
+                return
         chosen = self.next_action(event.get("diagnosis"))
         if chosen is None:
             if self.on_exhausted == "stop":
@@ -186,12 +194,7 @@ class PlateauEscape(Callback):
             return
         key, action = chosen
         if self.rollback_on_divergence:
-            self._snapshot = {
-                "epoch": event["epoch"], "value": float(event["value"]), "action": action.describe(), "list": key,
-                "model": copy.deepcopy(pl_module.state_dict()),
-                "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
-                "kicks": (self.lr_scale, self.trust_ratio, self.raised_at),
-            }  # fmt: skip
+            self._snapshot = self._take_snapshot(trainer, pl_module, float(event["value"]), action.describe(), key)
         self.spent_by[key] = self.spent_by.get(key, 0) + 1
         lr_before = float(trainer.optimizers[0].param_groups[0]["lr"])
         what = action.describe()
@@ -206,6 +209,17 @@ class PlateauEscape(Callback):
         if action.replace_units:
             what += self._replace_units(trainer, pl_module, event)
         self._record(trainer, event, what, self._settings(trainer), lr_raise=action.lr_factor is not None)
+
+    def _take_snapshot(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, value: float, action: str, key: str | None
+    ) -> dict[str, Any]:
+        """The state to go back to if ``action`` (from list ``key``; None: undoing the kicks) makes things worse."""
+        return {
+            "epoch": trainer.current_epoch, "value": value, "action": action, "list": key,
+            "model": copy.deepcopy(pl_module.state_dict()),
+            "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
+            "kicks": (self.lr_scale, self.trust_ratio, self.raised_at),
+        }  # fmt: skip
 
     def _roll_back(
         self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any], why: str = "diverged"
@@ -226,11 +240,15 @@ class PlateauEscape(Callback):
                     if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs") and lr > 0:
                         scheduler.base_lrs[index] *= float(group["lr"]) / lr
         self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
-        if snapshot["list"] not in self.failed:
+        if snapshot["list"] is None:  # the kicks were undone: keep them from now on
+            self.keep_kicks = True
+        elif snapshot["list"] not in self.failed:
             self.failed.append(snapshot["list"])
         if event["kind"] == "divergence":
             event["recovered"] = True
         what = f"{why}: rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
+        if snapshot["list"] is None:
+            what += "; they stay in force"
         self._record(trainer, event, what, self._settings(trainer))
 
     def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> str:
@@ -281,16 +299,16 @@ class PlateauEscape(Callback):
             value, self._snapshot["value"], self.restore_lr_below or 0.5
         ):
             self._snapshot = None  # out of the stall: a later divergence is not the action's
-        if self.restore_lr_below is None or self.raised_at is None:
+        if self.restore_lr_below is None or self.raised_at is None or self.keep_kicks:
             return
         if not self._out_of_stall(value, self.raised_at, self.restore_lr_below):
             return
-        undone = []
+        undone = ["lr restored"] if self.lr_scale != 1.0 else []
+        undone += ["layer-wise steps off"] if self.trust_ratio is not None else []
+        if self.rollback_on_divergence:  # undoing a kick can blow the run up too
+            self._snapshot = self._take_snapshot(trainer, pl_module, value, ", ".join(undone), key=None)
         if self.lr_scale != 1.0:
             self._apply(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
-            undone.append("lr restored")
-        if self.trust_ratio is not None:
-            undone.append("layer-wise steps off")
         self.lr_scale, self.trust_ratio, self.raised_at = 1.0, None, None
         event = next(e for e in reversed(self._detector.events) if e["kind"] == "stall")
         what = f"{', '.join(undone)} (out of the stall: {value:.4g} vs {float(event['value']):.4g})"
@@ -333,6 +351,7 @@ class PlateauEscape(Callback):
         return {
             "spent": self.spent, "spent_by": self.spent_by, "history": self.history, "lr_scale": self.lr_scale,
             "trust_ratio": self.trust_ratio, "raised_at": self.raised_at, "failed": self.failed,
+            "keep_kicks": self.keep_kicks,
         }  # fmt: skip
 
     @override
@@ -343,3 +362,4 @@ class PlateauEscape(Callback):
         self.trust_ratio = state_dict.get("trust_ratio")
         self.raised_at = state_dict.get("raised_at")
         self.failed = list(state_dict.get("failed", []))
+        self.keep_kicks = state_dict.get("keep_kicks", False)
