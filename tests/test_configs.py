@@ -58,3 +58,13 @@ def test_study_file_resolves_for_every_policy(main, study_file: Path):
         printed = yaml.safe_load(result.stdout)
         assert_printed_has(printed, stacked(study["config"], fragment), f"{policy}: ")
         assert printed["model"]["depth"] == point["depth"]
+
+
+def test_the_default_config_spells_out_the_default_escape_policy():
+    """configs/default.yaml shows a learner the policy ``PlateauEscape()`` uses: the two stay the same."""
+    from src.callbacks import PlateauEscape
+
+    config = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    escape = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("PlateauEscape"))
+    written, default = PlateauEscape(**escape["init_args"]), PlateauEscape()
+    assert written.actions == default.actions

@@ -28,8 +28,9 @@ class PlateauEscape(Callback):
     diagnosis's list, or of ``any`` once that list is spent or where there is none. The default:
 
     - ``vanishing``: layer-wise steps of 0.01 x ``|W|`` (``trust_ratio``), until out of the stall;
-    - ``dead_units``, ``always_on_units``, ``redundant_units``: re-place those ReLU units, on every
-      such stall (``repeat``);
+    - ``dead_units``, ``always_on_units``, ``redundant_units``: re-place those ReLU units and take
+      layer-wise steps (at the full lr, re-placed units of a deep net die again), on every such
+      stall (``repeat``);
     - ``any`` (``flat``, ``unclear``): the source study's remedy for a sigmoid net on a plateau:
       momentum 0.9, then 0.99, then the lr times 5 (at most 0.5), then times 2 (at most 1.0).
 
