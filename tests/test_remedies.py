@@ -272,3 +272,54 @@ def test_a_run_of_dead_layers_comes_back_in_one_action(tmp_path):
         pre = layer(h)
         assert ((pre > 0).sum(0) > 0).any(), layer
         h = torch.relu(pre)
+
+
+def test_resume_after_re_placements_matches_an_uninterrupted_run(tmp_path):
+    """Stalls every 3 epochs, each re-placing idle units (one before the checkpoint, one after):
+    the new kinks (drawn from the step count), the optimizer state and the policy all resume."""
+    from src.data import DnnexDataModule
+
+    def run(root, max_epochs, callbacks=(), ckpt_path=None):
+        L.seed_everything(0, verbose=False)
+        model = MLPClassifier(in_features=1, num_classes=2, depth=2, width=4, activation="relu")
+        with torch.no_grad():  # units 0 and 1 dead on [-1, 1], unit 2 always on
+            model.net.layers[0].weight.copy_(torch.tensor([[1.0], [1.0], [1.0], [1.0]]))
+            model.net.layers[0].bias.copy_(torch.tensor([-3.0, -2.0, 2.0, 0.0]))
+        detector = PlateauDetector(patience=3, min_delta=0.5)  # a scripted stall: no epoch improves by half
+        escape = PlateauEscape(actions={"any": [{"replace_units": True, "repeat": True}]})
+        trainer = quiet_trainer(
+            max_epochs=max_epochs, callbacks=[detector, escape, *callbacks], default_root_dir=root,
+            limit_val_batches=0, deterministic=True, enable_checkpointing=bool(callbacks),
+        )  # fmt: skip
+        trainer.fit(model, datamodule=DnnexDataModule(n_samples=200), ckpt_path=ckpt_path)
+        return model, detector
+
+    straight, detector = run(tmp_path / "a", 8)
+    replaced = [a["action"] for e in detector.events for a in e["actions"]]
+    assert len(replaced) == 2 and replaced[0].startswith("re-place idle units: net.layers.0 [0, 1, 2")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    run(tmp_path / "b", 5, callbacks=[checkpoint])
+    resumed, resumed_detector = run(tmp_path / "b", 8, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert [a["action"] for e in resumed_detector.events for a in e["actions"]] == replaced
+    for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_two_units_with_one_kink_are_named_redundant_and_one_is_re_placed(tmp_path):
+    from src.data import DnnexDataModule
+
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(in_features=1, num_classes=2, depth=2, width=2, activation="relu")
+    with torch.no_grad():  # both units: kink at x = 0, rising: one unit's worth of curve
+        model.net.layers[0].weight.copy_(torch.tensor([[1.0], [2.0]]))
+        model.net.layers[0].bias.copy_(torch.tensor([0.0, 0.0]))
+    detector = PlateauDetector(patience=3, min_delta=0.5)  # a scripted stall: no epoch improves by half
+    escape = PlateauEscape(actions={"redundant_units": [{"replace_units": True}]})
+    trainer = quiet_trainer(max_epochs=4, callbacks=[detector, escape], default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(model, datamodule=DnnexDataModule(n_samples=200))
+    stall = detector.events[0]
+    assert stall["diagnosis"] == "redundant_units" and stall["units"]["net.layers.0"]["redundant"] == [[0, 1]]
+    assert stall["actions"][0]["action"] == "re-place idle units: net.layers.0 [1]"
+    weight, bias = model.net.layers[0].weight.detach().flatten(), model.net.layers[0].bias.detach()
+    kinks = -bias / weight
+    assert abs(kinks[0] - kinks[1]) > 1e-3 and -1 <= kinks[1] <= 1  # the new one is elsewhere in the data
