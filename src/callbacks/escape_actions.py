@@ -157,10 +157,11 @@ def apply_action(
 def trust_ratio_(layers: dict[str, list[torch.nn.Parameter]], optimizer: torch.optim.Optimizer, ratio: float) -> None:
     """Scale each layer's gradients in place so that its SGD step ``lr * grad`` has the norm
     ``ratio * |[W, b]|``: both norms are taken over all the layer's parameters (weight and bias
-    together; a bias scaled by the weight's ratio alone takes a huge step where the weight's gradient
-    is tiny, and blew deep ReLU nets up). Layers without a weight matrix, or with a zero norm or gradient, are left alone. Call it
-    where the gradients are final for the step (Lightning: ``on_before_optimizer_step``); under DDP
-    they are already reduced, so every rank scales alike.
+    together; a bias scaled by the weight's ratio alone takes a huge step where the weight's
+    gradient is tiny, and blew deep ReLU nets up). Layers without a weight matrix, or with a zero
+    norm or gradient, are left alone. Call it where the gradients are final for the step
+    (Lightning: ``on_before_optimizer_step``); under DDP they are already reduced, so every rank
+    scales alike.
     """
     lrs = {param: float(group["lr"]) for group in optimizer.param_groups for param in group["params"]}
     for params in layers.values():
