@@ -228,7 +228,8 @@ class PlateauEscape(Callback):
         """An action made things worse (a divergence, or a stall at twice the loss it answered): go
         back to the weights, optimizer and kicks from before it, mark the event ``recovered`` (the
         detector then does not stop the run) and go on. The list that action came from is not used
-        again: the next stall gets the next list (``any``)."""
+        again: the next stall gets the next list (``any``). Where what made things worse was undoing
+        the kicks (a snapshot without a list), the kicks come back and stay (``keep_kicks``)."""
         snapshot, self._snapshot = self._snapshot, None
         lrs_before = [[float(g["lr"]) for g in o.param_groups] for o in trainer.optimizers]
         pl_module.load_state_dict(snapshot["model"])
