@@ -19,12 +19,12 @@ import torch
 import yaml
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from src.callbacks import FiniteModelCheckpoint, GracefulStop, TensorBoardDashboard
 from src.callbacks.plateau_rule import StallReporter
 from src.checkpoints import resolve_ckpt_path
 from src.errors import debugging, one_line, one_line_errors
+from src.loggers import BatchedTensorBoardLogger
 from src.models import MLPClassifier
 from src.names import DEBUG_ENV
 from src.summary import run_summary
@@ -105,7 +105,7 @@ class TemplateCLI(LightningCLI):
         if trainer.get("logger") in (None, True):
             kwargs.setdefault(
                 "logger",
-                TensorBoardLogger(
+                BatchedTensorBoardLogger(
                     save_dir=trainer.get("default_root_dir") or os.getcwd(),
                     version=self.resume_version,  # None: the next free version_N
                     default_hp_metric=False,  # the dashboard writes the real final metrics

@@ -13,7 +13,9 @@ Study file keys: ``base_config``, ``out_dir``, ``activations``, ``depths``, ``se
 ``PlateauEscape``), ``config`` (a config mapping
 stacked on ``base_config`` for every run, as a second ``--config`` would be), ``args`` (extra CLI
 options for every run), ``stalled_above`` (a final train loss above it counts as stalled) and
-``solved_below`` (the loss whose first epoch below it is reported).
+``solved_below`` (the loss whose first epoch below it is reported) and ``stop_below`` (optional:
+a run stops once its train loss is below it, through Lightning's ``EarlyStopping(stopping_threshold=)``;
+it must be at most ``solved_below`` and ``stalled_above``, so that neither column changes).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from src.names import TRAIN_LOSS
 REPO = Path(__file__).resolve().parent.parent
 KEYS = {
     "base_config", "out_dir", "activations", "depths", "seeds", "optimizers", "policies", "config", "args",
-    "stalled_above", "solved_below",
+    "stalled_above", "solved_below", "stop_below",
 }  # fmt: skip
 
 
@@ -80,6 +82,11 @@ def load_study(path: str | Path) -> dict[str, Any]:
     study.setdefault("args", [])
     study.setdefault("stalled_above", 0.5)
     study.setdefault("solved_below", 0.05)
+    stop = study.setdefault("stop_below", None)
+    if stop is not None and (not isinstance(stop, (int, float)) or not 0 < stop <= study["solved_below"]):
+        raise StudyError(
+            f"{path}: 'stop_below' must be a loss in (0, solved_below = {study['solved_below']}] or null, got {stop!r}"
+        )
     study.setdefault("out_dir", f"studies/{path.stem}")
     return study
 
@@ -121,6 +128,7 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
 
     import lightning as L
     import torch
+    from lightning.pytorch.callbacks import EarlyStopping
 
     from src.callbacks import PlateauDetector
     from src.cli import TemplateCLI, quiet_expected_warnings
@@ -145,6 +153,11 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
     cli = TemplateCLI(args=args, run=False, save_config_kwargs={"overwrite": True})
     probe = FirstBelow()
     cli.trainer.callbacks.append(probe)
+    if study["stop_below"] is not None:  # converged: the rest of the run would not change its row's verdicts
+        stop = EarlyStopping(
+            TRAIN_LOSS, patience=sys.maxsize, stopping_threshold=study["stop_below"], check_on_train_epoch_end=True
+        )
+        cli.trainer.callbacks.append(stop)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     final = float(cli.trainer.callback_metrics[TRAIN_LOSS])
     detector = next((cb for cb in cli.trainer.callbacks if isinstance(cb, PlateauDetector)), None)
@@ -157,6 +170,7 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
         "diagnosis": stalls[0]["diagnosis"] if stalls else "",
         "first_stall_epoch": stalls[0]["epoch"] if stalls else "",
         f"epoch_below_{study['solved_below']}": probe.epoch if probe.epoch is not None else "",
+        "epochs": cli.trainer.current_epoch,
         "seconds": round(time.perf_counter() - start, 1),
         "log_dir": cli.trainer.log_dir,
     }

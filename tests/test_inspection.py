@@ -147,7 +147,7 @@ def test_study_runs_a_grid_and_finds_sigmoid_stalls_where_relu_learns(tmp_path, 
         "base_config: configs/default.yaml\nactivations: [sigmoid, relu]\ndepths: [7]\nseeds: [0]\n"
         "config:\n  trainer:\n    callbacks: [{class_path: src.callbacks.PlateauDetector}]\n"
         "    enable_checkpointing: false\n"
-        "args: [--trainer.max_epochs=300]\n"
+        "args: [--trainer.max_epochs=300]\nstop_below: 0.05\n"
     )
     monkeypatch.chdir(tmp_path)
     result = call_entry(main, [str(study), "--out", str(tmp_path / "out"), "--workers", "2"], capsys)
@@ -157,6 +157,9 @@ def test_study_runs_a_grid_and_finds_sigmoid_stalls_where_relu_learns(tmp_path, 
         rows = {row["activation"]: row for row in csv.DictReader(f)}
     assert rows["sigmoid"]["stalled"] == "True" and rows["sigmoid"]["diagnosis"] == "flat"
     assert rows["relu"]["stalled"] == "False" and float(rows["relu"]["final_loss"]) < 0.05
+    # stop_below: the learned run stopped at its first epoch below 0.05; the stalled one ran on.
+    assert int(rows["relu"]["epochs"]) == int(rows["relu"]["epoch_below_0.05"]) + 1 < 300
+    assert int(rows["sigmoid"]["epochs"]) == 300
     assert "| sigmoid | 7 |" in (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "final_loss_vs_depth.png").read_bytes().startswith(PNG_MAGIC)
     for name in ("sigmoid_d07_s0", "relu_d07_s0"):  # each an ordinary logged run
@@ -184,6 +187,16 @@ def test_notebook_is_committed_clean_and_runs_on_a_fresh_run(notebook, run_dir, 
     ).execute()
     images = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 3
+
+
+def test_a_stop_below_above_solved_below_is_one_line(tmp_path, capsys):
+    from src.study import main
+
+    study = tmp_path / "bad.yaml"
+    study.write_text("activations: [relu]\ndepths: [2]\nseeds: [0]\nstop_below: 0.1\n")
+    result = call_entry(main, [str(study)], capsys)
+    assert result.returncode == 2 and "'stop_below' must be a loss in (0, solved_below = 0.05]" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_study_policy_axis_doubles_the_grid_and_shows_in_the_table(tmp_path):

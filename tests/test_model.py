@@ -136,7 +136,7 @@ def test_train_metrics_are_the_epoch_mean_over_samples_with_an_uneven_last_batch
 
 
 def test_callbacks_see_the_current_epochs_train_metrics_and_the_logger_gets_one_value_per_epoch():
-    # Logged once per epoch from training_step, the Metric objects are computed at the epoch end:
+    # Logged once per epoch, at the epoch's last batch in training_step:
     # a callback's on_train_epoch_end must see this epoch's value, not the previous one's.
     dm = Toy2DDataModule(n_samples=20, batch_size=5)
     model = MLPClassifier(in_features=2, num_classes=2, depth=2, width=8)
@@ -148,6 +148,25 @@ def test_callbacks_see_the_current_epochs_train_metrics_and_the_logger_gets_one_
     assert len(logged) == 5 and len(set(logged)) == 5  # one value per epoch, and training moved it
     assert [loss for loss, _ in probe.seen] == pytest.approx(logged)
     assert [acc for _, acc in probe.seen] == pytest.approx([value for _, value in logger.metrics["train/acc"]])
+
+
+def test_an_epoch_cut_short_by_max_steps_still_logs_its_train_metrics():
+    # 20 points in batches of 8, 8, 4 with max_steps=2: the epoch ends after 2 of its 3 batches, so
+    # it never reaches its last batch; the module logs the 16 samples it saw at the epoch end.
+    class BatchLosses(L.Callback):
+        seen: list[tuple[float, int]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.seen.append((float(outputs["loss"]), len(batch[0])))
+
+    dm = Toy2DDataModule(n_samples=20, batch_size=8)
+    model = MLPClassifier(in_features=2, num_classes=2, depth=2, width=8)
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.0)
+    probe, logger = BatchLosses(), MemoryLogger()
+    quiet_trainer(max_steps=2, callbacks=[probe], logger=logger, limit_val_batches=0).fit(model, datamodule=dm)
+    assert [n for _, n in probe.seen] == [8, 8]
+    expected = sum(loss * n for loss, n in probe.seen) / 16
+    assert [value for _, value in logger.metrics["train/loss"]] == pytest.approx([expected], rel=1e-5)
 
 
 def test_a_nan_loss_reaches_train_loss():
