@@ -65,12 +65,28 @@ def test_logged_norms_equal_hand_computation():
         hand = recorder.seen[step]
         logged = {name: dict(logger.metrics[f"grad_norm/{name}"])[step] for name in hand}
         assert logged == pytest.approx(hand, rel=1e-5)
+        log10 = {name: dict(logger.metrics[f"grad_norm_log10/{name}"])[step] for name in hand}
+        assert log10 == pytest.approx({name: math.log10(value) for name, value in hand.items()}, abs=1e-5)
         total = math.sqrt(sum(v**2 for v in hand.values()))
         assert dict(logger.metrics["grad_norm/total"])[step] == pytest.approx(total, rel=1e-5)
         # LayerNorm has no weight matrix: the flow ratio is Linear 0 over Linear 3
         assert dict(logger.metrics["grad_norm/first_to_last"])[step] == pytest.approx(
             hand["body.0"] / hand["body.3"], rel=1e-5
         )
+
+
+def test_a_zero_gradient_reads_the_log10_floor_and_log10_can_be_off():
+    class Frozen(TinyNet):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * 0.0  # every gradient is exactly zero
+
+    logger = MemoryLogger()
+    quiet_trainer(max_steps=1, logger=logger, callbacks=[GradNormMonitor(log_every_n_steps=1)]).fit(Frozen(), loader())
+    assert dict(logger.metrics["grad_norm_log10/body.0"]) == {0: -30.0}
+    logger = MemoryLogger()
+    monitor = GradNormMonitor(log_every_n_steps=1, log10=False)
+    quiet_trainer(max_steps=1, logger=logger, callbacks=[monitor]).fit(TinyNet(), loader())
+    assert "grad_norm/body.0" in logger.metrics and not any(k.startswith("grad_norm_log10/") for k in logger.metrics)
 
 
 def test_inf_norm_and_per_parameter_norms():

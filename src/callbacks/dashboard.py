@@ -18,6 +18,7 @@ from .names import (
     FINAL_STALLS,
     GRAD_NORM,
     GRAD_NORM_FIRST_TO_LAST,
+    GRAD_NORM_LOG10,
     GRAD_NORM_TOTAL,
     OPTIM_LR,
     OPTIM_MOMENTUM,
@@ -32,7 +33,7 @@ def custom_scalars_layout(layer_names: list[str]) -> dict[str, dict[str, list[An
     exact = re.escape
     return {
         "Why is it not learning?": {
-            "gradient norm of every layer": ["Multiline", [rf"^{exact(GRAD_NORM)}({layers})$"]],
+            "gradient norm of every layer (log10)": ["Multiline", [rf"^{exact(GRAD_NORM_LOG10)}({layers})$"]],
             "loss, with stall / divergence markers": ["Multiline", [r"^(train|val)/loss$", rf"^{exact(PLATEAU)}"]],
             "lr and momentum": ["Multiline", [rf"^({exact(OPTIM_LR)}|{exact(OPTIM_MOMENTUM)})$"]],
             "first-to-last layer gradient ratio": ["Multiline", [rf"^{exact(GRAD_NORM_FIRST_TO_LAST)}$"]],
@@ -40,6 +41,7 @@ def custom_scalars_layout(layer_names: list[str]) -> dict[str, dict[str, list[An
         "Metrics": {
             "accuracy": ["Multiline", [r"^(train|val|test)/acc$"]],
             "total gradient norm": ["Multiline", [rf"^{exact(GRAD_NORM_TOTAL)}$"]],
+            "gradient norm of every layer (linear)": ["Multiline", [rf"^{exact(GRAD_NORM)}({layers})$"]],
         },
     }
 
@@ -47,7 +49,8 @@ def custom_scalars_layout(layer_names: list[str]) -> dict[str, dict[str, list[An
 class TensorBoardDashboard(Callback):
     """Make a run readable in TensorBoard without configuring anything.
 
-    - At fit start, writes a Custom Scalars layout: every layer's gradient norm in one chart; the
+    - At fit start, writes a Custom Scalars layout: every layer's gradient norm in one chart (log10:
+      ``GradNormMonitor`` logs it; the linear values are under "Metrics"); the
       train/val loss together with the ``plateau/stall`` / ``plateau/divergence`` markers of a
       :class:`~.plateau.PlateauDetector` (the same step axis); lr and momentum in one chart.
     - Every ``log_every_n_steps`` steps (default: the Trainer's), logs ``optim/lr`` and

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -9,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from .grad_flow import GradNormRecorder
-from .names import GRAD_NORM, GRAD_NORM_FIRST_TO_LAST, GRAD_NORM_TOTAL
+from .names import GRAD_NORM, GRAD_NORM_FIRST_TO_LAST, GRAD_NORM_LOG10, GRAD_NORM_TOTAL, LOG10_FLOOR
 
 
 class GradNormMonitor(Callback):
@@ -24,7 +26,9 @@ class GradNormMonitor(Callback):
     Logged, at the trainer's global step:
         ``grad_norm/<layer>`` per layer, ``grad_norm/total``, ``grad_norm/first_to_last`` (the first
         over the last layer that has a weight matrix: the gradient flow), and with
-        ``per_parameter=True`` also ``grad_norm/<layer>.<weight|bias>``.
+        ``per_parameter=True`` also ``grad_norm/<layer>.<weight|bias>``; with ``log10=True`` (the
+        default) also ``grad_norm_log10/<layer>``, the log10 of each layer's norm (-30 for a zero
+        norm): a vanishing profile spans 1e-15 .. 1e-1, which a linear chart shows as zero and a spike.
 
     The recorded profiles are kept in ``recorder.history`` (see :class:`~.grad_flow.GradNormRecorder`).
 
@@ -34,6 +38,7 @@ class GradNormMonitor(Callback):
             Trainer's ``log_every_n_steps``.
         per_parameter: Also log each parameter's norm.
         history_size: How many profiles the recorder keeps.
+        log10: Also log each layer's norm as log10 (what the dashboard's first chart shows).
 
     Raises:
         ValueError: If ``norm_type`` is not positive or ``log_every_n_steps`` is below 1.
@@ -50,6 +55,7 @@ class GradNormMonitor(Callback):
         log_every_n_steps: int | None = None,
         per_parameter: bool = False,
         history_size: int = 1000,
+        log10: bool = True,
     ) -> None:
         super().__init__()
         if log_every_n_steps is not None and log_every_n_steps < 1:
@@ -61,6 +67,7 @@ class GradNormMonitor(Callback):
         self.norm_type = self.recorder.norm_type
         self.per_parameter = per_parameter
         self.log_every_n_steps = log_every_n_steps
+        self.log10 = log10
         self._warned_nonfinite = False
 
     @property
@@ -98,5 +105,10 @@ class GradNormMonitor(Callback):
         metrics[GRAD_NORM_TOTAL] = profile.total
         metrics[GRAD_NORM_FIRST_TO_LAST] = profile.first_to_last()
         metrics.update((f"{GRAD_NORM}{name}", value) for name, value in self.recorder.param_norms.items())
+        if self.log10:
+            metrics.update(
+                (f"{GRAD_NORM_LOG10}{name}", math.log10(value) if value > 0 else LOG10_FLOOR)
+                for name, value in zip(profile.names, profile.norms, strict=True)
+            )
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

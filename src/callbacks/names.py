@@ -8,6 +8,10 @@ EVENTS_FILE = "stall_events.json"  # in the run directory: every stall and diver
 GRAD_NORM = "grad_norm/"  # + a layer name (``grad_norm/layers.0``), or one of the two below
 GRAD_NORM_TOTAL = "grad_norm/total"
 GRAD_NORM_FIRST_TO_LAST = "grad_norm/first_to_last"
+# + a layer name: log10 of its gradient norm (a zero norm reads -30), so that norms spanning 1e-15 .. 1e-1
+# share one readable chart; TensorBoard's custom-scalar charts have no log axis.
+GRAD_NORM_LOG10 = "grad_norm_log10/"
+LOG10_FLOOR = -30.0
 
 PLATEAU = "plateau/"  # + an event kind: ``plateau/stall``, ``plateau/divergence`` (markers on the step axis)
 PLATEAU_EVENTS_TEXT = "plateau/events"
