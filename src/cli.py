@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 
 from src.callbacks import FiniteModelCheckpoint, GracefulStop, TensorBoardDashboard
@@ -98,6 +99,8 @@ class TemplateCLI(LightningCLI):
         config = self.section(self.config_init)
         trainer = config["trainer"]
         callbacks = list(trainer.get("callbacks") or [])
+        if trainer.get("enable_progress_bar") is False:  # the flag turns off whichever bar the config names
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
         if trainer.get("enable_checkpointing") is not False:
             callbacks.append(config["checkpoint"])
         callbacks += [kind() for kind in (GracefulStop, TensorBoardDashboard) if not _has(callbacks, kind)]

@@ -9,6 +9,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 _HOME = {
+    "EpochProgressBar": "progress",
     "EscapeAction": "escape_actions",
     "FiniteModelCheckpoint": "reliability",
     "GracefulStop": "reliability",
@@ -19,6 +20,7 @@ _HOME = {
     "TensorBoardDashboard": "dashboard",
 }
 __all__ = [
+    "EpochProgressBar",
     "EscapeAction",
     "FiniteModelCheckpoint",
     "GracefulStop",
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from .grad_flow import GradNormRecorder
     from .grad_norm import GradNormMonitor
     from .plateau import PlateauDetector
+    from .progress import EpochProgressBar
     from .reliability import FiniteModelCheckpoint, GracefulStop
 
 
