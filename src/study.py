@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm.auto import tqdm
 
 from src.errors import fail, one_line_errors
 from src.names import TRAIN_LOSS
@@ -254,20 +255,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(points)} runs in {workers} processes, logs under {out_dir / 'runs'}", flush=True)
     start, rows = time.perf_counter(), []
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    # The overall bar on stderr; one line per finished run on stdout, printed above it.
+    bar = tqdm(total=len(points), desc="study", unit="run", file=sys.stderr, dynamic_ncols=True)
+    with bar, ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {pool.submit(run_point, study, p, str(out_dir)): p for p in points}
         for done, future in enumerate(as_completed(futures), start=1):
             point = futures[future]
+            bar.update(1)
             try:
                 row = future.result()
             except Exception as err:  # one failed run must not lose the others
-                print(f"[{done}/{len(points)}] {run_name(point)}: FAILED ({err})", flush=True)
+                bar.write(f"[{done}/{len(points)}] {run_name(point)}: FAILED ({err})", file=sys.stdout)
                 continue
             rows.append(row)
             state = f"stalled ({row['diagnosis'] or 'no event'})" if row["stalled"] else "learned"
             elapsed = time.perf_counter() - start
-            print(f"[{done}/{len(points)}] {row['run']}: final loss {row['final_loss']:.4g}, {state} "
-                  f"({elapsed:.0f} s elapsed)", flush=True)  # fmt: skip
+            bar.write(f"[{done}/{len(points)}] {row['run']}: final loss {row['final_loss']:.4g}, {state} "
+                      f"after {row['epochs']} epochs ({elapsed:.0f} s elapsed)", file=sys.stdout)  # fmt: skip
+            bar.set_postfix(learned=sum(not r["stalled"] for r in rows), stalled=sum(r["stalled"] for r in rows))
     if not rows:
         fail("every run failed; run one alone with python -m src.train to see why")
     command = "python -m src.study " + " ".join(sys.argv[1:] if argv is None else argv)
