@@ -41,7 +41,8 @@ class PlateauDetector(Callback):
     norms over the patience window and, in a ReLU MLP, the units that did nothing over the last
     epoch: ``vanishing``, ``dead_units``, ``always_on_units``, ``redundant_units``, ``flat`` or
     ``unclear``, see :func:`~.plateau_rule.diagnose`; the units involved are in the event's
-    ``units``), logs a ``plateau/stall`` scalar marker and a text entry,
+    ``units``), logs a ``plateau/stall`` scalar marker (at the event's step, with the monitored
+    value, so that it sits on the loss curve) and a text entry,
     writes the events to ``stall_events.json`` in the run directory and keeps them in its state, so
     a resumed run knows them. A NaN or infinite value, or one worse than ``divergence_threshold``,
     is recorded as a ``divergence`` event instead, and stops training when ``stop_on_divergence`` is set.
@@ -288,7 +289,10 @@ class PlateauDetector(Callback):
             f"PlateauDetector: {event['kind']} ({what}) at epoch {event['epoch']}, "
             f"{self.monitor} = {event['value']}".replace(" ()", "")
         )
-        marker = {f"{PLATEAU}{event['kind']}": float(len(self.events))}
+        # The marker sits on the monitored curve: its value is the value the event saw (a divergence's
+        # NaN/inf reads as the threshold, or 0), so it shows on the loss chart without stretching its axis.
+        value = event["value"] if isinstance(event["value"], float) else (self.divergence_threshold or 0.0)
+        marker = {f"{PLATEAU}{event['kind']}": float(value)}
         for logger in trainer.loggers:
             logger.log_metrics(marker, step=event["step"])
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
