@@ -6,8 +6,8 @@
 
 Reads the TensorBoard event files, ``config.yaml`` and ``stall_events.json``; nothing is re-trained.
 Writes ``loss.png`` (train/val loss with stall and escape markers), ``gradient_flow.png``
-(gradient norm against layer index, at the start and at the end, log scale: the source study's
-picture) and ``grad_heatmap.png`` (layer x step). The notebook uses the same functions.
+(gradient norm against layer index, log scale, at the start, at each stall with its diagnosis and
+at the end: the source study's picture) and ``grad_heatmap.png`` (layer x step). The notebook uses the same functions.
 """
 
 from __future__ import annotations
@@ -209,23 +209,40 @@ def plot_loss(run: Run):
     return fig
 
 
-def plot_gradient_flow(run: Run):
-    """Gradient norm against layer index at the first, middle and last logged step (log scale)."""
+def stall_profiles(run: Run) -> list[tuple[str, list[float]]]:
+    """The per-layer gradient norms each stall's diagnosis saw (from ``stall_events.json``), labelled
+    with the epoch and the diagnosis, in layer order; events without them are left out."""
+    layers = run.layer_names()
+    profiles = []
+    for event in run.events:
+        norms = event.get("grad_norms") or {}
+        if event["kind"] != "stall" or not layers or not all(name in norms for name in layers):
+            continue
+        profiles.append((f"stall at epoch {event['epoch']}: {event.get('diagnosis', '?')}", [norms[n] for n in layers]))
+    return profiles
+
+
+def plot_gradient_flow(run: Run, ax=None):
+    """Gradient norm against layer (log scale) at the first logged step, at each stall (the profile its
+    diagnosis saw, named in the legend) and at the last logged step."""
     plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4.5)) if ax is None else (ax.figure, ax)
     layers, steps, rows = run.grad_matrix()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     if not layers:
         ax.text(0.5, 0.5, "no grad_norm/<layer> scalars in this run", ha="center", transform=ax.transAxes)
         return fig
-    picks = sorted({0, len(steps) // 2, len(steps) - 1})
-    for i in picks:
-        ax.plot(range(len(layers)), [max(r[i], 1e-30) for r in rows], marker="o", label=f"step {steps[i]}")
+    curves = [(f"step {steps[0]} (start)", [r[0] for r in rows]), *stall_profiles(run)]
+    if len(steps) > 1:
+        curves.append((f"step {steps[-1]} (end)", [r[-1] for r in rows]))
+    for i, (label, norms) in enumerate(curves):
+        style = {"linestyle": "--", "color": "gray"} if i == 0 else {}
+        ax.plot(range(len(layers)), [max(v, 1e-30) for v in norms], marker="o", label=label, **style)
     ax.set_yscale("log")
     ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
     ax.set_xlabel("layer (input -> output)")
     ax.set_ylabel("gradient norm")
-    ax.set_title("gradient flow: flat lines are healthy, a rising line is vanishing")
-    ax.legend()
+    ax.set_title(f"gradient flow at each stall: {run.path.name}", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

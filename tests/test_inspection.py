@@ -168,6 +168,25 @@ def test_study_runs_a_grid_and_finds_sigmoid_stalls_where_relu_learns(tmp_path, 
         assert list((tmp_path / "out" / "runs" / name).glob("lightning_logs/version_0/events.out.tfevents.*"))
 
 
+def test_gradient_flow_draws_each_stall_as_its_diagnosis_saw_it(tmp_path):
+    from src.report import Run, plot_gradient_flow, stall_profiles
+
+    layers = ["layers.0", "layers.1", "layers.2"]
+    scalars = {f"grad_norm/{name}": ([0, 10, 500], [1e-3 * (i + 1), 1e-9, 1e-2]) for i, name in enumerate(layers)}
+    events = [
+        {"kind": "stall", "epoch": 120, "diagnosis": "vanishing", "grad_norms": dict(zip(layers, [1e-12, 1e-8, 1e-4]))},
+        {"kind": "divergence", "epoch": 300},
+        {"kind": "stall", "epoch": 400, "diagnosis": "flat", "grad_norms": dict(zip(layers, [1e-5, 2e-5, 1e-5]))},
+    ]
+    run = Run(tmp_path, scalars, events=events)
+    assert stall_profiles(run) == [
+        ("stall at epoch 120: vanishing", [1e-12, 1e-8, 1e-4]),
+        ("stall at epoch 400: flat", [1e-5, 2e-5, 1e-5]),
+    ]
+    legend = [t.get_text() for t in plot_gradient_flow(run).axes[0].get_legend().get_texts()]
+    assert legend == ["step 0 (start)", "stall at epoch 120: vanishing", "stall at epoch 400: flat", "step 500 (end)"]
+
+
 def test_bad_study_file_is_one_line(tmp_path, capsys):
     from src.study import main
 
