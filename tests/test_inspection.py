@@ -173,10 +173,16 @@ def test_gradient_flow_draws_each_stall_as_its_diagnosis_saw_it(tmp_path):
 
     layers = ["layers.0", "layers.1", "layers.2"]
     scalars = {f"grad_norm/{name}": ([0, 10, 500], [1e-3 * (i + 1), 1e-9, 1e-2]) for i, name in enumerate(layers)}
+    vanishing, flat = [1e-12, 1e-8, 1e-4], [1e-5, 2e-5, 1e-5]
     events = [
-        {"kind": "stall", "epoch": 120, "diagnosis": "vanishing", "grad_norms": dict(zip(layers, [1e-12, 1e-8, 1e-4]))},
+        {
+            "kind": "stall",
+            "epoch": 120,
+            "diagnosis": "vanishing",
+            "grad_norms": dict(zip(layers, vanishing, strict=True)),
+        },
         {"kind": "divergence", "epoch": 300},
-        {"kind": "stall", "epoch": 400, "diagnosis": "flat", "grad_norms": dict(zip(layers, [1e-5, 2e-5, 1e-5]))},
+        {"kind": "stall", "epoch": 400, "diagnosis": "flat", "grad_norms": dict(zip(layers, flat, strict=True))},
     ]
     run = Run(tmp_path, scalars, events=events)
     assert stall_profiles(run) == [
