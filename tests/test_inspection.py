@@ -140,6 +140,44 @@ def test_tensorboard_serves_the_scalars_layout_and_hparams_of_a_run(run_dir):
 
 
 @pytest.mark.slow
+def test_tensorboard_in_a_browser_shows_the_stall_charts_and_the_hparams_table(run_dir, tmp_path):
+    from src.figures import browser_missing, look_at_tensorboard
+
+    if (why := browser_missing()) is not None:
+        pytest.skip(why)
+    seen = look_at_tensorboard(run_dir.parent, tmp_path)
+    assert seen["layer_lines"] == 7  # "gradient norm of every layer (log10)": one line per layer
+    assert {"train/loss (version_0)", "val/loss (version_0)", "plateau/stall (version_0)"} <= {
+        series.lstrip("◼▲◆●▼★✚ ").strip() for series in seen["loss_series"]
+    }  # the loss chart with its stall markers
+    assert seen["hparams_runs"] == ["version_0"] and seen["hparams_final_metrics"]
+    for name in ("tensorboard_custom_scalars.png", "tensorboard_hparams.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.slow
+def test_the_figures_command_redraws_the_readme_pictures(tmp_path, capsys, monkeypatch):
+    from src.figures import browser_missing, main
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "summary.csv").write_text(
+        "policy,optimizer,activation,depth,seed,run,final_loss,stalled,diagnosis,first_stall_epoch,epoch_below_0.05\n"
+        "none,config,sigmoid,7,0,r1,0.6931,True,flat,120,\n"
+        "default,config,sigmoid,7,0,r2,0.001,False,flat,120,600\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "figures"
+    result = call_entry(main, ["--out", str(out), "--epochs", "250", "--study", str(study)], capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = ["gradient_flow.png", "loss.png", "final_loss_vs_depth.png"]
+    names += ["tensorboard_custom_scalars.png", "tensorboard_hparams.png"] if browser_missing() is None else []
+    for name in names:
+        assert f"wrote {out / name}" in result.stdout
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.slow
 def test_study_runs_a_grid_and_finds_sigmoid_stalls_where_relu_learns(tmp_path, capsys, monkeypatch):
     from src.study import main
 
