@@ -49,6 +49,29 @@ def test_lr_raise_is_capped_and_survives_schedulers_that_recompute_from_base_lrs
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2.5)
 
 
+@pytest.mark.parametrize("kind", ["OneCycleLR", "CyclicLR"])
+def test_lr_raise_and_momentum_survive_schedulers_that_recompute_both_every_step(kind):
+    # Both recompute lr and momentum at every step from their own bounds: the action must move those.
+    def make():
+        optimizer = sgd(lr=0.1, momentum=0.5)
+        if kind == "OneCycleLR":
+            return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=100)
+        return optimizer, torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=0.01, max_lr=0.1, step_size_up=10)
+
+    (plain, plain_scheduler), (kicked, kicked_scheduler) = make(), make()
+    for _ in range(5):
+        for optimizer, scheduler in ((plain, plain_scheduler), (kicked, kicked_scheduler)):
+            optimizer.step()
+            scheduler.step()
+    apply_action(kicked, EscapeAction(lr_factor=5, momentum=0.9), [kicked_scheduler])
+    for _ in range(40):  # through the warm-up's top and into the decay
+        for optimizer, scheduler in ((plain, plain_scheduler), (kicked, kicked_scheduler)):
+            optimizer.step()
+            scheduler.step()
+        assert kicked.param_groups[0]["lr"] == pytest.approx(5 * plain.param_groups[0]["lr"])
+        assert kicked.param_groups[0]["momentum"] == 0.9
+
+
 def fake_trainer(optimizer, scheduler, events):
     detector = SimpleNamespace(events=events, mode="min", save_events=lambda trainer: None)
     trainer = SimpleNamespace(
@@ -323,3 +346,29 @@ def test_a_divergence_after_the_kick_is_undone_rolls_back_to_the_undo_and_keeps_
     assert len(at_undo) == 2 and torch.equal(after_rollback[0], at_undo[1])  # the weights at the undo, exactly
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert "keep_kicks" in escape.state_dict() and escape.state_dict()["keep_kicks"] is True
+
+
+def test_validate_and_test_outside_a_fit_change_nothing_and_do_not_crash():
+    """``validate``/``test`` after a fit, or on a fresh trainer, apply no action (EarlyStopping's guard)."""
+
+    class NanValidation(MLPClassifier):
+        def validation_step(self, batch, batch_idx):
+            return super().validation_step((batch[0] * float("nan"), batch[1]), batch_idx)
+
+    dm = Toy2DDataModule()
+    detector = PlateauDetector(monitor="val/loss", patience=1, check_on_train_epoch_end=False)
+    escape = PlateauEscape()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[GradNormMonitor(), detector, escape])
+    model = NanValidation(depth=2, width=4)
+    model.validation_step = MLPClassifier.validation_step.__get__(model)  # a finite fit
+    trainer.fit(model, datamodule=dm)
+    group = dict(trainer.optimizers[0].param_groups[0])
+    del model.validation_step  # NaN from here on: a fit would call it a divergence
+    for _ in range(3):
+        trainer.validate(model, datamodule=dm, verbose=False)
+    assert {k: trainer.optimizers[0].param_groups[0][k] for k in ("lr", "momentum")} == {
+        k: group[k] for k in ("lr", "momentum")
+    }
+    assert not detector.events and escape.spent == 0
+    fresh = quiet_trainer(callbacks=[GradNormMonitor(), PlateauDetector(), PlateauEscape()])
+    assert fresh.validate(model, datamodule=dm, verbose=False) and fresh.test(model, datamodule=dm, verbose=False)

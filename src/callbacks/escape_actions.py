@@ -111,6 +111,10 @@ def check_applicable(optimizer: torch.optim.Optimizer, action: EscapeAction) -> 
             )
 
 
+def _schedulers_of(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]) -> list[Any]:
+    return [scheduler for scheduler in schedulers if getattr(scheduler, "optimizer", None) is optimizer]
+
+
 def apply_action(
     optimizer: torch.optim.Optimizer, action: EscapeAction, schedulers: Sequence[Any] = ()
 ) -> dict[str, list[float]]:
@@ -120,8 +124,11 @@ def apply_action(
     ``replace_units`` need the model (:func:`trust_ratio_`, :func:`~.units.replace_units`).
 
     The optimizer object is never replaced, so schedulers, ``LearningRateMonitor`` and checkpoints
-    keep working. An lr raise is also applied to ``initial_lr`` and to each scheduler's ``base_lrs``,
-    so that schedulers which recompute the lr from them (``LambdaLR``, ``CosineAnnealingLR``...) keep it.
+    keep working. A scheduler that recomputes the lr or momentum at every step would overwrite the
+    change at the next one, so the change goes into what it computes them from as well: an lr raise
+    scales ``initial_lr``, OneCycleLR's ``max_lr`` / ``min_lr`` and each scheduler's ``base_lrs``
+    (and CyclicLR's ``max_lrs``); a new momentum replaces OneCycleLR's ``base_momentum`` /
+    ``max_momentum`` and CyclicLR's ``base_momentums`` / ``max_momentums`` (the cycle stops there).
     """
     check_applicable(optimizer, action)
     for index, group in enumerate(optimizer.param_groups):
@@ -130,6 +137,13 @@ def apply_action(
             if action.compensate_lr:
                 factor *= (1 - action.momentum) / (1 - group["momentum"])
             group["momentum"] = action.momentum
+            for key in ("base_momentum", "max_momentum"):  # OneCycleLR(cycle_momentum=True)
+                if key in group:
+                    group[key] = action.momentum
+            for scheduler in _schedulers_of(optimizer, schedulers):  # CyclicLR(cycle_momentum=True)
+                for key in ("base_momentums", "max_momentums"):
+                    if isinstance(getattr(scheduler, key, None), list):
+                        getattr(scheduler, key)[index] = action.momentum
             for param in group["params"]:
                 optimizer.state.get(param, {}).pop("momentum_buffer", None)
         if action.nesterov is not None:
@@ -142,11 +156,13 @@ def apply_action(
                 new_lr = min(new_lr, action.max_lr)
             factor = new_lr / float(group["lr"])
             group["lr"] = new_lr if not isinstance(group["lr"], torch.Tensor) else group["lr"].fill_(new_lr)
-            if "initial_lr" in group:
-                group["initial_lr"] *= factor
-            for scheduler in schedulers:
-                if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
-                    scheduler.base_lrs[index] *= factor
+            for key in ("initial_lr", "max_lr", "min_lr"):  # max_lr, min_lr: OneCycleLR's
+                if key in group:
+                    group[key] *= factor
+            for scheduler in _schedulers_of(optimizer, schedulers):
+                for key in ("base_lrs", "max_lrs"):  # max_lrs: CyclicLR's
+                    if isinstance(getattr(scheduler, key, None), list):
+                        getattr(scheduler, key)[index] *= factor
     return {
         "lr": [float(group["lr"]) for group in optimizer.param_groups],
         "momentum": [float(group.get("momentum", 0.0)) for group in optimizer.param_groups],
