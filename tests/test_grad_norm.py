@@ -134,3 +134,44 @@ def test_bad_arguments_are_rejected():
         GradNormMonitor(norm_type=0)
     with pytest.raises(ValueError, match="log_every_n_steps"):
         GradNormMonitor(log_every_n_steps=0)
+
+
+class TwoOptimizers(L.LightningModule):
+    """A GAN's shape: manual optimization, a generator and a discriminator, each with its own SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Linear(3, 3)
+        self.discriminator = nn.Linear(3, 1)
+        self.seen: list[tuple[int, str, float]] = []  # (global step, which, its gradient norm)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()
+        for which, module, opt in (("g", self.generator, opt_g), ("d", self.discriminator, opt_d)):
+            opt.zero_grad()
+            other = self.discriminator if which == "g" else self.generator
+            other.zero_grad()  # the other model's gradients are there too, and must not be counted
+            self.manual_backward(self.discriminator(self.generator(x)).pow(2).mean())
+            grads = torch.cat([p.grad.flatten() for p in module.parameters()])
+            self.seen.append((self.trainer.global_step, which, grads.norm().item()))
+            opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.generator.parameters(), lr=0.01), torch.optim.SGD(self.discriminator.parameters())
+
+
+def test_two_optimizers_log_each_ones_own_norms_every_n_of_its_own_steps():
+    logger, model = MemoryLogger(), TwoOptimizers()
+    quiet_trainer(max_steps=12, logger=logger, callbacks=[GradNormMonitor(log_every_n_steps=2)]).fit(model, loader())
+    # 6 batches, 12 optimizer steps alternating g, d; every 2nd step of each optimizer: steps 0, 4, 8 and 1, 5, 9
+    assert [step for step, _ in logger.metrics["grad_norm/generator"]] == [0, 4, 8]
+    assert [step for step, _ in logger.metrics["grad_norm/discriminator"]] == [1, 5, 9]
+    hand = {(step, which): norm for step, which, norm in model.seen}
+    for step, value in logger.metrics["grad_norm/generator"]:
+        assert value == pytest.approx(hand[step, "g"], rel=1e-5)
+        assert dict(logger.metrics["grad_norm/total/optimizer_0"])[step] == pytest.approx(hand[step, "g"], rel=1e-5)
+    for step, value in logger.metrics["grad_norm/discriminator"]:
+        assert value == pytest.approx(hand[step, "d"], rel=1e-5)
+    assert "grad_norm/total" not in logger.metrics

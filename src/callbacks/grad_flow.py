@@ -126,9 +126,13 @@ class GradNormRecorder:
         self._layers: dict[str, list[nn.Parameter]] = {}
         self._param_names: list[str] = []
 
-    def bind(self, module: nn.Module) -> GradNormRecorder:
-        """Read which parameters make each layer (again, if they changed: frozen, unfrozen or new)."""
+    def bind(self, module: nn.Module, only: set[int] | None = None) -> GradNormRecorder:
+        """Read which parameters make each layer (again, if they changed: frozen, unfrozen or new);
+        with ``only`` (parameter ids, e.g. one optimizer's), just those parameters and their layers."""
         self._layers = parameter_layers(module)
+        if only is not None:
+            kept = {name: [p for p in params if id(p) in only] for name, params in self._layers.items()}
+            self._layers = {name: params for name, params in kept.items() if params}
         short = {id(p): name.rsplit(".", 1)[-1] for name, p in module.named_parameters()}
         self._param_names = [f"{layer}.{short[id(p)]}" for layer, ps in self._layers.items() for p in ps]
         return self

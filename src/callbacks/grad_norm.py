@@ -32,6 +32,10 @@ class GradNormMonitor(Callback):
 
     The recorded profiles are kept in ``recorder.history`` (see :class:`~.grad_flow.GradNormRecorder`).
 
+    With several optimizers (manual optimization, a GAN), each optimizer's step logs the norms of its
+    own parameters, every ``log_every_n_steps`` of its own steps; the total and the ratio get the
+    suffix ``/optimizer_<i>`` (the layer names already differ).
+
     Args:
         norm_type: The p of the p-norm: 2 by default, ``inf`` for the largest absolute gradient.
         log_every_n_steps: Compute and log every this many optimizer steps; ``None`` takes the
@@ -68,7 +72,11 @@ class GradNormMonitor(Callback):
         self.per_parameter = per_parameter
         self.log_every_n_steps = log_every_n_steps
         self.log10 = log10
+        self.history_size = history_size
         self._warned_nonfinite = False
+        # With several optimizers: a recorder of each one's parameters, and each one's step count.
+        self._per_optimizer: list[GradNormRecorder] = []
+        self._optimizer_steps: list[int] = []
 
     @property
     @override
@@ -83,17 +91,33 @@ class GradNormMonitor(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After configure_model: the parameters exist now.
-        self.recorder.every_n_steps = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        self.recorder.every_n_steps = every
         self.recorder.bind(pl_module)
+        self._per_optimizer, self._optimizer_steps = [], []
+        if len(trainer.optimizers) > 1:
+            for opt in trainer.optimizers:
+                params = {id(p) for group in opt.param_groups for p in group["params"]}
+                recorder = GradNormRecorder(every, self.norm_type, self.history_size, self.per_parameter)
+                self._per_optimizer.append(recorder.bind(pl_module, only=params))
+                self._optimizer_steps.append(0)
 
     @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step = trainer.global_step
-        if not self.recorder.due(step):
+        step, recorder, suffix = trainer.global_step, self.recorder, ""
+        if self._per_optimizer:
+            inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+            index = next(i for i, opt in enumerate(trainer.optimizers) if opt is inner or opt is optimizer)
+            recorder, suffix = self._per_optimizer[index], f"/optimizer_{index}"
+            due = self._optimizer_steps[index] % recorder.every_n_steps == 0
+            self._optimizer_steps[index] += 1
+            if not due:
+                return
+        elif not recorder.due(step):
             return
-        profile = self.recorder.record(step)
+        profile = recorder.record(step)
         if profile is None:
             if not self._warned_nonfinite:
                 rank_zero_warn(f"GradNormMonitor: gradients at step {step} are not finite; such steps are not logged")
@@ -102,9 +126,9 @@ class GradNormMonitor(Callback):
         if not trainer.loggers:
             return
         metrics = {f"{GRAD_NORM}{name}": value for name, value in zip(profile.names, profile.norms, strict=True)}
-        metrics[GRAD_NORM_TOTAL] = profile.total
-        metrics[GRAD_NORM_FIRST_TO_LAST] = profile.first_to_last()
-        metrics.update((f"{GRAD_NORM}{name}", value) for name, value in self.recorder.param_norms.items())
+        metrics[f"{GRAD_NORM_TOTAL}{suffix}"] = profile.total
+        metrics[f"{GRAD_NORM_FIRST_TO_LAST}{suffix}"] = profile.first_to_last()
+        metrics.update((f"{GRAD_NORM}{name}", value) for name, value in recorder.param_norms.items())
         if self.log10:
             metrics.update(
                 (f"{GRAD_NORM_LOG10}{name}", math.log10(value) if value > 0 else LOG10_FLOOR)
