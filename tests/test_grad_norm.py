@@ -175,3 +175,60 @@ def test_two_optimizers_log_each_ones_own_norms_every_n_of_its_own_steps():
     for step, value in logger.metrics["grad_norm/discriminator"]:
         assert value == pytest.approx(hand[step, "d"], rel=1e-5)
     assert "grad_norm/total" not in logger.metrics
+
+
+@pytest.mark.slow
+def test_the_callbacks_folder_works_copied_into_a_project_with_its_own_src(tmp_path):
+    """The folder imports only torch, Lightning and itself: copied into another project (whose own
+    package is also called ``src``), its three lines of use run a fit that stalls and gets out."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    project = tmp_path / "their_project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "__init__.py").write_text("")
+    (project / "src" / "net.py").write_text(
+        "import lightning as L, torch\n"
+        "from torch import nn\n"
+        "class Net(L.LightningModule):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        layers = [m for _ in range(6) for m in (nn.Linear(10, 10), nn.Sigmoid())]\n"
+        "        self.body = nn.Sequential(nn.Linear(2, 10), nn.Sigmoid(), *layers, nn.Linear(10, 1))\n"
+        "    def training_step(self, batch, i):\n"
+        "        loss = nn.functional.binary_cross_entropy_with_logits(self.body(batch[0]).squeeze(-1), batch[1])\n"
+        "        self.log('loss', loss)\n"
+        "        return loss\n"
+        "    def configure_optimizers(self):\n"
+        "        return torch.optim.SGD(self.parameters(), lr=0.0)  # a scripted stall: the loss never moves\n"
+    )
+    shutil.copytree(REPO / "src" / "callbacks", project / "src" / "stall", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "train.py").write_text(
+        "import lightning as L, torch\n"
+        "from src.net import Net\n"
+        "from src.stall import GradNormMonitor, PlateauDetector, PlateauEscape\n"
+        "L.seed_everything(0)\n"
+        "x = torch.cat([torch.randn(10, 2) + torch.tensor([0.0, 8.0]),\n"
+        "               torch.randn(10, 2) + torch.tensor([8.0, 0.0])])\n"
+        "y = torch.cat([torch.ones(10), torch.zeros(10)])\n"
+        "data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=20)\n"
+        "detector = PlateauDetector(monitor='loss', patience=5, warmup=0)\n"
+        "callbacks = [GradNormMonitor(), detector, PlateauEscape()]\n"
+        "trainer = L.Trainer(max_epochs=8, callbacks=callbacks, logger=False, enable_checkpointing=False,\n"
+        "                    enable_progress_bar=False)\n"
+        "trainer.fit(Net(), data)\n"
+        "import src.stall, src.net\n"
+        "print('from', src.stall.__file__, src.net.__file__)\n"
+        "events = [(e['kind'], e.get('diagnosis'), [a['action'] for a in e['actions']]) for e in detector.events]\n"
+        "print('events', events)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no PYTHONPATH: this repository is not on the path
+    result = subprocess.run(
+        [sys.executable, "train.py"], cwd=project, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"from {project / 'src' / 'stall' / '__init__.py'} {project / 'src' / 'net.py'}" in result.stdout
+    assert "events [('stall', 'vanishing', ['momentum 0.0, layer-wise steps of 0.01 x |W|'])]" in result.stdout

@@ -194,3 +194,29 @@ def test_validate_sanity_check_and_fast_dev_run_count_no_checks(tmp_path):
     fast = PlateauDetector(monitor="val/loss", patience=1)
     quiet_trainer(fast_dev_run=2, callbacks=[fast]).fit(NanValidation(depth=2, width=4), datamodule=dm)
     assert fast.tracker.checks == 0 and not fast.events
+
+
+class LogsPlainLoss(MLPClassifier):
+    """A foreign project's habit: ``self.log("loss", ...)`` per step, no ``train/`` prefix."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize(
+    ("every_n_epoch", "limit_val", "monitor", "checks"),
+    [
+        (1, 0, "loss", 6),  # no validation at all: every train epoch end (EarlyStopping's rule)
+        (1, None, "loss", 6),  # validation every epoch: its metrics are in by the train epoch end
+        (3, None, "val/loss", 2),  # validation every 3rd epoch: after each validation run
+        (3, None, "train/loss", 6),  # a train/ metric: every train epoch end whatever validation does
+    ],
+)
+def test_checks_follow_earlystoppings_rule_for_where_the_metric_is_logged(every_n_epoch, limit_val, monitor, checks):
+    detector = PlateauDetector(monitor=monitor)
+    kwargs = {"limit_val_batches": limit_val} if limit_val is not None else {}
+    trainer = quiet_trainer(max_epochs=6, callbacks=[detector], check_val_every_n_epoch=every_n_epoch, **kwargs)
+    trainer.fit(LogsPlainLoss(depth=2, width=4), datamodule=Toy2DDataModule())
+    assert detector.tracker.checks == checks

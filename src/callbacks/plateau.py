@@ -31,8 +31,10 @@ class PlateauDetector(Callback):
     r"""Detects that a monitored metric has stopped improving, and diagnoses why.
 
     A check happens once per training epoch, at its end, when ``monitor`` is a training metric
-    (``train/...``), otherwise after each validation run; ``check_on_train_epoch_end`` overrides
-    that. ``patience`` counts checks, as in ``EarlyStopping``: with one check per epoch,
+    (``train/...``) or, as ``EarlyStopping`` decides, when validation runs once per epoch (or not at
+    all: a metric logged in ``training_step`` under any name); otherwise after each validation run.
+    ``check_on_train_epoch_end`` overrides that. ``patience`` counts checks, as in ``EarlyStopping``:
+    with one check per epoch,
     ``patience=100`` means 100 epochs without an improvement larger than ``min_delta``. As in
     ``EarlyStopping``, nothing is checked outside ``fit`` (``validate``, ``test``), in the sanity
     check, or under ``fast_dev_run``.
@@ -65,7 +67,8 @@ class PlateauDetector(Callback):
         cooldown: Checks after a stall before waiting starts again (time for a remedy to act).
         warmup: Checks at the start that can never end in a stall.
         check_on_train_epoch_end: Check at train epoch end (``True``) or after validation (``False``);
-            ``None`` picks by the ``train/`` prefix of ``monitor``.
+            ``None``: at train epoch end for a ``train/`` metric or when validation runs every
+            epoch (``EarlyStopping``'s rule), otherwise after validation.
         vanishing_ratio: First-to-last layer gradient ratio below which the diagnosis is ``vanishing``.
         flat_norm: Gradient norm below which every layer must be for ``flat``.
         flat_spread: Largest-to-smallest layer ratio that still counts as an even (``flat``) profile.
@@ -124,9 +127,8 @@ class PlateauDetector(Callback):
             raise ValueError(f"PlateauDetector: norms_every_n_steps must be >= 1, got {norms_every_n_steps}")
         self.monitor = monitor
         self.mode = mode
-        self.check_on_train_epoch_end = (
-            monitor.startswith("train") if check_on_train_epoch_end is None else check_on_train_epoch_end
-        )
+        self._check_on_train_epoch_end_arg = check_on_train_epoch_end
+        self.check_on_train_epoch_end = check_on_train_epoch_end  # None: decided in setup
         self.thresholds = {"vanishing_ratio": vanishing_ratio, "flat_norm": flat_norm, "flat_spread": flat_spread}
         self.norms_every_n_steps = norms_every_n_steps
         self.stop_on_divergence = stop_on_divergence
@@ -159,6 +161,12 @@ class PlateauDetector(Callback):
     def diverged(self) -> bool:
         """Whether this fit has seen a divergence event."""
         return any(event["kind"] == "divergence" and not event.get("recovered") for event in self.events)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._check_on_train_epoch_end_arg is None:
+            every_epoch = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+            self.check_on_train_epoch_end = self.monitor.startswith("train") or every_epoch
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -291,7 +299,7 @@ class PlateauDetector(Callback):
         )
         # The marker sits on the monitored curve: its value is the value the event saw (a divergence's
         # NaN/inf reads as the threshold, or 0), so it shows on the loss chart without stretching its axis.
-        value = event["value"] if isinstance(event["value"], float) else (self.divergence_threshold or 0.0)
+        value = event["value"] if isinstance(event["value"], float) else (self.tracker.divergence_threshold or 0.0)
         marker = {f"{PLATEAU}{event['kind']}": float(value)}
         for logger in trainer.loggers:
             logger.log_metrics(marker, step=event["step"])
