@@ -65,17 +65,24 @@ def interleaved(sides: dict[str, Callable[[], object]], repeats: int) -> dict[st
 
 
 def template_fit(
-    epochs: int, root: str, grad_every: int | None = 10, monitor: bool = True, without: str | None = None
+    epochs: int,
+    root: str,
+    grad_every: int | None = 10,
+    monitor: bool = True,
+    without: str | None = None,
+    progress_bar: bool = False,
 ) -> Callable[[], float]:
     """A fit of the default config as ``python -m src.train`` runs it (logger, checkpoints, callbacks).
 
     ``without`` takes one part away, to see what it costs: ``"callbacks"`` (all of them, checkpoints
     included), ``"logger"`` (TensorBoard) or ``"self.log"`` (the module's metric logging, and so the
-    plateau checks that read the metrics).
+    plateau checks that read the metrics). The config's progress bar is off unless ``progress_bar``
+    (a benchmark's output is its table), so that row 1 measures the same work before and after it.
     """
 
     def run() -> float:
         args = ["--config", str(DEFAULT_CONFIG), f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={root}"]
+        args.append(f"--trainer.enable_progress_bar={str(progress_bar).lower()}")
         cli = TemplateCLI(args=args, run=False)
         trainer, model = cli.trainer, cli.model
         for cb in trainer.callbacks:
@@ -144,15 +151,31 @@ class BareModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def bare_fit(epochs: int) -> Callable[[], float]:
-    """Lightning's own floor: ``Trainer.fit`` with no logger, callbacks, checkpoints or validation."""
+class LoggingBareModule(BareModule):
+    """The bare module that logs what the template logs per epoch: train loss and accuracy."""
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x).squeeze(-1)
+        loss = self.loss_fn(logits, y.float())
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True)
+        self.log("train/acc", ((logits > 0) == y).float().mean(), on_step=False, on_epoch=True)
+        return loss
+
+
+def bare_fit(epochs: int, logging: bool = False, root: str | None = None) -> Callable[[], float]:
+    """Lightning's own floor: ``Trainer.fit`` with no logger, callbacks, checkpoints or validation;
+    with ``logging``, plus the template's two ``self.log`` calls per epoch and its TensorBoard logger
+    (Lightning's floor for a module that logs its epoch metrics, as the template's does)."""
     from src.data import Toy2DDataModule
+    from src.loggers import BatchedTensorBoardLogger
 
     def run() -> float:
         torch.manual_seed(0)
-        model, dm = BareModule(), Toy2DDataModule()
+        model, dm = (LoggingBareModule() if logging else BareModule()), Toy2DDataModule()
         trainer = L.Trainer(
-            max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            max_epochs=epochs, logger=BatchedTensorBoardLogger(root) if logging else False,
+            enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         )  # fmt: skip
         start = time.perf_counter()
@@ -199,12 +222,14 @@ def main() -> None:
         # warm-up: imports, first-call costs
         template_fit(5, root)()
         bare_fit(5)()
+        bare_fit(5, logging=True, root=root)()
         plain_loop(5)()
         parts = ("callbacks", "logger", "self.log")
         sides = {
             "template": template_fit(args.epochs, root),
             **{f"without {part}": template_fit(args.epochs, root, without=part) for part in parts},
             "bare": bare_fit(args.epochs),
+            "bare + logging": bare_fit(args.epochs, logging=True, root=root),
             "plain": plain_loop(args.epochs),
         }
         row1 = interleaved(sides, args.repeats)
@@ -212,13 +237,18 @@ def main() -> None:
         plain = statistics.median(row1["plain"])
         template = statistics.median(row1["template"])
         name = f"1. toy, {args.epochs} epochs: Trainer.fit, default config"
-        table.append((name, *fmt(row1["template"]), f"{template / plain:.2f}x plain"))
+        bare = statistics.median(row1["bare"])
+        floor = statistics.median(row1["bare + logging"])
+        note = f"{template / plain:.2f}x plain, {template / bare:.2f}x bare, {template / floor:.2f}x bare + logging"
+        table.append((name, *fmt(row1["template"]), note))
         for part in parts:
             median = statistics.median(row1[f"without {part}"])
             note = f"{median / plain:.2f}x plain: the {part} cost {100 * (1 - median / template):.0f}% of the fit"
             table.append((f"   the same without {part}", *fmt(row1[f"without {part}"]), note))
         note = f"{statistics.median(row1['bare']) / plain:.2f}x plain: Lightning's floor"
         table.append(("   bare Trainer.fit: no logging, callbacks, logger", *fmt(row1["bare"]), note))
+        note = f"{floor / plain:.2f}x plain, {floor / bare:.2f}x bare: Lightning's floor with 2 self.log per epoch"
+        table.append(("   bare + the same 2 self.log per epoch + TensorBoard", *fmt(row1["bare + logging"]), note))
         table.append((f"   plain PyTorch loop, {args.epochs} epochs", *fmt(row1["plain"]), ""))
         row2 = interleaved(
             {
@@ -237,6 +267,15 @@ def main() -> None:
             note = f"{best:+.1f}% vs without (best of {args.repeats}; medians {median:+.1f}%)"
             table.append((f"2. GradNormMonitor {name}", *fmt(row2[name]), note))
         table.append(("   without GradNormMonitor", *fmt(row2["without"]), ""))
+        row2b = interleaved(
+            {"without": template_fit(args.epochs, root), "with": template_fit(args.epochs, root, progress_bar=True)},
+            args.repeats,
+        )
+        results["2b progress bar overhead"] = row2b
+        best = 100 * (min(row2b["with"]) / min(row2b["without"]) - 1)
+        median = 100 * (statistics.median(row2b["with"]) / statistics.median(row2b["without"]) - 1)
+        note = f"{best:+.1f}% vs without (best of {args.repeats}; medians {median:+.1f}%)"
+        table.append(("2b. EpochProgressBar (the configs' bar)", *fmt(row2b["with"]), note))
     argv = ["--repeats", str(args.repeats)] + (["--no-rss"] if args.quick else [])
     if args.quick:
         argv += ["--limit", "2000"]
