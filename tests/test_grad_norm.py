@@ -232,3 +232,29 @@ def test_the_callbacks_folder_works_copied_into_a_project_with_its_own_src(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"from {project / 'src' / 'stall' / '__init__.py'} {project / 'src' / 'net.py'}" in result.stdout
     assert "events [('stall', 'vanishing', ['momentum 0.0, layer-wise steps of 0.01 x |W|'])]" in result.stdout
+
+
+def test_a_layer_unfrozen_during_training_is_logged_from_then_on():
+    class Unfreeze(L.Callback):  # what BaseFinetuning does: requires_grad back on at an epoch start
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                pl_module.body[0].requires_grad_(True)
+
+    model = TinyNet()
+    model.body[0].requires_grad_(False)
+    logger = MemoryLogger()
+    monitor = GradNormMonitor(log_every_n_steps=1)
+    quiet_trainer(max_epochs=4, logger=logger, callbacks=[monitor, Unfreeze()]).fit(model, loader(n=4))
+    assert [step for step, _ in logger.metrics["grad_norm/body.3"]] == [0, 1, 2, 3]
+    assert [step for step, _ in logger.metrics["grad_norm/body.0"]] == [2, 3]  # the monitor comes first: no matter
+
+
+def test_two_monitors_in_one_trainer_log_on_their_own_schedules_and_keep_apart_in_a_checkpoint(tmp_path):
+    logger = MemoryLogger()
+    every, rarely = GradNormMonitor(log_every_n_steps=1), GradNormMonitor(log_every_n_steps=3, per_parameter=False)
+    assert every.state_key != rarely.state_key
+    trainer = quiet_trainer(max_steps=6, logger=logger, callbacks=[every, rarely], default_root_dir=tmp_path)
+    trainer.fit(TinyNet(), loader(n=24))
+    steps = [step for step, _ in logger.metrics["grad_norm/body.0"]]
+    assert sorted(set(steps)) == [0, 1, 2, 3, 4, 5] and steps.count(0) == 2 and steps.count(3) == 2
+    assert len(every.history) == 6 and len(rarely.history) == 2

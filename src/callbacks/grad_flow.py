@@ -40,6 +40,11 @@ def parameter_layers(module: nn.Module) -> dict[str, list[nn.Parameter]]:
     return {".".join(p[common:]) or "(root)": params for p, params in zip(parts, layers.values(), strict=True)}
 
 
+def trainable(module: nn.Module) -> tuple[int, ...]:
+    """Which parameters train now (their ids): changes when layers are frozen, unfrozen or added."""
+    return tuple(id(p) for p in module.parameters() if p.requires_grad)
+
+
 def is_weight_layer(params: list[nn.Parameter]) -> bool:
     """Layers with a weight matrix (Linear, Conv); norm layers' 1-D scales do not count for gradient flow."""
     return any(p.ndim >= 2 for p in params)

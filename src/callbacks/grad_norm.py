@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from .grad_flow import GradNormRecorder
+from .grad_flow import GradNormRecorder, trainable
 from .names import GRAD_NORM, GRAD_NORM_FIRST_TO_LAST, GRAD_NORM_LOG10, GRAD_NORM_TOTAL, LOG10_FLOOR
 
 
@@ -75,13 +75,17 @@ class GradNormMonitor(Callback):
         self.history_size = history_size
         self._warned_nonfinite = False
         # With several optimizers: a recorder of each one's parameters, and each one's step count.
+        self._trainable: tuple[int, ...] = ()
         self._per_optimizer: list[GradNormRecorder] = []
         self._optimizer_steps: list[int] = []
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(norm_type=self.norm_type, per_parameter=self.per_parameter)
+        # Two monitors in one trainer (say, every step and every 100) keep apart in a checkpoint.
+        return self._generate_state_key(
+            norm_type=self.norm_type, per_parameter=self.per_parameter, log_every_n_steps=self.log_every_n_steps
+        )
 
     @property
     def history(self):
@@ -91,32 +95,41 @@ class GradNormMonitor(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After configure_model: the parameters exist now.
+        self._bind(trainer, pl_module)
+
+    def _bind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainable = trainable(pl_module)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         self.recorder.every_n_steps = every
         self.recorder.bind(pl_module)
-        self._per_optimizer, self._optimizer_steps = [], []
+        recorders = []
         if len(trainer.optimizers) > 1:
             for opt in trainer.optimizers:
                 params = {id(p) for group in opt.param_groups for p in group["params"]}
                 recorder = GradNormRecorder(every, self.norm_type, self.history_size, self.per_parameter)
-                self._per_optimizer.append(recorder.bind(pl_module, only=params))
-                self._optimizer_steps.append(0)
+                recorders.append(recorder.bind(pl_module, only=params))
+        if len(recorders) != len(self._optimizer_steps):
+            self._optimizer_steps = [0] * len(recorders)
+        self._per_optimizer = recorders
 
     @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step, recorder, suffix = trainer.global_step, self.recorder, ""
+        step, index = trainer.global_step, None
         if self._per_optimizer:
             inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
             index = next(i for i, opt in enumerate(trainer.optimizers) if opt is inner or opt is optimizer)
-            recorder, suffix = self._per_optimizer[index], f"/optimizer_{index}"
-            due = self._optimizer_steps[index] % recorder.every_n_steps == 0
+            due = self._optimizer_steps[index] % self.recorder.every_n_steps == 0
             self._optimizer_steps[index] += 1
-            if not due:
-                return
-        elif not recorder.due(step):
+        else:
+            due = self.recorder.due(step)
+        if not due:
             return
+        if trainable(pl_module) != self._trainable:  # frozen, unfrozen (BaseFinetuning) or new parameters
+            self._bind(trainer, pl_module)
+        recorder = self.recorder if index is None else self._per_optimizer[index]
+        suffix = "" if index is None else f"/optimizer_{index}"
         profile = recorder.record(step)
         if profile is None:
             if not self._warned_nonfinite:

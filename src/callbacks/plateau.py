@@ -18,7 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from .grad_flow import GradNormRecorder
+from .grad_flow import GradNormRecorder, trainable
 from .names import EVENTS_FILE, PLATEAU, PLATEAU_EVENTS_TEXT
 from .plateau_rule import PlateauTracker, Status, describe_event, diagnose
 from .units import UnitRecorder, idle_units
@@ -172,6 +172,7 @@ class PlateauDetector(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.recorder.every_n_steps = self.norms_every_n_steps or trainer.log_every_n_steps
         self.recorder.bind(pl_module)
+        self._trainable = trainable(pl_module)
         self.units.bind(pl_module)
 
     @override
@@ -187,6 +188,9 @@ class PlateauDetector(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self.recorder.due(trainer.global_step):
+            if trainable(pl_module) != self._trainable:  # frozen, unfrozen or new parameters
+                self._trainable = trainable(pl_module)
+                self.recorder.bind(pl_module)
             self.recorder.record(trainer.global_step)
 
     @override
