@@ -33,7 +33,11 @@ class PlateauDetector(Callback):
     A check happens once per training epoch, at its end, when ``monitor`` is a training metric
     (``train/...``) or, as ``EarlyStopping`` decides, when validation runs once per epoch (or not at
     all: a metric logged in ``training_step`` under any name); otherwise after each validation run.
-    ``check_on_train_epoch_end`` overrides that. ``patience`` counts checks, as in ``EarlyStopping``:
+    ``check_on_train_epoch_end`` overrides that. A metric the LightningModule logs in its own
+    ``on_train_epoch_end`` reaches the check one epoch late: Lightning runs that hook after every
+    callback's except ``EarlyStopping``'s and ``ModelCheckpoint``'s (a list hard-coded in
+    ``trainer/call.py``); log it in ``training_step`` with ``on_epoch=True`` instead.
+    ``patience`` counts checks, as in ``EarlyStopping``:
     with one check per epoch,
     ``patience=100`` means 100 epochs without an improvement larger than ``min_delta``. As in
     ``EarlyStopping``, nothing is checked outside ``fit`` (``validate``, ``test``), in the sanity
