@@ -50,24 +50,34 @@ def is_weight_layer(params: list[nn.Parameter]) -> bool:
     return any(p.ndim >= 2 for p in params)
 
 
-def grad_norms(layers: dict[str, list[nn.Parameter]], norm_type: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_norms(
+    layers: dict[str, list[nn.Parameter]], norm_type: float = 2.0, owner: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-parameter and per-layer gradient norms, on the parameters' device, without a host sync.
 
     Returns ``(param_norms, layer_norms)`` following the order of ``layers`` (parameters with no
-    gradient count as zero). A layer's norm is the norm of all its gradients together.
+    gradient count as zero). A layer's norm is the norm of all its gradients together. ``owner``
+    (each parameter's layer index, as :func:`layer_index` gives it) saves building it per call.
     """
     params = [p for params in layers.values() for p in params]
     device = params[0].device
     grads = [p.grad if p.grad is not None else torch.zeros(1, device=device) for p in params]
     # torch._foreach_norm is what clip_grad_norm_ uses: one fused kernel per device and dtype.
-    param_norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(grads, norm_type)])
-    owner = torch.tensor([i for i, ps in enumerate(layers.values()) for _ in ps], device=device)
+    norms = torch._foreach_norm(grads, norm_type)
+    same = all(n.dtype == torch.float32 and n.device == device for n in norms)
+    param_norms = torch.stack(norms if same else [n.to(device=device, dtype=torch.float32) for n in norms])
+    owner = layer_index(layers, device) if owner is None else owner
     if math.isinf(norm_type):
         layer_norms = torch.zeros(len(layers), device=device).scatter_reduce(0, owner, param_norms, "amax")
     else:
         powered = torch.zeros(len(layers), device=device).index_add(0, owner, param_norms.pow(norm_type))
         layer_norms = powered.pow(1.0 / norm_type)
     return param_norms, layer_norms
+
+
+def layer_index(layers: dict[str, list[nn.Parameter]], device: torch.device) -> torch.Tensor:
+    """The layer index of each parameter, in the order :func:`grad_norms` walks them."""
+    return torch.tensor([i for i, ps in enumerate(layers.values()) for _ in ps], device=device)
 
 
 def total_norm(layer_norms: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
@@ -130,6 +140,8 @@ class GradNormRecorder:
         self.skipped_nonfinite = 0
         self._layers: dict[str, list[nn.Parameter]] = {}
         self._param_names: list[str] = []
+        self._owner: torch.Tensor | None = None  # each parameter's layer index, on their device
+        self._weight_layers: tuple[bool, ...] = ()
 
     def bind(self, module: nn.Module, only: set[int] | None = None) -> GradNormRecorder:
         """Read which parameters make each layer (again, if they changed: frozen, unfrozen or new);
@@ -138,6 +150,8 @@ class GradNormRecorder:
         if only is not None:
             kept = {name: [p for p in params if id(p) in only] for name, params in self._layers.items()}
             self._layers = {name: params for name, params in kept.items() if params}
+        self._owner = None  # built at the first record, on the parameters' device then
+        self._weight_layers = tuple(is_weight_layer(p) for p in self._layers.values())
         short = {id(p): name.rsplit(".", 1)[-1] for name, p in module.named_parameters()}
         self._param_names = [f"{layer}.{short[id(p)]}" for layer, ps in self._layers.items() for p in ps]
         return self
@@ -149,7 +163,10 @@ class GradNormRecorder:
         """The profile of this step's gradients (also appended to ``history``); ``None`` if not finite."""
         if not self._layers:
             return None
-        param_norms, layer_norms = grad_norms(self._layers, self.norm_type)
+        device = next(iter(self._layers.values()))[0].device
+        if self._owner is None or self._owner.device != device:
+            self._owner = layer_index(self._layers, device)
+        param_norms, layer_norms = grad_norms(self._layers, self.norm_type, self._owner)
         total = total_norm(layer_norms, self.norm_type)
         values = torch.cat([layer_norms, total.reshape(1), param_norms[: len(param_norms) * self.per_parameter]])
         values = values.cpu().tolist()  # the one host copy per recorded step
@@ -157,8 +174,7 @@ class GradNormRecorder:
         if not math.isfinite(values[count]):
             self.skipped_nonfinite += 1
             return None
-        weight_layers = tuple(is_weight_layer(p) for p in self._layers.values())
-        profile = GradProfile(step, tuple(self._layers), tuple(values[:count]), weight_layers, values[count])
+        profile = GradProfile(step, tuple(self._layers), tuple(values[:count]), self._weight_layers, values[count])
         self.history.append(profile)
         if self.per_parameter:
             self.param_norms = dict(zip(self._param_names, values[count + 1 :], strict=True))
