@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from src.callbacks import GradNormMonitor
+from src.callbacks import GradNormMonitor, GradNormRecorder
 from src.callbacks.grad_flow import grad_norms, parameter_layers
 from tests.conftest import MemoryLogger, quiet_trainer
 
@@ -258,3 +258,60 @@ def test_two_monitors_in_one_trainer_log_on_their_own_schedules_and_keep_apart_i
     steps = [step for step, _ in logger.metrics["grad_norm/body.0"]]
     assert sorted(set(steps)) == [0, 1, 2, 3, 4, 5] and steps.count(0) == 2 and steps.count(3) == 2
     assert len(every.history) == 6 and len(rarely.history) == 2
+
+
+class Tied(L.LightningModule):
+    """An autoencoder whose decoder reuses the encoder's weight (transposed): one parameter, two modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(3, 2)
+        self.decoder_bias = nn.Parameter(torch.zeros(3))
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        code = torch.tanh(self.encoder(x))
+        return (nn.functional.linear(code, self.encoder.weight.t(), self.decoder_bias) - x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class BuiltInConfigureModel(TinyNet):
+    """Layers created in configure_model (as for FSDP), not in __init__."""
+
+    def __init__(self) -> None:
+        L.LightningModule.__init__(self)
+        self.body = None
+
+    def configure_model(self):
+        if self.body is None:
+            self.body = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+
+
+def test_a_shared_parameter_counts_once_and_layers_made_in_configure_model_are_seen():
+    logger = MemoryLogger()
+    quiet_trainer(max_steps=2, logger=logger, callbacks=[GradNormMonitor(log_every_n_steps=1)]).fit(Tied(), loader())
+    layers = {k.removeprefix("grad_norm/") for k in logger.metrics if k.startswith("grad_norm/")} - {
+        "total",
+        "first_to_last",
+    }
+    assert layers == {"encoder", "(root)"}  # the tied weight under the encoder only; the root holds decoder_bias
+    tied = Tied()
+    tied.training_step(next(iter(loader())), 0).backward()
+    hand = torch.cat([tied.encoder.weight.grad.flatten(), tied.encoder.bias.grad.flatten()]).norm().item()
+    profile = GradNormRecorder(every_n_steps=1).bind(tied).record(0)
+    assert dict(zip(profile.names, profile.norms, strict=True))["encoder"] == pytest.approx(hand, rel=1e-5)
+
+    class LastLayerGrad(L.Callback):
+        seen: dict[int, float] = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad.flatten() for p in pl_module.body[2].parameters()]
+            self.seen[trainer.global_step] = torch.cat(grads).norm().item()
+
+    logger, hand = MemoryLogger(), LastLayerGrad()
+    trainer = quiet_trainer(max_steps=2, logger=logger, callbacks=[GradNormMonitor(log_every_n_steps=1), hand])
+    trainer.fit(BuiltInConfigureModel(), loader())
+    assert [step for step, _ in logger.metrics["grad_norm/body.0"]] == [0, 1]
+    assert dict(logger.metrics["grad_norm/body.2"]) == pytest.approx(hand.seen, rel=1e-5)
