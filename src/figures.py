@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import shutil
 import socket
 import subprocess
@@ -129,20 +128,18 @@ def fit(root: Path, *args: str) -> Path:
 
 
 def study_figure(study_dir: Path, out: Path) -> Path | None:
-    """``final_loss_vs_depth.png`` from a study's ``summary.csv`` (``None`` if there is none)."""
-    from src.study import aggregate, plot_final_loss
+    """``final_loss_vs_depth.png`` from a study's ``summary.csv`` (``None`` if there is none, or if its
+    depth does not vary)."""
+    from src.study import aggregate, load_summary, plot_final_loss
 
     path = study_dir / "summary.csv"
     if not path.is_file():
         return None
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    below = next(c for c in rows[0] if c.startswith("epoch_below_"))
-    for row in rows:
-        row["depth"], row["final_loss"] = int(row["depth"]), float(row["final_loss"])
-        row["stalled"] = row["stalled"] == "True"
-        row[below] = int(row[below]) if row[below] else ""
-    study = {"solved_below": float(below.removeprefix("epoch_below_"))}
+    rows = load_summary(path)
+    if len({r.get("depth") for r in rows}) < 2:
+        return None
+    below = next((c for c in rows[0] if c.startswith("epoch_below_")), None)
+    study = {"solved_below": float(below.removeprefix("epoch_below_")) if below else None}
     plot_final_loss(aggregate(rows, study), out / "final_loss_vs_depth.png")
     return out / "final_loss_vs_depth.png"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.study import grid, load_study, run_args
+from src.study import check_options, grid, load_study, run_args
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs"
@@ -48,23 +48,32 @@ def stacked(first: dict, second: dict | None) -> dict:
     return merged
 
 
+def option(printed: dict, name: str):
+    """``printed["model"]["init"]`` for ``model.init``."""
+    for part in name.split("."):
+        printed = printed[part]
+    return printed
+
+
 @pytest.mark.parametrize("study_file", STUDIES, ids=lambda p: p.name)
-def test_study_file_resolves_for_every_policy(main, study_file: Path):
+def test_study_file_resolves_for_every_axis_value(main, study_file: Path):
     study = load_study(study_file)
-    for policy, fragment in study["policies"].items():
-        point = next(p for p in grid(study) if p["policy"] == policy)
+    check_options(study)  # every value of every axis parses, as python -m src.study checks before it runs
+    points = grid(study)
+    policies = next((axis for axis in study["axes"] if axis.kind == "config"), None)
+    checks = [points[0], {axis.column: list(axis.values)[-1] for axis in study["axes"]}]
+    checks += [{**points[0], policies.column: label} for label in policies.values] if policies else []
+    for point in checks:  # the resolved config of a run carries its point's settings
         result = main("fit", *run_args(study, point, "out"), "--print_config")
         assert result.returncode == 0, result.stderr[-2000:]
         printed = yaml.safe_load(result.stdout)
-        assert_printed_has(printed, stacked(study["config"], fragment), f"{policy}: ")
-        assert printed["model"]["depth"] == point["depth"]
-
-
-def test_the_default_config_spells_out_the_default_escape_policy():
-    """configs/default.yaml shows a learner the policy ``PlateauEscape()`` uses: the two stay the same."""
-    from src.callbacks import PlateauEscape
-
-    config = yaml.safe_load((CONFIGS / "default.yaml").read_text())
-    escape = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("PlateauEscape"))
-    written, default = PlateauEscape(**escape["init_args"]), PlateauEscape()
-    assert written.actions == default.actions
+        fragment = policies.values[point[policies.column]] if policies else None
+        assert_printed_has(printed, stacked(study["config"], fragment), f"{point}: ")
+        for axis in study["axes"]:
+            payload = axis.values[point[axis.column]]
+            if axis.kind == "option":
+                assert option(printed, axis.option) == payload, (point, axis.option)
+            elif axis.kind == "options":
+                assert all(option(printed, name) == value for name, value in payload.items()), (point, payload)
+            elif axis.kind == "optimizer" and payload is not None:
+                assert printed["optimizer"]["class_path"] == payload["class_path"]
