@@ -7,7 +7,11 @@
 Reads the TensorBoard event files, ``config.yaml`` and ``stall_events.json``; nothing is re-trained.
 Writes ``loss.png`` (train/val loss with stall and escape markers), ``gradient_flow.png``
 (gradient norm against layer index, log scale, at the start, at each stall with its diagnosis and
-at the end: the source study's picture) and ``grad_heatmap.png`` (layer x step). The notebook uses the same functions.
+at the end: the source study's picture) and ``grad_heatmap.png`` (layer x step). For 1-D and 2-D
+data it also draws what the model learned, from the run's last checkpoint and the data its config
+names: ``fitted_curve.png`` (1-D: the predicted P(y=1) over the true curve and the data, the dnnex
+picture) or ``decision_regions.png`` (2-D: the class regions with the points). The notebooks use
+the same functions.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import yaml
 
 from src.callbacks.plateau_rule import describe_units
-from src.errors import one_line_errors
+from src.errors import one_line, one_line_errors
 from src.names import (
     EVENTS_FILE,
     GRAD_NORM,
@@ -256,9 +260,8 @@ def plot_grad_heatmap(run: Run):
         ax.text(0.5, 0.5, "no grad_norm/<layer> scalars in this run", ha="center", transform=ax.transAxes)
         return fig
     image = [[math.log10(v) if v > 0 else float("nan") for v in row] for row in rows]
-    mesh = ax.imshow(
-        image, aspect="auto", interpolation="nearest", extent=(steps[0], steps[-1], len(layers) - 0.5, -0.5)
-    )
+    first, last = (steps[0], steps[-1]) if len(steps) > 1 else (steps[0] - 0.5, steps[0] + 0.5)  # one logged step
+    mesh = ax.imshow(image, aspect="auto", interpolation="nearest", extent=(first, last, len(layers) - 0.5, -0.5))
     ax.set_yticks(range(len(layers)), layers)
     ax.set_xlabel("step")
     ax.set_title("log10 gradient norm per layer")
@@ -267,10 +270,131 @@ def plot_grad_heatmap(run: Run):
     return fig
 
 
+class NoFit(RunError):
+    """What the model learned cannot be drawn for this run; the message says why."""
+
+
+@dataclass
+class Fitted:
+    """A run's model at a checkpoint and the data it was fitted to (features ``x``, labels ``y``), with
+    the true P(y=1) over ``x_true`` when the data module knows it (the dnnex grid)."""
+
+    model: Any
+    checkpoint: Path
+    x: Any
+    y: Any
+    x_true: Any = None
+    prob_true: Any = None
+
+    @property
+    def dims(self) -> int:
+        return self.x.shape[1]
+
+
+def load_fitted(run: Run) -> Fitted:
+    """The run's model at ``checkpoints/last.ckpt`` (else the newest checkpoint) and its training data,
+    rebuilt from ``config.yaml``'s ``data`` section; raises ``NoFit`` when there is no checkpoint, no data
+    section or the inputs are not 1-D or 2-D."""
+    import torch
+    from lightning.pytorch.cli import instantiate_class
+
+    from src.models import MLPClassifier
+
+    folder = run.path / "checkpoints"
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    checkpoint = folder / "last.ckpt" if (folder / "last.ckpt").is_file() else (found[-1] if found else None)
+    if checkpoint is None:
+        raise NoFit(f"no checkpoint in {folder} (trainer.enable_checkpointing was false?)")
+    if not isinstance(run.config.get("data"), dict) or "class_path" not in run.config["data"]:
+        raise NoFit(f"{run.path / 'config.yaml'} names no data class (data.class_path)")
+    try:
+        model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as err:  # a foreign or torn checkpoint
+        raise NoFit(f"{checkpoint}: cannot be loaded as the template's model ({one_line(err)})") from None
+    if model.hparams.in_features not in (1, 2):
+        raise NoFit(f"the inputs are {model.hparams.in_features}-D; the fit is drawn for 1-D and 2-D data")
+    datamodule = instantiate_class((), run.config["data"])
+    datamodule.setup("fit")
+    features, labels, *_ = datamodule.train_set.tensors
+    evaluation = datamodule.val_set.tensors if datamodule.val_set is not None else ()
+    x_true, prob_true = (evaluation[0], evaluation[2]) if len(evaluation) == 3 else (None, None)
+    model.eval()
+    with torch.no_grad():
+        return Fitted(model, checkpoint, features.float(), labels, x_true, prob_true)
+
+
+def plot_fitted_curve(fitted: Fitted, run: Run | None = None, ax=None):
+    """1-D data: the model's P(y=1) against x, over the true curve (when known) and the 0/1 labels."""
+    import torch
+
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4.5)) if ax is None else (ax.figure, ax)
+    x, y = fitted.x[:, 0], fitted.y.float()
+    jitter = torch.linspace(-0.03, 0.03, len(y))[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    ax.scatter(x, y + jitter, s=3, alpha=0.25, color="gray", label="data (y = 0 / 1)")
+    if fitted.prob_true is not None:
+        ax.plot(fitted.x_true[:, 0], fitted.prob_true, color="black", linewidth=2, label="true P(y=1)")
+    grid = torch.linspace(float(x.min()), float(x.max()), 500).unsqueeze(1)
+    with torch.no_grad():
+        ax.plot(grid[:, 0], fitted.model.predict_proba(grid), color="tab:red", linewidth=2, label="fitted P(y=1)")
+    mae = run.last("val/prob_mae") if run is not None else None
+    name = run.path.name if run is not None else fitted.checkpoint.name
+    ax.set_title(f"fitted curve: {name}" + (f" (val/prob_mae {mae:.3f})" if mae is not None else ""), fontsize=10)
+    ax.set_xlabel("x")
+    ax.set_ylabel("P(y = 1)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_decision_regions(fitted: Fitted, run: Run | None = None, ax=None):
+    """2-D data: the class the model predicts over the plane, with the training points."""
+    import torch
+    from matplotlib.colors import ListedColormap
+
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5)) if ax is None else (ax.figure, ax)
+    x, y = fitted.x, fitted.y
+    low, high = x.min(0).values - 1.5, x.max(0).values + 1.5
+    gx, gy = torch.meshgrid(torch.linspace(low[0], high[0], 300), torch.linspace(low[1], high[1], 300), indexing="xy")
+    with torch.no_grad():
+        proba = fitted.model.predict_proba(torch.stack([gx.flatten(), gy.flatten()], 1))
+    classes = int(y.max()) + 1 if proba.ndim == 1 else proba.shape[1]
+    predicted = (proba > 0.5).long() if proba.ndim == 1 else proba.argmax(1)
+    colors = plt.get_cmap("tab10").colors[: max(classes, 2)]
+    ax.contourf(gx, gy, predicted.reshape(gx.shape), levels=torch.arange(len(colors) + 1) - 0.5,
+                cmap=ListedColormap(colors), alpha=0.3)  # fmt: skip
+    for label in range(len(colors)):
+        chosen = y == label
+        ax.scatter(x[chosen, 0], x[chosen, 1], s=14, color=colors[label], edgecolor="black", linewidth=0.4,
+                   label=f"class {label}")  # fmt: skip
+    accuracy = (
+        (fitted.model.predict_proba(x) > 0.5).long() if proba.ndim == 1 else fitted.model.predict_proba(x).argmax(1)
+    )
+    train_acc = float((accuracy == y).float().mean())
+    name = run.path.name if run is not None else fitted.checkpoint.name
+    ax.set_title(f"decision regions: {name} (train accuracy {train_acc:.3f})", fontsize=10)
+    ax.set_xlabel("x1")
+    ax.set_ylabel("x2")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fit(run: Run, ax=None):
+    """What the model learned: the fitted curve (1-D data) or the decision regions (2-D data)."""
+    fitted = load_fitted(run)
+    return (plot_fitted_curve if fitted.dims == 1 else plot_decision_regions)(fitted, run, ax)
+
+
 PLOTS = {"loss.png": plot_loss, "gradient_flow.png": plot_gradient_flow, "grad_heatmap.png": plot_grad_heatmap}
 
 
-def write_plots(run: Run, out_dir: Path | None = None) -> list[Path]:
+FIT_PLOTS = {1: ("fitted_curve.png", plot_fitted_curve), 2: ("decision_regions.png", plot_decision_regions)}
+
+
+def write_plots(run: Run, out_dir: Path | None = None) -> tuple[list[Path], str | None]:
+    """The PNGs written, and why the picture of what the model learned was left out (``None`` if drawn)."""
     out_dir = Path(out_dir or run.path)
     written = []
     for name, plot in PLOTS.items():
@@ -278,7 +402,15 @@ def write_plots(run: Run, out_dir: Path | None = None) -> list[Path]:
         fig.savefig(out_dir / name, dpi=110)
         fig.clf()
         written.append(out_dir / name)
-    return written
+    try:
+        fitted = load_fitted(run)
+    except NoFit as why:
+        return written, str(why)
+    name, plot = FIT_PLOTS[fitted.dims]
+    fig = plot(fitted, run)
+    fig.savefig(out_dir / name, dpi=110)
+    fig.clf()
+    return [*written, out_dir / name], None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -291,8 +423,11 @@ def main(argv: list[str] | None = None) -> None:
         run = load_run(args.run_dir)
         print(summary(run))
         if not args.no_plots:
-            for path in write_plots(run, args.out):
+            written, left_out = write_plots(run, args.out)
+            for path in written:
                 print(f"wrote {path}")
+            if left_out is not None:
+                print(f"no picture of what the model learned: {left_out}")
 
 
 if __name__ == "__main__":

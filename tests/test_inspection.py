@@ -56,7 +56,7 @@ def test_report_prints_the_run_and_writes_its_plots(run_dir, tmp_path, report):
     assert "stall (flat)" in out and "momentum 0.9" in out and "train/loss" in out
     run = load_run(run_dir)
     assert f"{run.last('train/loss'):.4g}" in out
-    for name in ("loss.png", "gradient_flow.png", "grad_heatmap.png"):
+    for name in ("loss.png", "gradient_flow.png", "grad_heatmap.png", "decision_regions.png"):  # 2-D data
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
 
@@ -71,6 +71,53 @@ def test_report_reads_the_layers_in_order_and_the_events(run_dir):
     # the source's picture of the stall: at the start the first layer's gradient is far below the last's
     assert rows[0][0] / rows[-1][0] < 1e-2
     assert run.events[0]["kind"] == "stall" and run.events[0]["diagnosis"] == "flat"
+
+
+def test_report_draws_the_fitted_dnnex_curve_of_the_runs_final_model(main, report, tmp_path):
+    from src.report import load_fitted, plot_fitted_curve
+
+    result = main("fit", "--config", str(REPO / "configs" / "dnnex.yaml"), "--trainer.max_epochs=200",
+                  "--data.init_args.n_samples=400", "--trainer.enable_progress_bar=false")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = main.cwd / "lightning_logs" / "version_0"
+    written = report(str(run_dir), "--out", str(tmp_path))
+    assert written.returncode == 0 and f"wrote {tmp_path / 'fitted_curve.png'}" in written.stdout, written.stdout
+    assert (tmp_path / "fitted_curve.png").read_bytes().startswith(PNG_MAGIC)
+    run = load_run(run_dir)
+    fitted = load_fitted(run)
+    assert fitted.checkpoint.name == "last.ckpt" and fitted.x.shape == (400, 1) and fitted.prob_true.shape == (400,)
+    # the curve is the run's final model: its error against the true curve is the last val/prob_mae logged
+    mae = (fitted.model.predict_proba(fitted.x_true) - fitted.prob_true).abs().mean()
+    assert float(mae) == pytest.approx(run.last("val/prob_mae"), abs=1e-6)
+    labels = [t.get_text() for t in plot_fitted_curve(fitted, run).axes[0].get_legend().get_texts()]
+    assert labels == ["data (y = 0 / 1)", "true P(y=1)", "fitted P(y=1)"]
+
+
+def test_report_draws_the_decision_regions_of_2d_data(main, report, tmp_path):
+    from src.report import load_fitted, plot_decision_regions
+
+    result = main("fit", "--config", str(REPO / "configs" / "blobs.yaml"), "--trainer.max_epochs=30",
+                  "--trainer.enable_progress_bar=false")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = main.cwd / "lightning_logs" / "version_0"
+    written = report(str(run_dir), "--out", str(tmp_path))
+    assert f"wrote {tmp_path / 'decision_regions.png'}" in written.stdout, written.stdout
+    fitted = load_fitted(load_run(run_dir))
+    assert fitted.x.shape == (400, 2) and sorted(set(fitted.y.tolist())) == [0, 1, 2, 3]
+    ax = plot_decision_regions(fitted, load_run(run_dir)).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [f"class {i}" for i in range(4)]
+    # the title's accuracy is the model's on the points drawn
+    accuracy = float((fitted.model.predict_proba(fitted.x).argmax(1) == fitted.y).float().mean())
+    assert f"train accuracy {accuracy:.3f}" in ax.get_title()
+
+
+def test_report_without_a_checkpoint_says_why_there_is_no_fit_picture(main, report, tmp_path):
+    result = main("fit", "--trainer.max_epochs=2", "--trainer.enable_checkpointing=false",
+                  "--trainer.enable_progress_bar=false")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = report(str(main.cwd / "lightning_logs" / "version_0"), "--out", str(tmp_path))
+    assert written.returncode == 0 and "no picture of what the model learned: no checkpoint in" in written.stdout
+    assert not (tmp_path / "decision_regions.png").exists() and (tmp_path / "loss.png").exists()
 
 
 def test_report_on_a_bad_run_dir_is_one_line(tmp_path, report):
