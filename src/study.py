@@ -317,7 +317,8 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
     torch.set_num_threads(1)  # the workers share the cores
     warnings.filterwarnings("ignore")
     quiet_expected_warnings()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    for name in ("lightning.pytorch", "lightning.fabric.utilities.seed"):  # a line per run would break the bar
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     class FirstBelow(L.Callback):
         epoch = None
@@ -371,11 +372,16 @@ def aggregate(rows: list[dict[str, Any]], study: dict[str, Any]) -> list[dict[st
     """One row per grid point over the seeds: every axis but the seed, then the results."""
     fields = [c for c in axis_columns(rows) if c != "seed"]
     below = f"epoch_below_{study.get('solved_below')}"
+    order = _ordering(study)
+    keys = sorted(
+        {tuple(r[f] for f in fields) for r in rows}, key=lambda k: [order(*fk) for fk in zip(fields, k, strict=True)]
+    )
+    groups = [[r for r in rows if tuple(r[f] for f in fields) == key] for key in keys]
+    median = "median " if max(len(g) for g in groups) > 1 else ""  # the same headers on every row
     table = []
-    for key in sorted({tuple(r[f] for f in fields) for r in rows}, key=lambda k: [_order(v) for v in k]):
-        group = [r for r in rows if tuple(r[f] for f in fields) == key]
+    for key, group in zip(keys, groups, strict=True):
         row: dict[str, Any] = {**dict(zip(fields, key, strict=True)), "runs": len(group)}
-        row["median_final_loss"] = statistics.median(r["final_loss"] for r in group)
+        row["median_final_loss" if median else "final_loss"] = statistics.median(r["final_loss"] for r in group)
         if "stalled" in group[0]:
             row["stalled"] = f"{sum(r['stalled'] for r in group)}/{len(group)}"
         if below in group[0]:
@@ -387,12 +393,19 @@ def aggregate(rows: list[dict[str, Any]], study: dict[str, Any]) -> list[dict[st
             row[f"median_{below}"] = statistics.median(escapes) if escapes else "-"
         for name in study.get("metrics", []):
             values = [r[name] for r in group if r.get(name, "") != ""]
-            row[f"median {name}" if len(group) > 1 else name] = statistics.median(values) if values else "-"
+            row[f"{median}{name}"] = statistics.median(values) if values else "-"
         for name, threshold in study.get("count_below", {}).items():
             hits = sum(r.get(name, "") != "" and r[name] < threshold for r in group)
             row[f"{name} < {threshold}"] = f"{hits}/{len(group)}"
         table.append(row)
     return table
+
+
+def _ordering(study: dict[str, Any]):
+    """``order(column, label)``: a label's place on its axis as the study file lists it; numbers
+    numeric for a summary read back without its study file."""
+    places = {axis.column: {label: i for i, label in enumerate(axis.values)} for axis in study.get("axes", [])}
+    return lambda column, label: (places[column][label], 0, "") if column in places else _order(label)
 
 
 def _order(value: Any) -> tuple:
@@ -414,7 +427,8 @@ def _markdown(rows: list[dict[str, Any]], header: list[str], axes: list[str]) ->
 
 def write_outputs(rows: list[dict[str, Any]], study: dict[str, Any], out_dir: Path, command: str) -> None:
     axes = axis_columns(rows)
-    rows = sorted(rows, key=lambda r: [_order(r[c]) for c in axes])
+    order = _ordering(study)
+    rows = sorted(rows, key=lambda r: [order(c, r[c]) for c in axes])
     columns = list(dict.fromkeys(c for r in rows for c in r))  # a failed metric may miss in some rows
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
@@ -465,7 +479,7 @@ def plot_final_loss(table: list[dict[str, Any]], path: Path) -> None:
     for key in sorted({tuple(r[c] for c in others) for r in table}, key=lambda k: [_order(v) for v in k]):
         points = sorted((r for r in table if tuple(r[c] for c in others) == key), key=lambda r: r["depth"])
         label = ", ".join(str(v) for v in key if v != "config") or "median"
-        losses = [max(r["median_final_loss"], 1e-8) for r in points]
+        losses = [max(r.get("median_final_loss", r.get("final_loss")), 1e-8) for r in points]
         ax.plot([r["depth"] for r in points], losses, marker="o", label=label)
     ax.axhline(0.6931, color="gray", linestyle="--", linewidth=0.8, label="ln 2 (chance)")
     ax.set_yscale("log")

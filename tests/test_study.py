@@ -224,3 +224,21 @@ def test_a_tiny_grid_over_two_non_default_axes_runs_end_to_end(tmp_path, capsys,
         assert config["model"]["init"] == row["model.init"]
         assert str(config["model"]["batch_norm"]) == row["model.batch_norm"]
         assert list(run.glob("events.out.tfevents.*"))
+
+
+def test_rows_follow_the_study_files_order_and_a_single_seed_is_not_a_median(tmp_path):
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(
+        "variants:\n  softmax: {model.depth: 1}\n  mlp: {model.depth: 3}\n  he: {model.init: kaiming_normal}\n"
+        "seeds: [0]\nmetrics: [test/acc]\nstalled_above: null\nsolved_below: null\n"
+    )
+    study = load_study(study_file)
+    rows = [
+        {**p, "run": run_name(p, study), "final_loss": 0.5, "test/acc": acc, "epochs": 15, "seconds": 1, "log_dir": ""}
+        for p, acc in zip(reversed(grid(study)), (0.89, 0.88, 0.84), strict=True)
+    ]  # fmt: skip
+    write_outputs(rows, study, tmp_path, "python -m src.study study.yaml")
+    table = (tmp_path / "summary.md").read_text()
+    assert "| variant | final_loss | test/acc |" in table and "median" not in table
+    assert table.index("| softmax |") < table.index("| mlp |") < table.index("| he |")
+    assert "Every run:" not in table  # one run per row: the table is every run already
