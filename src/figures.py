@@ -8,6 +8,8 @@ Runs the default config (the 7-layer sigmoid net: flat stalls) and the same net 
 - ``gradient_flow.png``: both runs' gradient profiles at the start, at each stall (what its
   diagnosis saw) and at the end, side by side;
 - ``loss.png``: the default run's loss with its stall and escape markers;
+- ``dnnex_fitted_curve.png``: ``configs/dnnex.yaml`` fitted (``--dnnex-epochs``), its curve over the true one;
+- ``blobs_decision_regions.png``: ``configs/blobs.yaml`` fitted, its decision regions with the points;
 - ``final_loss_vs_depth.png``: redrawn from the study's ``summary.csv`` when ``--study`` has one
   (``python -m src.study configs/study/vanishing.yaml`` writes it; the study itself is not re-run);
 - ``tensorboard_custom_scalars.png`` and ``tensorboard_hparams.png``: TensorBoard on the default run,
@@ -123,7 +125,7 @@ def fit(root: Path, *args: str) -> Path:
     """A CLI fit in this process, in ``root``; returns its run directory."""
     from src.cli import main
 
-    main(["fit", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false", *args])
+    main(["fit", *args, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"])
     return root / "lightning_logs" / "version_0"
 
 
@@ -148,14 +150,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.figures", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "notebooks" / "figures")
     parser.add_argument("--study", type=Path, default=Path("studies/vanishing"), help="a study's output folder")
-    parser.add_argument("--epochs", type=int, default=700, help="epochs of each run (the default config: 2000)")
+    parser.add_argument("--epochs", type=int, default=700, help="epochs of each toy run (the default config: 2000)")
+    parser.add_argument("--dnnex-epochs", type=int, default=6000, help="epochs of the dnnex run (its config's: 6000)")
     args = parser.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from src.report import load_run, plot_gradient_flow, plot_loss
+    from src.report import load_run, plot_fit, plot_gradient_flow, plot_loss
 
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,6 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         fig.savefig(written[0], dpi=110)
         plot_loss(flat).savefig(args.out / "loss.png", dpi=110)
         written.append(args.out / "loss.png")
+        dnnex = fit(Path(tmp) / "dnnex", "--config", str(REPO / "configs" / "dnnex.yaml"),
+                    f"--trainer.max_epochs={args.dnnex_epochs}")  # fmt: skip
+        plot_fit(load_run(dnnex)).savefig(args.out / "dnnex_fitted_curve.png", dpi=110)
+        blobs = fit(Path(tmp) / "blobs", "--config", str(REPO / "configs" / "blobs.yaml"))
+        plot_fit(load_run(blobs)).savefig(args.out / "blobs_decision_regions.png", dpi=110)
+        written += [args.out / "dnnex_fitted_curve.png", args.out / "blobs_decision_regions.png"]
         if (study := study_figure(args.study, args.out)) is not None:
             written.append(study)
         else:

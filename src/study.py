@@ -415,7 +415,7 @@ def _order(value: Any) -> tuple:
 
 def _cell(value: Any, header: str, axes: list[str]) -> str:
     if isinstance(value, float) and header not in axes:  # an axis shows its values as written
-        return f"{value:.4g}" if "epoch" in header else f"{value:.4f}"
+        return f"{value:.4g}" if "epoch" in header else f"{value:.1f}" if header == "seconds" else f"{value:.4f}"
     return str(value)
 
 

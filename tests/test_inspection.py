@@ -216,9 +216,11 @@ def test_the_figures_command_redraws_the_readme_pictures(tmp_path, capsys, monke
     )
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "figures"
-    result = call_entry(main, ["--out", str(out), "--epochs", "250", "--study", str(study)], capsys)
+    args = ["--out", str(out), "--epochs", "250", "--dnnex-epochs", "300", "--study", str(study)]
+    result = call_entry(main, args, capsys)
     assert result.returncode == 0, result.stderr[-2000:]
-    names = ["gradient_flow.png", "loss.png", "final_loss_vs_depth.png"]
+    names = ["gradient_flow.png", "loss.png", "dnnex_fitted_curve.png", "blobs_decision_regions.png"]
+    names += ["final_loss_vs_depth.png"]
     names += ["tensorboard_custom_scalars.png", "tensorboard_hparams.png"] if browser_missing() is None else []
     for name in names:
         assert f"wrote {out / name}" in result.stdout
