@@ -1,6 +1,6 @@
 """Run a grid of ordinary logged runs over any config options and summarise it.
 
-    python -m src.study configs/study/vanishing.yaml [--workers N] [--out DIR]
+    python -m src.study configs/study/vanishing.yaml [--workers N] [--out DIR] [--base-config FILE]
 
 The study file names a base experiment config and the axes of the grid; each point is a normal fit
 of ``python -m src.train`` (same CLI, own TensorBoard run under ``OUT/runs/``), run in worker
@@ -174,7 +174,8 @@ def _axes(study: dict[str, Any], path: Path) -> list[Axis]:
     return axes
 
 
-def load_study(path: str | Path) -> dict[str, Any]:
+def load_study(path: str | Path, base_config: str | None = None) -> dict[str, Any]:
+    """Read and check a study file; ``base_config`` replaces the file's (``--base-config``)."""
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"{path}: no such study file (see configs/study/vanishing.yaml)")
@@ -188,6 +189,8 @@ def load_study(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise StudyError(f"{path}: unknown key(s) {sorted(unknown)}; a study takes {', '.join(sorted(KEYS))}")
     study["axes"] = _axes(study, path)
+    if base_config is not None:
+        study["base_config"] = base_config
     base = Path(study.get("base_config", REPO / "configs" / "default.yaml"))
     study["base_config"] = str((base if base.is_absolute() or base.is_file() else REPO / base).resolve())
     if not Path(study["base_config"]).is_file():
@@ -502,9 +505,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("study", help="a study YAML file, e.g. configs/study/vanishing.yaml")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (default: cores)")
     parser.add_argument("--out", help="output folder (default: the study's out_dir)")
+    parser.add_argument(
+        "--base-config", help="run the grid on this experiment config instead of the file's base_config "
+        "(e.g. configs/mnist.yaml for the MNIST labs on MNIST)"
+    )  # fmt: skip
     args = parser.parse_args(argv)
     with one_line_errors(StudyError, status=2):
-        study = load_study(args.study)
+        study = load_study(args.study, args.base_config)
         if args.workers < 1:
             raise StudyError(f"--workers must be >= 1, got {args.workers}")
         check_options(study)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from src.study import check_options, grid, load_study, run_args, run_name, write_outputs
-from tests.conftest import call_entry
+from tests.conftest import REPO, call_entry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TWO_AXES = (
@@ -242,3 +242,17 @@ def test_rows_follow_the_study_files_order_and_a_single_seed_is_not_a_median(tmp
     assert "| variant | final_loss | test/acc |" in table and "median" not in table
     assert table.index("| softmax |") < table.index("| mlp |") < table.index("| he |")
     assert "Every run:" not in table  # one run per row: the table is every run already
+
+
+def test_base_config_can_be_swapped_on_the_command_line(tmp_path, capsys):
+    from src.study import main
+
+    study = load_study(REPO / "configs" / "study" / "mnist_labs.yaml", str(REPO / "configs" / "mnist.yaml"))
+    point = grid(study)[0]
+    assert run_args(study, point, "out")[:2] == ["--config", str(REPO / "configs" / "mnist.yaml")]
+    check_options(study)  # every variant parses on MNIST's config too
+    result = call_entry(
+        main, [str(REPO / "configs" / "study" / "mnist_labs.yaml"), "--base-config", "nope.yaml"], capsys
+    )
+    assert result.returncode == 2 and "base_config nope.yaml does not exist" in result.stderr
+    assert result.stderr.count("\n") == 1
