@@ -253,8 +253,8 @@ def test_a_divergence_after_an_action_rolls_back_to_before_it_and_goes_on(tmp_pa
     at_stall, after_rollback = [], []
     detector.add_listener(lambda t, m, e: at_stall.append(weights(m)) if not at_stall else None)  # before the raise
 
-    class AfterCheck(L.Callback):  # runs after the detector's check, in the epoch of the divergence
-        def on_train_epoch_end(self, trainer, pl_module):
+    class AfterCheck(L.Callback):  # the weights the epoch after the divergence starts from (no step yet)
+        def on_train_epoch_start(self, trainer, pl_module):
             if detector.events[-1:] and detector.events[-1]["kind"] == "divergence" and not after_rollback:
                 after_rollback.append(weights(pl_module))
 
@@ -327,8 +327,8 @@ def test_a_divergence_after_the_kick_is_undone_rolls_back_to_the_undo_and_keeps_
     )
     after_rollback = []
 
-    class AfterCheck(L.Callback):  # runs after the detector's check, in the epoch of the divergence
-        def on_train_epoch_end(self, trainer, pl_module):
+    class AfterCheck(L.Callback):  # the weights the epoch after the divergence starts from (no step yet)
+        def on_train_epoch_start(self, trainer, pl_module):
             if detector.events[-1:] and detector.events[-1]["kind"] == "divergence" and not after_rollback:
                 after_rollback.append(weights(pl_module))
 

@@ -220,3 +220,24 @@ def test_checks_follow_earlystoppings_rule_for_where_the_metric_is_logged(every_
     trainer = quiet_trainer(max_epochs=6, callbacks=[detector], check_val_every_n_epoch=every_n_epoch, **kwargs)
     trainer.fit(LogsPlainLoss(depth=2, width=4), datamodule=Toy2DDataModule())
     assert detector.tracker.checks == checks
+
+
+class LogsInItsOwnEpochEnd(MLPClassifier):
+    """Logs its monitored metric in the LightningModule's own ``on_train_epoch_end``: 1, 1/2, 1/3, then flat."""
+
+    def on_train_epoch_end(self):
+        super().on_train_epoch_end()
+        self.log("epoch_metric", 1.0 / min(self.current_epoch + 1, 3))
+
+
+def test_a_metric_logged_in_the_modules_own_epoch_end_is_checked_in_that_epoch():
+    detector = PlateauDetector(monitor="epoch_metric", patience=2, min_delta=0.0)
+    seen = []
+    detector.add_check_listener(lambda trainer, module, value: seen.append((trainer.current_epoch, value)))
+    trainer = quiet_trainer(max_epochs=6, callbacks=[detector], limit_val_batches=0)
+    trainer.fit(LogsInItsOwnEpochEnd(depth=2, width=4), datamodule=Toy2DDataModule())
+    expected = [(epoch, 1.0 / min(epoch + 1, 3)) for epoch in range(6)]
+    assert [e for e, _ in seen] == [e for e, _ in expected]
+    assert [v for _, v in seen] == pytest.approx([v for _, v in expected])  # each epoch's own value, not the last
+    # flat from epoch 2 on: the second check without improvement (epoch 4) is the stall
+    assert [(e["kind"], e["epoch"]) for e in detector.events] == [("stall", 4)]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -27,16 +27,19 @@ StallListener = Callable[[L.Trainer, L.LightningModule, dict[str, Any]], None]
 CheckListener = Callable[[L.Trainer, L.LightningModule, float], None]
 
 
-class PlateauDetector(Callback):
+class PlateauDetector(EarlyStopping):
     r"""Detects that a monitored metric has stopped improving, and diagnoses why.
 
     A check happens once per training epoch, at its end, when ``monitor`` is a training metric
     (``train/...``) or, as ``EarlyStopping`` decides, when validation runs once per epoch (or not at
     all: a metric logged in ``training_step`` under any name); otherwise after each validation run.
-    ``check_on_train_epoch_end`` overrides that. A metric the LightningModule logs in its own
-    ``on_train_epoch_end`` reaches the check one epoch late: Lightning runs that hook after every
-    callback's except ``EarlyStopping``'s and ``ModelCheckpoint``'s (a list hard-coded in
-    ``trainer/call.py``); log it in ``training_step`` with ``on_epoch=True`` instead.
+    ``check_on_train_epoch_end`` overrides that. It is an ``EarlyStopping`` (with its own rule in
+    place of EarlyStopping's: it records and diagnoses a stall instead of stopping): Lightning runs
+    the ``on_train_epoch_end`` of ``EarlyStopping`` and ``ModelCheckpoint`` instances after the
+    LightningModule's own (a list hard-coded in ``trainer/call.py``), and the rest before it. So a
+    metric the LightningModule logs in its ``on_train_epoch_end`` is checked in the epoch it was
+    logged, as ``EarlyStopping`` would check it. One consequence: ``trainer.early_stopping_callbacks``
+    lists it too.
     ``patience`` counts checks, as in ``EarlyStopping``:
     with one check per epoch,
     ``patience=100`` means 100 epochs without an improvement larger than ``min_delta``. As in
@@ -113,13 +116,17 @@ class PlateauDetector(Callback):
         divergence_threshold: float | None = None,
         same_kink: float = 0.999,
     ) -> None:
-        super().__init__()
         try:
             self.tracker = PlateauTracker(
                 mode, patience, min_delta, threshold_mode, cooldown, warmup, divergence_threshold
             )
         except ValueError as err:
             raise ValueError(f"PlateauDetector: {err}") from None
+        # EarlyStopping's own rule is never run (its hooks are overridden below); its __init__ only
+        # sets attributes that nothing here reads.
+        super().__init__(
+            monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=check_on_train_epoch_end
+        )
         for name, value in (("vanishing_ratio", vanishing_ratio), ("flat_norm", flat_norm)):
             if not 0 < value < 1:
                 raise ValueError(f"PlateauDetector: {name} must be in (0, 1), got {value}")
