@@ -47,6 +47,23 @@ def test_ddp_preset_runs_the_default_experiment_on_two_cpu_processes(tmp_path):
 
 @pytest.mark.slow
 @needs_two_cores
+def test_lightnings_own_progress_bar_with_the_detector_under_ddp(tmp_path):
+    """Lightning's TQDMProgressBar reads the epoch's metrics on rank 0 only, which runs their
+    sync_dist collectives there; the detector (checked after the module's epoch end) and GracefulStop
+    run collectives of their own: every rank must still run the same ones in the same order."""
+    callbacks = (
+        "[{class_path: src.callbacks.GradNormMonitor}, {class_path: src.callbacks.PlateauDetector, "
+        "init_args: {patience: 30}}, {class_path: src.callbacks.PlateauEscape}, "
+        "{class_path: lightning.pytorch.callbacks.TQDMProgressBar}]"
+    )
+    result = run_cli("fit", *DDP, "--trainer.accelerator", "cpu", "--trainer.max_epochs", "80",
+                     f"--trainer.callbacks={callbacks}", cwd=tmp_path, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stall, diagnosis" in result.stdout and result.stdout.count("Finished after 80 epochs") == 1
+
+
+@pytest.mark.slow
+@needs_two_cores
 def test_re_placed_units_are_the_same_on_both_ranks(tmp_path):
     """Each rank sees its own half of the data, so each would put a new kink on its own points:
     rank 0's weights go to every rank, and the optimizer state is reset alike."""

@@ -98,6 +98,11 @@ class EpochProgressBar(ProgressBar):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Read the epoch's metrics on every process, not only where the bar is drawn: the first read
+        # computes them, and a metric logged with sync_dist=True then runs a collective. Lightning
+        # computes them at the epoch's end anyway, so this costs nothing; a read on rank 0 alone
+        # would start a collective that the other ranks meet with a different one (a mismatch).
+        trainer.progress_bar_metrics  # noqa: B018
         now = time.monotonic()
         if self._bar is not None and now - self._last_draw >= self.refresh_seconds:
             self._draw(trainer, pl_module, epochs_done=trainer.current_epoch + 1)

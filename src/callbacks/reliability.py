@@ -64,6 +64,11 @@ class GracefulStop(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:
+            # A progress bar draws on rank 0 only, and its first read of the epoch's metrics runs their
+            # sync_dist collectives there. Read them on every rank before this process's own
+            # collective, so that each rank runs the same collectives in the same order.
+            trainer.callback_metrics  # noqa: B018
         if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             self.stopped_by = self.requested or "a signal to another process"
             trainer.should_stop = True
