@@ -216,7 +216,7 @@ def test_a_tiny_grid_over_two_non_default_axes_runs_end_to_end(tmp_path, capsys,
     ]  # fmt: skip
     assert all(0.0 <= float(r["test/acc"]) <= 1.0 and r["epochs"] == "3" for r in rows)
     assert "stalled" not in rows[0] and "diagnosis" not in rows[0]  # no detector, no stall columns
-    header = "| model.init | model.batch_norm | median_final_loss | test/acc |"
+    header = "| model.init | model.batch_norm | final_loss | test/acc |"
     assert header in (tmp_path / "out" / "summary.md").read_text()
     for row in rows:  # each run is an ordinary logged run that got its grid point's options
         run = tmp_path / "out" / "runs" / row["run"] / "lightning_logs" / "version_0"
