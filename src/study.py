@@ -272,39 +272,56 @@ def run_args(study: dict[str, Any], point: dict[str, Any], out_dir: str, axes: l
     ]  # fmt: skip
 
 
+_CHECKER: dict[str, Any] = {}  # the CLI's parser (about 1 s to build) and its error class, once per process
+
+
+def _checker() -> dict[str, Any]:
+    """The classes that parse a run's options without building anything; the parser itself is added
+    by :func:`check_options` once it has been built."""
+    if not _CHECKER:
+        from lightning.pytorch.cli import LightningArgumentParser
+
+        from src.cli import TemplateCLI
+
+        class Rejected(Exception):
+            pass
+
+        class RaisingParser(LightningArgumentParser):
+            def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+                raise Rejected(message)
+
+        class ParseOnly(TemplateCLI):
+            def instantiate_classes(self) -> None:  # parse and check, build nothing
+                pass
+
+        _CHECKER.update(rejected=Rejected, parser_class=RaisingParser, cli=ParseOnly)
+    return _CHECKER
+
+
 def check_options(study: dict[str, Any]) -> None:
     """Parse the study's options with the CLI's own parser, building nothing: first the shared settings
     (``config``, ``args``), then each value of each axis on its own, so that a bad option name or value
     fails in one line naming the axis and the value, before any run starts."""
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    from src.cli import TemplateCLI, quiet_expected_warnings
-
-    class Rejected(Exception):
-        pass
-
-    class RaisingParser(LightningArgumentParser):
-        def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
-            raise Rejected(message)
-
-    class ParseOnly(TemplateCLI):
-        def instantiate_classes(self) -> None:  # parse and check, build nothing
-            pass
+    from src.cli import quiet_expected_warnings
 
     quiet_expected_warnings()
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 0" of each parse
-    where = study["path"]
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter")  # the study's own argv
+    where, checker = study["path"], _checker()
+    failures = (checker["rejected"], ValueError, TypeError)
     try:
-        parser = ParseOnly(args=["--config", study["base_config"]], run=False, parser_class=RaisingParser).parser
+        if "parser" not in checker:
+            base = ["--config", study["base_config"]]
+            checker["parser"] = checker["cli"](args=base, run=False, parser_class=checker["parser_class"]).parser
+        parser = checker["parser"]
         parser.parse_args(run_args(study, {}, "check", axes=[]))
-    except (Rejected, ValueError, TypeError) as err:
+    except failures as err:
         raise StudyError(f"{where}: base_config, config or args: {one_line(err)}") from None
     for axis in study["axes"]:
         for label in axis.values:
             try:
                 parser.parse_args(run_args(study, {axis.column: label}, "check", axes=[axis]))
-            except (Rejected, ValueError, TypeError) as err:
+            except failures as err:
                 raise StudyError(f"{where}: {axis.describe(label)}: {one_line(err)}") from None
 
 

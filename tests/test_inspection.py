@@ -73,6 +73,7 @@ def test_report_reads_the_layers_in_order_and_the_events(run_dir):
     assert run.events[0]["kind"] == "stall" and run.events[0]["diagnosis"] == "flat"
 
 
+@pytest.mark.slow
 def test_report_draws_the_fitted_dnnex_curve_of_the_runs_final_model(main, report, tmp_path):
     from src.report import load_fitted, plot_fitted_curve
 
@@ -93,6 +94,7 @@ def test_report_draws_the_fitted_dnnex_curve_of_the_runs_final_model(main, repor
     assert labels == ["data (y = 0 / 1)", "true P(y=1)", "fitted P(y=1)"]
 
 
+@pytest.mark.slow
 def test_report_draws_the_decision_regions_of_2d_data(main, report, tmp_path):
     from src.report import load_fitted, plot_decision_regions
 
