@@ -313,10 +313,13 @@ def load_fitted(run: Run) -> Fitted:
         raise NoFit(f"{checkpoint}: cannot be loaded as the template's model ({one_line(err)})") from None
     if model.hparams.in_features not in (1, 2):
         raise NoFit(f"the inputs are {model.hparams.in_features}-D; the fit is drawn for 1-D and 2-D data")
-    datamodule = instantiate_class((), run.config["data"])
-    datamodule.setup("fit")
-    features, labels, *_ = datamodule.train_set.tensors
-    evaluation = datamodule.val_set.tensors if datamodule.val_set is not None else ()
+    try:  # the data as the run's config names it (a CSV path is read relative to this folder)
+        datamodule = instantiate_class((), run.config["data"])
+        datamodule.setup("fit")
+        features, labels, *_ = datamodule.train_set.tensors
+        evaluation = datamodule.val_set.tensors if datamodule.val_set is not None else ()
+    except Exception as err:  # a moved data file, a data module that is not in memory
+        raise NoFit(f"the data of {run.path / 'config.yaml'} cannot be rebuilt here ({one_line(err)})") from None
     x_true, prob_true = (evaluation[0], evaluation[2]) if len(evaluation) == 3 else (None, None)
     model.eval()
     with torch.no_grad():

@@ -92,6 +92,13 @@ def test_report_draws_the_fitted_dnnex_curve_of_the_runs_final_model(main, repor
     assert float(mae) == pytest.approx(run.last("val/prob_mae"), abs=1e-6)
     labels = [t.get_text() for t in plot_fitted_curve(fitted, run).axes[0].get_legend().get_texts()]
     assert labels == ["data (y = 0 / 1)", "true P(y=1)", "fitted P(y=1)"]
+    # the data file the config names has moved: the picture is left out, in one line
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("csv_path: null", "csv_path: moved/dnnex.csv"))
+    (tmp_path / "moved").mkdir()
+    moved = report(str(run_dir), "--out", str(tmp_path / "moved"))
+    assert moved.returncode == 0 and "Traceback" not in moved.stderr, moved.stderr
+    assert "no picture of what the model learned: the data of" in moved.stdout and "moved/dnnex.csv" in moved.stdout
 
 
 @pytest.mark.slow
