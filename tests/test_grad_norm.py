@@ -177,6 +177,30 @@ def test_two_optimizers_log_each_ones_own_norms_every_n_of_its_own_steps():
     assert "grad_norm/total" not in logger.metrics
 
 
+class TwoOptimizersStalled(TwoOptimizers):
+    """The same, with a loss that never improves: a stall for the detector to diagnose."""
+
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        self.log("loss", 1.0)
+
+
+def test_the_detectors_diagnosis_reads_each_layer_at_its_own_optimizers_step():
+    from src.callbacks import PlateauDetector
+
+    model = TwoOptimizersStalled()
+    detector = PlateauDetector(monitor="loss", patience=2, norms_every_n_steps=1)
+    quiet_trainer(max_epochs=3, callbacks=[detector]).fit(model, loader())  # 4 batches: 8 steps an epoch
+    (event,) = detector.events
+    assert event["kind"] == "stall" and event["epoch"] == 2
+    # the last step of each model before the check: its gradient, not the one the other model's
+    # backward left in it (the discriminator's loss also reaches the generator)
+    last = {which: norm for _, which, norm in model.seen}
+    assert list(event["grad_norms"]) == ["generator", "discriminator"]
+    assert event["grad_norms"]["generator"] == pytest.approx(last["g"], rel=1e-5)
+    assert event["grad_norms"]["discriminator"] == pytest.approx(last["d"], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_the_callbacks_folder_works_copied_into_a_project_with_its_own_src(tmp_path):
     """The folder imports only torch, Lightning and itself: copied into another project (whose own

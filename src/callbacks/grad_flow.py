@@ -183,3 +183,50 @@ class GradNormRecorder:
     def since(self, step: int) -> list[GradProfile]:
         """The recorded profiles from ``step`` on (the latest one if none is that recent)."""
         return [p for p in self.history if p.step >= step] or list(self.history)[-1:]
+
+
+def optimizer_recorders(
+    module: nn.Module, optimizers: list[torch.optim.Optimizer], every_n_steps: int, **kwargs
+) -> list[GradNormRecorder]:
+    """With several optimizers (manual optimization, a GAN): a recorder of each one's parameters, so
+    that each optimizer's step reads its own gradients only; ``[]`` with one optimizer."""
+    if len(optimizers) < 2:
+        return []
+    return [
+        GradNormRecorder(every_n_steps, **kwargs).bind(
+            module, only={id(p) for g in opt.param_groups for p in g["params"]}
+        )
+        for opt in optimizers
+    ]
+
+
+def optimizer_index(optimizers: list[torch.optim.Optimizer], optimizer: torch.optim.Optimizer) -> int:
+    """Which of ``optimizers`` is stepping (a Lightning ``LightningOptimizer`` wraps the one given)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return next(i for i, opt in enumerate(optimizers) if opt is inner or opt is optimizer)
+
+
+def merged_profiles(recorders: list[GradNormRecorder], step: int, order: list[str]) -> list[GradProfile]:
+    """The profiles each optimizer recorded from ``step`` on, as whole-module profiles: the k-th latest
+    of every optimizer's together, each layer's norm from its own optimizer's step, in ``order``."""
+    windows = [recorder.since(step) for recorder in recorders]
+    count = min((len(w) for w in windows), default=0)
+    merged = []
+    for k in range(count, 0, -1):
+        parts = [window[-k] for window in windows]
+        layers = {
+            name: (norm, weight)
+            for part in parts
+            for name, norm, weight in zip(part.names, part.norms, part.weight_layers, strict=True)
+        }
+        names = tuple(name for name in order if name in layers)
+        merged.append(
+            GradProfile(
+                max(p.step for p in parts),
+                names,
+                tuple(layers[n][0] for n in names),
+                tuple(layers[n][1] for n in names),
+                math.sqrt(sum(p.total**2 for p in parts)),
+            )
+        )
+    return merged

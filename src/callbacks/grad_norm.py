@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from .grad_flow import GradNormRecorder, trainable
+from .grad_flow import GradNormRecorder, optimizer_index, optimizer_recorders, trainable
 from .names import GRAD_NORM, GRAD_NORM_FIRST_TO_LAST, GRAD_NORM_LOG10, GRAD_NORM_TOTAL, LOG10_FLOOR
 
 
@@ -102,12 +102,10 @@ class GradNormMonitor(Callback):
         every = self.log_every_n_steps or trainer.log_every_n_steps
         self.recorder.every_n_steps = every
         self.recorder.bind(pl_module)
-        recorders = []
-        if len(trainer.optimizers) > 1:
-            for opt in trainer.optimizers:
-                params = {id(p) for group in opt.param_groups for p in group["params"]}
-                recorder = GradNormRecorder(every, self.norm_type, self.history_size, self.per_parameter)
-                recorders.append(recorder.bind(pl_module, only=params))
+        recorders = optimizer_recorders(
+            pl_module, trainer.optimizers, every,
+            norm_type=self.norm_type, history_size=self.history_size, per_parameter=self.per_parameter,
+        )  # fmt: skip
         if len(recorders) != len(self._optimizer_steps):
             self._optimizer_steps = [0] * len(recorders)
         self._per_optimizer = recorders
@@ -118,8 +116,7 @@ class GradNormMonitor(Callback):
     ) -> None:
         step, index = trainer.global_step, None
         if self._per_optimizer:
-            inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
-            index = next(i for i, opt in enumerate(trainer.optimizers) if opt is inner or opt is optimizer)
+            index = optimizer_index(trainer.optimizers, optimizer)
             due = self._optimizer_steps[index] % self.recorder.every_n_steps == 0
             self._optimizer_steps[index] += 1
         else:

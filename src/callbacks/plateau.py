@@ -18,7 +18,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from .grad_flow import GradNormRecorder, trainable
+from .grad_flow import (
+    GradNormRecorder,
+    merged_profiles,
+    optimizer_index,
+    optimizer_recorders,
+    parameter_layers,
+    trainable,
+)
 from .names import EVENTS_FILE, PLATEAU, PLATEAU_EVENTS_TEXT
 from .plateau_rule import PlateauTracker, Status, describe_event, diagnose
 from .units import UnitRecorder, idle_units
@@ -57,7 +64,9 @@ class PlateauDetector(EarlyStopping):
     is recorded as a ``divergence`` event instead, and stops training when ``stop_on_divergence`` is set.
 
     The gradient norms come from a :class:`~.grad_flow.GradNormRecorder` of its own, sampled every
-    ``norms_every_n_steps`` steps. Under DDP the monitored value is averaged over the processes and
+    ``norms_every_n_steps`` steps; with several optimizers (manual optimization, a GAN) each
+    optimizer's step reads its own parameters, every n of its own steps, and the diagnosis sees each
+    layer's norm from its own optimizer's step. Under DDP the monitored value is averaged over the processes and
     the decision reduced, so every rank decides the same; a rank that misses the metric makes every
     rank skip that check rather than wait for it.
 
@@ -149,6 +158,9 @@ class PlateauDetector(EarlyStopping):
         self.recorder = GradNormRecorder(norms_every_n_steps or 1)
         self.units = UnitRecorder()
         self._check_steps: deque[int] = deque(maxlen=patience + 1)
+        self._per_optimizer: list[GradNormRecorder] = []  # with several optimizers: one recorder each
+        self._optimizer_steps: list[int] = []
+        self._layer_order: list[str] = []
         self._listeners: list[StallListener] = []
         self._check_listeners: list[CheckListener] = []
         self._warned_missing = False
@@ -181,10 +193,20 @@ class PlateauDetector(EarlyStopping):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.recorder.every_n_steps = self.norms_every_n_steps or trainer.log_every_n_steps
-        self.recorder.bind(pl_module)
-        self._trainable = trainable(pl_module)
+        self._bind(trainer, pl_module)
         self.units.bind(pl_module)
+
+    def _bind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Read the layers (again, when parameters were frozen, unfrozen or added); with several
+        optimizers, a recorder of each one's parameters, stepping with its own optimizer."""
+        self._trainable = trainable(pl_module)
+        every = self.norms_every_n_steps or trainer.log_every_n_steps
+        self.recorder.every_n_steps = every
+        self.recorder.bind(pl_module)
+        self._per_optimizer = optimizer_recorders(pl_module, trainer.optimizers, every)
+        self._layer_order = list(parameter_layers(pl_module))
+        if len(self._per_optimizer) != len(self._optimizer_steps):
+            self._optimizer_steps = [0] * len(self._per_optimizer)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -198,11 +220,19 @@ class PlateauDetector(EarlyStopping):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.recorder.due(trainer.global_step):
+        recorder = self.recorder
+        if self._per_optimizer:  # each optimizer's step reads its own parameters, every n of its own steps
+            index = optimizer_index(trainer.optimizers, optimizer)
+            due = self._optimizer_steps[index] % self.recorder.every_n_steps == 0
+            self._optimizer_steps[index] += 1
+            recorder = self._per_optimizer[index]
+        else:
+            due = self.recorder.due(trainer.global_step)
+        if due:
             if trainable(pl_module) != self._trainable:  # frozen, unfrozen or new parameters
-                self._trainable = trainable(pl_module)
-                self.recorder.bind(pl_module)
-            self.recorder.record(trainer.global_step)
+                self._bind(trainer, pl_module)
+                recorder = self._per_optimizer[index] if self._per_optimizer else self.recorder
+            recorder.record(trainer.global_step)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -273,7 +303,12 @@ class PlateauDetector(EarlyStopping):
             "actions": [],
         }
         if status is Status.PLATEAU:
-            window = self.recorder.since(self._check_steps[0])
+            since = self._check_steps[0]
+            window = (
+                merged_profiles(self._per_optimizer, since, self._layer_order)
+                if self._per_optimizer
+                else self.recorder.since(since)
+            )
             units = self.idle_units(trainer)
             if units:
                 event["units"] = units
