@@ -200,10 +200,24 @@ def optimizer_recorders(
     ]
 
 
-def optimizer_index(optimizers: list[torch.optim.Optimizer], optimizer: torch.optim.Optimizer) -> int:
-    """Which of ``optimizers`` is stepping (a Lightning ``LightningOptimizer`` wraps the one given)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return next(i for i, opt in enumerate(optimizers) if opt is inner or opt is optimizer)
+def due_step(
+    recorder: GradNormRecorder,
+    optimizer_steps: list[int],
+    optimizers: list[torch.optim.Optimizer],
+    optimizer: torch.optim.Optimizer,
+    step: int,
+) -> tuple[bool, int | None]:
+    """Whether this optimizer step is one to record, and which optimizer it is (``None`` with one).
+
+    With one optimizer: every ``recorder.every_n_steps`` global steps. With several (``optimizer_steps``
+    holds one count each, as :func:`optimizer_recorders` pairs them): every n of that optimizer's own
+    steps, so that an even n does not record one optimizer only."""
+    if not optimizer_steps:
+        return recorder.due(step), None
+    inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+    index = next(i for i, opt in enumerate(optimizers) if opt is inner or opt is optimizer)
+    optimizer_steps[index] += 1
+    return (optimizer_steps[index] - 1) % recorder.every_n_steps == 0, index
 
 
 def merged_profiles(recorders: list[GradNormRecorder], step: int, order: list[str]) -> list[GradProfile]:

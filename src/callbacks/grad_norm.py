@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from .grad_flow import GradNormRecorder, optimizer_index, optimizer_recorders, trainable
+from .grad_flow import GradNormRecorder, due_step, optimizer_recorders, trainable
 from .names import GRAD_NORM, GRAD_NORM_FIRST_TO_LAST, GRAD_NORM_LOG10, GRAD_NORM_TOTAL, LOG10_FLOOR
 
 
@@ -114,13 +114,8 @@ class GradNormMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step, index = trainer.global_step, None
-        if self._per_optimizer:
-            index = optimizer_index(trainer.optimizers, optimizer)
-            due = self._optimizer_steps[index] % self.recorder.every_n_steps == 0
-            self._optimizer_steps[index] += 1
-        else:
-            due = self.recorder.due(step)
+        step = trainer.global_step
+        due, index = due_step(self.recorder, self._optimizer_steps, trainer.optimizers, optimizer, step)
         if not due:
             return
         if trainable(pl_module) != self._trainable:  # frozen, unfrozen (BaseFinetuning) or new parameters

@@ -20,8 +20,8 @@ from typing_extensions import override
 
 from .grad_flow import (
     GradNormRecorder,
+    due_step,
     merged_profiles,
-    optimizer_index,
     optimizer_recorders,
     parameter_layers,
     trainable,
@@ -220,19 +220,12 @@ class PlateauDetector(EarlyStopping):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        recorder = self.recorder
-        if self._per_optimizer:  # each optimizer's step reads its own parameters, every n of its own steps
-            index = optimizer_index(trainer.optimizers, optimizer)
-            due = self._optimizer_steps[index] % self.recorder.every_n_steps == 0
-            self._optimizer_steps[index] += 1
-            recorder = self._per_optimizer[index]
-        else:
-            due = self.recorder.due(trainer.global_step)
-        if due:
-            if trainable(pl_module) != self._trainable:  # frozen, unfrozen or new parameters
-                self._bind(trainer, pl_module)
-                recorder = self._per_optimizer[index] if self._per_optimizer else self.recorder
-            recorder.record(trainer.global_step)
+        due, index = due_step(self.recorder, self._optimizer_steps, trainer.optimizers, optimizer, trainer.global_step)
+        if not due:
+            return
+        if trainable(pl_module) != self._trainable:  # frozen, unfrozen or new parameters
+            self._bind(trainer, pl_module)
+        (self.recorder if index is None else self._per_optimizer[index]).record(trainer.global_step)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
