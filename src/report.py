@@ -295,7 +295,6 @@ def load_fitted(run: Run) -> Fitted:
     """The run's model at ``checkpoints/last.ckpt`` (else the newest checkpoint) and its training data,
     rebuilt from ``config.yaml``'s ``data`` section; raises ``NoFit`` when there is no checkpoint, no data
     section or the inputs are not 1-D or 2-D."""
-    import torch
     from lightning.pytorch.cli import instantiate_class
 
     from src.models import MLPClassifier
@@ -322,8 +321,7 @@ def load_fitted(run: Run) -> Fitted:
         raise NoFit(f"the data of {run.path / 'config.yaml'} cannot be rebuilt here ({one_line(err)})") from None
     x_true, prob_true = (evaluation[0], evaluation[2]) if len(evaluation) == 3 else (None, None)
     model.eval()
-    with torch.no_grad():
-        return Fitted(model, checkpoint, features.float(), labels, x_true, prob_true)
+    return Fitted(model, checkpoint, features.float(), labels, x_true, prob_true)
 
 
 def plot_fitted_curve(fitted: Fitted, run: Run | None = None, ax=None):

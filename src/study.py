@@ -98,6 +98,14 @@ class Axis:
             return [] if payload is None else [f"--optimizer={json.dumps(payload)}"]
         return [] if payload is None else ["--config", yaml.safe_dump(payload)]
 
+    def sets(self) -> list[str]:
+        """The options this axis sets (a policy's config fragment: none named here)."""
+        if self.kind == "option":
+            return [self.option]
+        if self.kind == "options":
+            return list(dict.fromkeys(option for payload in self.values.values() for option in payload))
+        return ["optimizer"] if self.kind == "optimizer" else []
+
     def describe(self, label: Any) -> str:
         if self.key == "grid":
             return f"grid option '{self.option}' value {label!r}"
@@ -165,9 +173,7 @@ def _axes(study: dict[str, Any], path: Path) -> list[Axis]:
     # two axes that set one option: the later would silently win
     setters: dict[str, str] = {}
     for axis in axes:
-        options = [axis.option] if axis.kind == "option" else [o for v in axis.values.values() for o in v] \
-            if axis.kind == "options" else ["optimizer"] if axis.kind == "optimizer" else []  # fmt: skip
-        for option in dict.fromkeys(options):
+        for option in axis.sets():
             if option in setters and setters[option] != axis.key:
                 raise StudyError(f"{path}: '{option}' is set by both '{setters[option]}' and '{axis.key}'; keep one")
             setters[option] = axis.key
@@ -382,10 +388,10 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
     return row
 
 
-def axis_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The axes of a summary: the columns before ``run``."""
+def axis_columns(rows: list[dict[str, Any]], marker: str = "run") -> list[str]:
+    """The axes of a summary: its columns before ``run`` (before ``runs`` in an aggregated table)."""
     columns = list(rows[0])
-    return columns[: columns.index("run")]
+    return columns[: columns.index(marker)]
 
 
 def aggregate(rows: list[dict[str, Any]], study: dict[str, Any]) -> list[dict[str, Any]]:
@@ -404,8 +410,8 @@ def aggregate(rows: list[dict[str, Any]], study: dict[str, Any]) -> list[dict[st
         row["median_final_loss" if median else "final_loss"] = statistics.median(r["final_loss"] for r in group)
         if "stalled" in group[0]:
             row["stalled"] = f"{sum(r['stalled'] for r in group)}/{len(group)}"
+        escapes = [r[below] for r in group if r.get(below, "") != ""]
         if below in group[0]:
-            escapes = [r[below] for r in group if r[below] != ""]
             row[f"below_{study['solved_below']}"] = f"{len(escapes)}/{len(group)}"
         if "diagnosis" in group[0]:
             row["diagnosis"] = ", ".join(sorted({r["diagnosis"] for r in group if r["diagnosis"]})) or "-"
@@ -445,7 +451,8 @@ def _markdown(rows: list[dict[str, Any]], header: list[str], axes: list[str]) ->
     return lines
 
 
-def write_outputs(rows: list[dict[str, Any]], study: dict[str, Any], out_dir: Path, command: str) -> None:
+def write_outputs(rows: list[dict[str, Any]], study: dict[str, Any], out_dir: Path, command: str) -> list[Path]:
+    """Write ``summary.csv``, ``summary.md`` and (when depth varies) the plot; returns the paths written."""
     axes = axis_columns(rows)
     order = _ordering(study)
     rows = sorted(rows, key=lambda r: [order(c, r[c]) for c in axes])
@@ -467,8 +474,11 @@ def write_outputs(rows: list[dict[str, Any]], study: dict[str, Any], out_dir: Pa
     if len(rows) > len(table):
         lines += ["", "Every run:", "", *_markdown(rows, run_header, axes)]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    written = [out_dir / "summary.csv", out_dir / "summary.md"]
     if "depth" in varying:
         plot_final_loss(table, out_dir / "final_loss_vs_depth.png")
+        written.append(out_dir / "final_loss_vs_depth.png")
+    return written
 
 
 def load_summary(path: Path) -> list[dict[str, Any]]:
@@ -494,7 +504,7 @@ def plot_final_loss(table: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    others = [c for c in table[0] if c not in ("depth", "runs") and c in _axis_like(table)]
+    others = [c for c in axis_columns(table, "runs") if c != "depth"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in sorted({tuple(r[c] for c in others) for r in table}, key=lambda k: [_order(v) for v in k]):
         points = sorted((r for r in table if tuple(r[c] for c in others) == key), key=lambda r: r["depth"])
@@ -509,12 +519,6 @@ def plot_final_loss(table: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def _axis_like(table: list[dict[str, Any]]) -> list[str]:
-    """The table's axis columns: those before ``runs``."""
-    columns = list(table[0])
-    return columns[: columns.index("runs")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -568,10 +572,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"note: {len(missing)} run(s) logged no {name} ({', '.join(missing[:3])}...); "
                   f"is it logged{' (test: true runs trainer.test)' if name.startswith('test/') else ''}?")  # fmt: skip
     command = "python -m src.study " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_outputs(rows, study, out_dir, command)
+    written = write_outputs(rows, study, out_dir, command)
     print((out_dir / "summary.md").read_text())
-    plot = out_dir / "final_loss_vs_depth.png"
-    print(f"wrote {out_dir / 'summary.csv'}, {out_dir / 'summary.md'}" + (f", {plot}" if plot.exists() else ""))
+    print("wrote " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":
