@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from src.errors import fail
+
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=700, help="epochs of each toy run (the default config: 2000)")
     parser.add_argument("--dnnex-epochs", type=int, default=6000, help="epochs of the dnnex run (its config's: 6000)")
     args = parser.parse_args(argv)
+    for option, value in (("--epochs", args.epochs), ("--dnnex-epochs", args.dnnex_epochs)):
+        if value < 1:  # checked before the first run starts, not after minutes of training
+            fail(f"{option} must be >= 1 (epochs of that run), got {value}", status=2)
     import matplotlib
 
     matplotlib.use("Agg")

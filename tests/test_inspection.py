@@ -272,3 +272,12 @@ def test_notebook_is_committed_clean_and_runs_on_a_fresh_run(notebook, run_dir, 
     ).execute()
     images = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 3
+
+
+@pytest.mark.parametrize("option", ["--epochs", "--dnnex-epochs"])
+def test_the_figures_command_rejects_a_bad_epoch_count_before_any_run(option, tmp_path, capsys):
+    from src.figures import main
+
+    result = call_entry(main, [option, "0", "--out", str(tmp_path / "figures")], capsys)
+    assert result.returncode == 2 and result.stderr == f"error: {option} must be >= 1 (epochs of that run), got 0\n"
+    assert not (tmp_path / "figures").exists()
