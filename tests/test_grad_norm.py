@@ -96,8 +96,24 @@ def test_inf_norm_and_per_parameter_norms():
     layers = parameter_layers(model)
     param_norms, layer_norms = grad_norms(layers, math.inf)
     expected = [max(p.grad.abs().max().item() for p in ps) for ps in layers.values()]
-    assert layer_norms.tolist() == pytest.approx(expected)
-    assert param_norms.tolist() == pytest.approx([p.grad.abs().max().item() for p in model.parameters()])
+    assert layer_norms == pytest.approx(expected)
+    assert param_norms == pytest.approx([p.grad.abs().max().item() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 3.0, 1.0])
+def test_layer_and_total_norms_equal_torchs_norm_of_the_gradients_together(norm_type):
+    model = TinyNet()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p, dtype=torch.float64).float()
+    recorder = GradNormRecorder(every_n_steps=1, norm_type=norm_type).bind(model)
+    profile = recorder.record(step=0)
+    layers = [model.body[i] for i in (0, 1, 3)]
+    expected = [
+        torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in m.parameters()]), norm_type) for m in layers
+    ]
+    everything = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert profile.norms == pytest.approx([e.item() for e in expected], rel=1e-5)
+    assert profile.total == pytest.approx(torch.linalg.vector_norm(everything, norm_type).item(), rel=1e-5)
 
 
 def test_per_parameter_keys_are_logged():
@@ -271,6 +287,38 @@ def test_a_layer_unfrozen_during_training_is_logged_from_then_on():
     quiet_trainer(max_epochs=4, logger=logger, callbacks=[monitor, Unfreeze()]).fit(model, loader(n=4))
     assert [step for step, _ in logger.metrics["grad_norm/body.3"]] == [0, 1, 2, 3]
     assert [step for step, _ in logger.metrics["grad_norm/body.0"]] == [2, 3]  # the monitor comes first: no matter
+
+
+def test_a_layer_added_to_the_optimizer_by_basefinetuning_is_logged_from_then_on():
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class Grow(L.LightningModule):  # a head trained first; a new layer joins the optimizer at epoch 2
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(3, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            x = self.extra(x) if hasattr(self, "extra") else x
+            return nn.functional.cross_entropy(self.head(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+    class AddLayer(BaseFinetuning):
+        def freeze_before_training(self, pl_module):
+            pass
+
+        def finetune_function(self, pl_module, epoch, optimizer):
+            if epoch == 2:
+                pl_module.extra = nn.Linear(3, 3)
+                self.unfreeze_and_add_param_group(pl_module.extra, optimizer)
+
+    logger = MemoryLogger()
+    monitor = GradNormMonitor(log_every_n_steps=1)
+    quiet_trainer(max_epochs=4, logger=logger, callbacks=[monitor, AddLayer()]).fit(Grow(), loader(n=4))
+    assert [step for step, _ in logger.metrics["grad_norm/head"]] == [0, 1, 2, 3]
+    assert [step for step, _ in logger.metrics["grad_norm/extra"]] == [2, 3]
 
 
 def test_two_monitors_in_one_trainer_log_on_their_own_schedules_and_keep_apart_in_a_checkpoint(tmp_path):

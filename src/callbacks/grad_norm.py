@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from .grad_flow import GradNormRecorder, due_step, optimizer_recorders, trainable
+from .grad_flow import GradNormRecorder, TrainableParameters, due_step, optimizer_recorders
 from .names import GRAD_NORM, GRAD_NORM_FIRST_TO_LAST, GRAD_NORM_LOG10, GRAD_NORM_TOTAL, LOG10_FLOOR
 
 
@@ -75,7 +75,7 @@ class GradNormMonitor(Callback):
         self.history_size = history_size
         self._warned_nonfinite = False
         # With several optimizers: a recorder of each one's parameters, and each one's step count.
-        self._trainable: tuple[int, ...] = ()
+        self._trainable = TrainableParameters()
         self._per_optimizer: list[GradNormRecorder] = []
         self._optimizer_steps: list[int] = []
 
@@ -98,7 +98,7 @@ class GradNormMonitor(Callback):
         self._bind(trainer, pl_module)
 
     def _bind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._trainable = trainable(pl_module)
+        self._trainable.reset(pl_module, trainer.optimizers)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         self.recorder.every_n_steps = every
         self.recorder.bind(pl_module)
@@ -118,7 +118,7 @@ class GradNormMonitor(Callback):
         due, index = due_step(self.recorder, self._optimizer_steps, trainer.optimizers, optimizer, step)
         if not due:
             return
-        if trainable(pl_module) != self._trainable:  # frozen, unfrozen (BaseFinetuning) or new parameters
+        if self._trainable.changed(trainer.optimizers):  # frozen, unfrozen (BaseFinetuning) or new parameters
             self._bind(trainer, pl_module)
         recorder = self.recorder if index is None else self._per_optimizer[index]
         suffix = "" if index is None else f"/optimizer_{index}"

@@ -20,11 +20,11 @@ from typing_extensions import override
 
 from .grad_flow import (
     GradNormRecorder,
+    TrainableParameters,
     due_step,
     merged_profiles,
     optimizer_recorders,
     parameter_layers,
-    trainable,
 )
 from .names import EVENTS_FILE, PLATEAU, PLATEAU_EVENTS_TEXT
 from .plateau_rule import PlateauTracker, Status, describe_event, diagnose
@@ -161,6 +161,7 @@ class PlateauDetector(EarlyStopping):
         self._per_optimizer: list[GradNormRecorder] = []  # with several optimizers: one recorder each
         self._optimizer_steps: list[int] = []
         self._layer_order: list[str] = []
+        self._trainable = TrainableParameters()  # notices frozen, unfrozen or added parameters
         self._listeners: list[StallListener] = []
         self._check_listeners: list[CheckListener] = []
         self._warned_missing = False
@@ -199,7 +200,7 @@ class PlateauDetector(EarlyStopping):
     def _bind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Read the layers (again, when parameters were frozen, unfrozen or added); with several
         optimizers, a recorder of each one's parameters, stepping with its own optimizer."""
-        self._trainable = trainable(pl_module)
+        self._trainable.reset(pl_module, trainer.optimizers)
         every = self.norms_every_n_steps or trainer.log_every_n_steps
         self.recorder.every_n_steps = every
         self.recorder.bind(pl_module)
@@ -223,7 +224,7 @@ class PlateauDetector(EarlyStopping):
         due, index = due_step(self.recorder, self._optimizer_steps, trainer.optimizers, optimizer, trainer.global_step)
         if not due:
             return
-        if trainable(pl_module) != self._trainable:  # frozen, unfrozen or new parameters
+        if self._trainable.changed(trainer.optimizers):  # frozen, unfrozen or new parameters
             self._bind(trainer, pl_module)
         (self.recorder if index is None else self._per_optimizer[index]).record(trainer.global_step)
 
