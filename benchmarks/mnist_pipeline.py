@@ -1,6 +1,6 @@
 """One MNIST-sized training epoch four ways, and the peak memory of a Fashion-MNIST fit.
 
-    python -m benchmarks.mnist_pipeline [--repeats 3] [--json out.json]
+    python -m benchmarks.mnist_pipeline [--repeats 3] [--json out.json] [--accelerator gpu]
 
 Rows (784-256-256-10 ReLU MLP, Adam 1e-3, batch 100, one epoch over the 55k training images):
 
@@ -14,6 +14,11 @@ Rows (784-256-256-10 ReLU MLP, Adam 1e-3, batch 100, one epoch over the 55k trai
 - torchvision: a hand-written loop over torchvision's ``FashionMNIST`` dataset with
                ``ToTensor`` + ``Normalize`` and a standard ``DataLoader`` (what the source code does);
 - data only:   the two data paths iterated without a model (what the data path itself costs).
+
+With ``--accelerator gpu`` every row trains on the GPU (the plain loop's tensors live there; the
+data paths end with their batches there), and the template runs once more with
+``configs/trainer/gpu.yaml``'s ``bf16-mixed`` precision. ``--no-torchvision`` leaves out the two
+torchvision rows.
 
 The rows are run interleaved, ``--repeats`` times each; the table gives the median samples/s and
 the spread (min-max), in wall time and in the process's CPU time (every row runs in this one
@@ -50,6 +55,7 @@ from src.data.mnist import NORMALIZATION, MNISTDataModule, raw_folder
 from src.models import MLPClassifier
 
 REPO = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -92,12 +98,13 @@ def train_step(
         totals[1] += (logits.argmax(-1) == y).sum()
 
 
-def run_template(dm: MNISTDataModule) -> int:
+def run_template(dm: MNISTDataModule, accelerator: str = "cpu", precision: str = "32-true") -> int:
     model = new_model()
     model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-3)
     trainer = L.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator=accelerator, devices=1, precision=precision, max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     return len(dm.train_set)
@@ -118,58 +125,63 @@ class BareMLP(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def run_bare(dm: MNISTDataModule) -> int:
+def run_bare(dm: MNISTDataModule, accelerator: str = "cpu") -> int:
     """Lightning's floor: a bare ``Trainer.fit`` over the plain loop's pre-normalised tensors."""
     images, labels = dm.train_set.tensors
     dataset = InMemoryDataset(dm.to_features(images), labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=100, shuffle=True, collate_fn=keep_batch)
     trainer = L.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator=accelerator, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(BareMLP(), train_dataloaders=loader)
     return len(dataset)
 
 
-def run_plain(dm: MNISTDataModule) -> int:
-    images, labels = dm.train_set.tensors
-    x_all = dm.to_features(images)  # normalised once, up front: the loop only indexes
-    model = new_model().net
+def run_plain(dm: MNISTDataModule, device: torch.device = CPU) -> int:
+    images, labels = (t.to(device) for t in dm.train_set.tensors)
+    x_all = dm.to_features(images)  # normalised once, up front, on the device: the loop only indexes
+    model = new_model().net.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    totals = torch.zeros(2)
-    for index in torch.randperm(len(x_all)).split(100):
+    totals = torch.zeros(2, device=device)
+    for index in torch.randperm(len(x_all), device=device).split(100):
         train_step(model, optimizer, x_all[index], labels[index], totals)
     return len(x_all)
 
 
-def run_torchvision(data_dir: Path, n: int) -> int:
+def run_torchvision(data_dir: Path, n: int, device: torch.device = CPU) -> int:
     mean, std = NORMALIZATION["fashion_mnist"]
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     dataset = datasets.FashionMNIST(str(data_dir), train=True, transform=transform)
     subset = torch.utils.data.Subset(dataset, range(n))  # the same number of images as the other rows
     loader = torch.utils.data.DataLoader(subset, batch_size=100, shuffle=True)
-    model = new_model().net
+    model = new_model().net.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    totals = torch.zeros(2)
+    totals = torch.zeros(2, device=device)
     for x, y in loader:
-        train_step(model, optimizer, x.flatten(1), y, totals)
+        train_step(model, optimizer, x.flatten(1).to(device), y.to(device), totals)
     return n
 
 
-def load_template(dm: MNISTDataModule) -> int:
-    """The data path alone: the template's loader plus the per-batch normalisation, no model."""
+def load_template(dm: MNISTDataModule, device: torch.device = CPU) -> int:
+    """The data path alone: the template's loader, the transfer and the per-batch normalisation, no model."""
     n = 0
-    for images, _labels in dm.train_dataloader():
-        n += len(dm.to_features(images))
+    for images, labels in dm.train_dataloader():
+        labels.to(device)
+        n += len(dm.to_features(images.to(device)))
     return n
 
 
-def load_torchvision(data_dir: Path, n: int) -> int:
+def load_torchvision(data_dir: Path, n: int, device: torch.device = CPU) -> int:
     """The data path alone: torchvision's dataset with ToTensor + Normalize through a DataLoader."""
     mean, std = NORMALIZATION["fashion_mnist"]
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     dataset = torch.utils.data.Subset(datasets.FashionMNIST(str(data_dir), train=True, transform=transform), range(n))
-    return sum(len(x.flatten(1)) for x, _ in torch.utils.data.DataLoader(dataset, batch_size=100, shuffle=True))
+    n = 0
+    for images, labels in torch.utils.data.DataLoader(dataset, batch_size=100, shuffle=True):
+        labels.to(device)
+        n += len(images.flatten(1).to(device))
+    return n
 
 
 # Runs ``python -m src.train ARGS`` and, as it exits, writes its own peak resident memory to stderr.
@@ -223,7 +235,12 @@ def measure(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory run")
     parser.add_argument("--limit", type=int, help="train on the first N images only (a quick check)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where every row trains")
+    parser.add_argument("--no-torchvision", action="store_true", help="leave out the torchvision rows")
     args = parser.parse_args(argv)
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu needs a CUDA device; none is visible to torch")
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,14 +249,19 @@ def measure(argv: list[str] | None = None) -> dict:
         if args.limit:
             dm.train_set.tensors = tuple(t[: args.limit] for t in dm.train_set.tensors)
         n = len(dm.train_set)
+        where = "" if device.type == "cpu" else f" on {args.accelerator}"
         rows = {
-            "template (Trainer + MNISTDataModule)": lambda: run_template(dm),
-            "bare Trainer.fit: no metrics, no logging": lambda: run_bare(dm),
-            "plain loop over in-memory tensors": lambda: run_plain(dm),
-            "torchvision Dataset + DataLoader + ToTensor": lambda: run_torchvision(data_dir, n),
-            "data only: template loader + normalisation": lambda: load_template(dm),
-            "data only: torchvision DataLoader + ToTensor": lambda: load_torchvision(data_dir, n),
+            f"template (Trainer + MNISTDataModule){where}": lambda: run_template(dm, args.accelerator),
+            "bare Trainer.fit: no metrics, no logging": lambda: run_bare(dm, args.accelerator),
+            "plain loop over in-memory tensors": lambda: run_plain(dm, device),
+            "torchvision Dataset + DataLoader + ToTensor": lambda: run_torchvision(data_dir, n, device),
+            "data only: template loader + normalisation": lambda: load_template(dm, device),
+            "data only: torchvision DataLoader + ToTensor": lambda: load_torchvision(data_dir, n, device),
         }
+        if device.type == "cuda":  # configs/trainer/gpu.yaml's precision
+            rows["template, bf16-mixed (configs/trainer/gpu.yaml)"] = lambda: run_template(dm, "gpu", "bf16-mixed")
+        if args.no_torchvision:
+            rows = {name: run for name, run in rows.items() if "torchvision" not in name}
         rates: dict[str, list[float]] = {name: [] for name in rows}
         cpu_rates: dict[str, list[float]] = {name: [] for name in rows}
         for _ in range(args.repeats):
@@ -247,6 +269,8 @@ def measure(argv: list[str] | None = None) -> dict:
                 torch.manual_seed(0)
                 start, cpu_start = time.perf_counter(), time.process_time()
                 samples = run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the last kernels belong to this row
                 cpu_rates[name].append(samples / (time.process_time() - cpu_start))
                 rates[name].append(samples / (time.perf_counter() - start))
         rss = None if args.no_rss else peak_rss_of_fit(data_dir)

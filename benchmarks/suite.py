@@ -1,6 +1,6 @@
 """The template against the hand-written PyTorch loop, side by side in one process.
 
-    python -m benchmarks.suite [--repeats 5] [--json benchmarks/results.json] [--quick]
+    python -m benchmarks.suite [--repeats 5] [--json benchmarks/results.json] [--quick] [--rows 1 2 3 4]
 
 Rows (each side timed in the same process, interleaved, ``--repeats`` times; median and min-max):
 
@@ -17,8 +17,10 @@ Rows (each side timed in the same process, interleaved, ``--repeats`` times; med
 4. start-up: ``python -m src.train --help`` (the usage, without loading Lightning),
    ``python -m src.train fit --help`` (every option: loads the CLI) and ``import src.cli``;
 5. peak RSS of a 1-epoch Fashion-MNIST fit process;
-6. the GPU rows, when CUDA is available.
+6. with CUDA: row 3's epoch on the GPU (template, bare ``Trainer.fit``, plain loop, the template's
+   data path, and the template in ``configs/trainer/gpu.yaml``'s bf16-mixed).
 
+``--rows`` measures only those rows (2 includes 2b; 3 includes 5 and, with CUDA, 6).
 ``--quick`` shrinks everything (a smoke test: the figures then mean nothing).
 """
 
@@ -204,12 +206,104 @@ def fmt(values: list[float], unit: str = "s") -> tuple[str, str]:
     return f"{median:.3f} {unit}", f"{min(values):.3f}-{max(values):.3f}"
 
 
+def toy_rows(args: argparse.Namespace, root: str, results: dict, table: list) -> None:
+    """Row 1: the toy fit, its parts, Lightning's floors and the plain loop."""
+    bare_fit(5)()
+    bare_fit(5, logging=True, root=root)()
+    plain_loop(5)()
+    parts = ("callbacks", "logger", "self.log")
+    sides = {
+        "template": template_fit(args.epochs, root),
+        **{f"without {part}": template_fit(args.epochs, root, without=part) for part in parts},
+        "bare": bare_fit(args.epochs),
+        "bare + logging": bare_fit(args.epochs, logging=True, root=root),
+        "plain": plain_loop(args.epochs),
+    }
+    row1 = interleaved(sides, args.repeats)
+    results["1 toy fit"] = row1
+    plain = statistics.median(row1["plain"])
+    template = statistics.median(row1["template"])
+    name = f"1. toy, {args.epochs} epochs: Trainer.fit, default config"
+    bare = statistics.median(row1["bare"])
+    floor = statistics.median(row1["bare + logging"])
+    note = f"{template / plain:.2f}x plain, {template / bare:.2f}x bare, {template / floor:.2f}x bare + logging"
+    table.append((name, *fmt(row1["template"]), note))
+    for part in parts:
+        median = statistics.median(row1[f"without {part}"])
+        note = f"{median / plain:.2f}x plain: the {part} cost {100 * (1 - median / template):.0f}% of the fit"
+        table.append((f"   the same without {part}", *fmt(row1[f"without {part}"]), note))
+    note = f"{statistics.median(row1['bare']) / plain:.2f}x plain: Lightning's floor"
+    table.append(("   bare Trainer.fit: no logging, callbacks, logger", *fmt(row1["bare"]), note))
+    note = f"{floor / plain:.2f}x plain, {floor / bare:.2f}x bare: Lightning's floor with 2 self.log per epoch"
+    table.append(("   bare + the same 2 self.log per epoch + TensorBoard", *fmt(row1["bare + logging"]), note))
+    table.append((f"   plain PyTorch loop, {args.epochs} epochs", *fmt(row1["plain"]), ""))
+
+
+def overhead(sides: dict[str, list[float]], name: str, baseline: str, repeats: int) -> str:
+    # A shared VM's noise is one-sided (runs get slower, never faster): the best of N repeats is
+    # the steadier estimate of an overhead of a few percent; the median is shown as well.
+    best = 100 * (min(sides[name]) / min(sides[baseline]) - 1)
+    median = 100 * (statistics.median(sides[name]) / statistics.median(sides[baseline]) - 1)
+    return f"{best:+.1f}% vs without (best of {repeats}; medians {median:+.1f}%)"
+
+
+def monitor_rows(args: argparse.Namespace, root: str, results: dict, table: list) -> None:
+    """Rows 2 and 2b: what GradNormMonitor and the progress bar add to the toy fit."""
+    row2 = interleaved(
+        {
+            "without": template_fit(args.epochs, root, monitor=False),
+            "every 10": template_fit(args.epochs, root, grad_every=10),
+            "every step": template_fit(args.epochs, root, grad_every=1),
+        },
+        args.repeats,
+    )
+    results["2 grad norm overhead"] = row2
+    for name in ("every 10", "every step"):
+        table.append((f"2. GradNormMonitor {name}", *fmt(row2[name]), overhead(row2, name, "without", args.repeats)))
+    table.append(("   without GradNormMonitor", *fmt(row2["without"]), ""))
+    row2b = interleaved(
+        {"without": template_fit(args.epochs, root), "with": template_fit(args.epochs, root, progress_bar=True)},
+        args.repeats,
+    )
+    results["2b progress bar overhead"] = row2b
+    note = overhead(row2b, "with", "without", args.repeats)
+    table.append(("2b. EpochProgressBar (the configs' bar)", *fmt(row2b["with"]), note))
+
+
+def mnist_rows(args: argparse.Namespace, results: dict, table: list) -> str:
+    """Rows 3 and 5 on the CPU, and row 6 (the same epoch on the GPU, float32 and bf16-mixed) with CUDA."""
+    argv = ["--repeats", str(args.repeats)] + (["--no-rss", "--limit", "2000"] if args.quick else [])
+    runs = [("3", "cpu", argv)]
+    if torch.cuda.is_available():
+        runs.append(("6", "gpu", [*argv, "--no-rss", "--no-torchvision"]))
+    source = ""
+    for row, accelerator, run_argv in runs:
+        mnist = mnist_pipeline.measure([*run_argv, "--accelerator", accelerator])
+        source = mnist["source"]
+        results[f"{row} mnist epoch samples/s"] = mnist["samples_per_s"]
+        results[f"{row} mnist epoch samples/s of CPU time"] = mnist["cpu_samples_per_s"]
+        for name, wall, cpu in mnist_pipeline.ratios(mnist):
+            values = mnist["samples_per_s"][name]
+            median = f"{statistics.median(values):.0f} samples/s"
+            who = "template loader" if name.startswith("data only") else "template"
+            note = "" if wall == 1 else f"{who} is {wall:.2f}x (in CPU time {cpu:.2f}x)"
+            table.append((f"{row}. {name}", median, f"{min(values):.0f}-{max(values):.0f}", note))
+        if mnist["peak_rss_mib"] is not None:
+            table.append(("5. peak RSS, Fashion-MNIST fit process", f"{mnist['peak_rss_mib']:.0f} MiB", "", ""))
+    if len(runs) == 1:
+        table.append(("6. GPU rows", "skipped", "", "no CUDA device on this machine"))
+    return source
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: checks that the suite runs")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", choices=(1, 2, 3, 4), default=[1, 2, 3, 4], help="measure only these rows"
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.epochs = 1, 20
@@ -218,87 +312,25 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     results: dict[str, dict[str, list[float]]] = {}
     table: list[tuple[str, str, str, str]] = []
-    with tempfile.TemporaryDirectory() as root:
-        # warm-up: imports, first-call costs
-        template_fit(5, root)()
-        bare_fit(5)()
-        bare_fit(5, logging=True, root=root)()
-        plain_loop(5)()
-        parts = ("callbacks", "logger", "self.log")
-        sides = {
-            "template": template_fit(args.epochs, root),
-            **{f"without {part}": template_fit(args.epochs, root, without=part) for part in parts},
-            "bare": bare_fit(args.epochs),
-            "bare + logging": bare_fit(args.epochs, logging=True, root=root),
-            "plain": plain_loop(args.epochs),
-        }
-        row1 = interleaved(sides, args.repeats)
-        results["1 toy fit"] = row1
-        plain = statistics.median(row1["plain"])
-        template = statistics.median(row1["template"])
-        name = f"1. toy, {args.epochs} epochs: Trainer.fit, default config"
-        bare = statistics.median(row1["bare"])
-        floor = statistics.median(row1["bare + logging"])
-        note = f"{template / plain:.2f}x plain, {template / bare:.2f}x bare, {template / floor:.2f}x bare + logging"
-        table.append((name, *fmt(row1["template"]), note))
-        for part in parts:
-            median = statistics.median(row1[f"without {part}"])
-            note = f"{median / plain:.2f}x plain: the {part} cost {100 * (1 - median / template):.0f}% of the fit"
-            table.append((f"   the same without {part}", *fmt(row1[f"without {part}"]), note))
-        note = f"{statistics.median(row1['bare']) / plain:.2f}x plain: Lightning's floor"
-        table.append(("   bare Trainer.fit: no logging, callbacks, logger", *fmt(row1["bare"]), note))
-        note = f"{floor / plain:.2f}x plain, {floor / bare:.2f}x bare: Lightning's floor with 2 self.log per epoch"
-        table.append(("   bare + the same 2 self.log per epoch + TensorBoard", *fmt(row1["bare + logging"]), note))
-        table.append((f"   plain PyTorch loop, {args.epochs} epochs", *fmt(row1["plain"]), ""))
-        row2 = interleaved(
-            {
-                "without": template_fit(args.epochs, root, monitor=False),
-                "every 10": template_fit(args.epochs, root, grad_every=10),
-                "every step": template_fit(args.epochs, root, grad_every=1),
-            },
-            args.repeats,
-        )
-        results["2 grad norm overhead"] = row2
-        # A shared VM's noise is one-sided (runs get slower, never faster): the best of N repeats is
-        # the steadier estimate of an overhead of a few percent; the median is shown as well.
-        for name in ("every 10", "every step"):
-            best = 100 * (min(row2[name]) / min(row2["without"]) - 1)
-            median = 100 * (statistics.median(row2[name]) / statistics.median(row2["without"]) - 1)
-            note = f"{best:+.1f}% vs without (best of {args.repeats}; medians {median:+.1f}%)"
-            table.append((f"2. GradNormMonitor {name}", *fmt(row2[name]), note))
-        table.append(("   without GradNormMonitor", *fmt(row2["without"]), ""))
-        row2b = interleaved(
-            {"without": template_fit(args.epochs, root), "with": template_fit(args.epochs, root, progress_bar=True)},
-            args.repeats,
-        )
-        results["2b progress bar overhead"] = row2b
-        best = 100 * (min(row2b["with"]) / min(row2b["without"]) - 1)
-        median = 100 * (statistics.median(row2b["with"]) / statistics.median(row2b["without"]) - 1)
-        note = f"{best:+.1f}% vs without (best of {args.repeats}; medians {median:+.1f}%)"
-        table.append(("2b. EpochProgressBar (the configs' bar)", *fmt(row2b["with"]), note))
-    argv = ["--repeats", str(args.repeats)] + (["--no-rss"] if args.quick else [])
-    if args.quick:
-        argv += ["--limit", "2000"]
-    mnist = mnist_pipeline.measure(argv)
-    results["3 mnist epoch samples/s"] = mnist["samples_per_s"]
-    results["3 mnist epoch samples/s of CPU time"] = mnist["cpu_samples_per_s"]
-    for name, wall, cpu in mnist_pipeline.ratios(mnist):
-        values = mnist["samples_per_s"][name]
-        median = f"{statistics.median(values):.0f} samples/s"
-        who = "template loader" if name.startswith("data only") else "template"
-        note = "" if wall == 1 else f"{who} is {wall:.2f}x (in CPU time {cpu:.2f}x)"
-        table.append((f"3. {name}", median, f"{min(values):.0f}-{max(values):.0f}", note))
-    row4 = startup(1 if args.quick else args.repeats)
-    results["4 startup"] = row4
-    for name, values in row4.items():
-        table.append((f"4. {name}", *fmt(values), ""))
-    if mnist["peak_rss_mib"] is not None:
-        table.append(("5. peak RSS, Fashion-MNIST fit process", f"{mnist['peak_rss_mib']:.0f} MiB", "", ""))
-    if not torch.cuda.is_available():
-        table.append(("6. GPU rows", "skipped", "", "no CUDA device on this machine"))
+    if 1 in args.rows or 2 in args.rows:
+        with tempfile.TemporaryDirectory() as root:
+            template_fit(5, root)()  # warm-up: imports, first-call costs
+            if 1 in args.rows:
+                toy_rows(args, root, results, table)
+            if 2 in args.rows:
+                monitor_rows(args, root, results, table)
+    source = None
+    if 3 in args.rows:
+        source = mnist_rows(args, results, table)
+    if 4 in args.rows:
+        row4 = startup(1 if args.quick else args.repeats)
+        results["4 startup"] = row4
+        for name, values in row4.items():
+            table.append((f"4. {name}", *fmt(values), ""))
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}")
-    print(f"data for row 3: {mnist['source']}")
+    if source:
+        print(f"data for rows 3 and 6: {source}")
     width = max(len(r[0]) for r in table)
     print(f"{'row':<{width}}  {'median':>16}  {'min-max':>15}  note")
     for name, median, spread, note in table:

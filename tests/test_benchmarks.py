@@ -9,17 +9,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
 def test_benchmark_suite_quick_run_prints_every_row(tmp_path):
     out = tmp_path / "figures.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.suite", "--quick", "--json", str(out)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    result = run_module("benchmarks.suite", "--quick", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = (
         "1. toy", "the same without self.log", "bare Trainer.fit", "2. GradNormMonitor every 10", "3. template",
@@ -29,6 +34,36 @@ def test_benchmark_suite_quick_run_prints_every_row(tmp_path):
         assert row in result.stdout, result.stdout
     figures = json.loads(out.read_text())
     assert figures["results"]["1 toy fit"]["plain"][0] > 0
+
+
+@pytest.mark.slow
+def test_rows_picks_the_rows_the_suite_measures():
+    result = run_module("benchmarks.suite", "--quick", "--rows", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2. GradNormMonitor every step" in result.stdout and "2b. EpochProgressBar" in result.stdout
+    for absent in ("1. toy", "3. template", "4. python", "5. peak RSS", "6. GPU"):
+        assert absent not in result.stdout, result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
+def test_gpu_rows_without_cuda_say_so_in_one_line():
+    result = run_module("benchmarks.mnist_pipeline", "--accelerator", "gpu", "--no-rss")
+    assert result.returncode == 2
+    assert "--accelerator gpu needs a CUDA device" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU rows need CUDA")
+def test_gpu_rows_train_on_the_gpu_in_float32_and_bf16():
+    from benchmarks.mnist_pipeline import measure
+
+    figures = measure(["--repeats", "1", "--limit", "2000", "--no-rss", "--no-torchvision", "--accelerator", "gpu"])
+    rows = figures["samples_per_s"]
+    assert "template (Trainer + MNISTDataModule) on gpu" in rows
+    assert "template, bf16-mixed (configs/trainer/gpu.yaml)" in rows
+    assert not any("torchvision" in name for name in rows)
+    assert all(rate[0] > 0 for rate in rows.values())
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak from Linux's /proc")
