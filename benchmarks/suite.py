@@ -10,7 +10,8 @@ Rows (each side timed in the same process, interleaved, ``--repeats`` times; med
    checkpoints or validation: what Lightning's loop itself costs); and the template without its
    callbacks, without its logger, without its ``self.log`` calls: what each part costs;
 2. ``GradNormMonitor`` overhead: the same fit with the monitor logging every 10 steps (the
-   default config) and every step, vs without it;
+   default config) and every step, vs without it; and the CPU time of its two parts per logged
+   step (the norms, the logger's write), steadier than a few percent of a fit on a shared VM;
 3. one MNIST-sized epoch: the template vs a bare ``Trainer.fit`` vs a plain loop over in-memory
    tensors vs torchvision's Dataset + DataLoader + ToTensor, samples/s in wall and in CPU time
    (see ``benchmarks/mnist_pipeline.py``);
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -247,6 +249,38 @@ def overhead(sides: dict[str, list[float]], name: str, baseline: str, repeats: i
     return f"{best:+.1f}% vs without (best of {repeats}; medians {median:+.1f}%)"
 
 
+def monitor_parts(root: str, calls: int, repeats: int) -> dict[str, list[float]]:
+    """CPU µs per logged step of what ``GradNormMonitor`` does, on the default net's gradients: the
+    norms (``GradNormRecorder.record``) and the logger's write of the step's scalars as one event
+    (TensorBoard's writer thread checksums it, so the process's CPU time over the calls and a flush)."""
+    from src.callbacks.grad_flow import GradNormRecorder
+    from src.callbacks.names import GRAD_NORM, GRAD_NORM_LOG10
+    from src.loggers import BatchedTensorBoardLogger
+
+    net = toy_net()
+    net(torch.randn(20, 2)).sum().backward()
+    recorder = GradNormRecorder(every_n_steps=1).bind(net)
+    profile = recorder.record(0)
+    norms = list(zip(profile.names, profile.norms, strict=True))
+    metrics = {f"{GRAD_NORM}{name}": value for name, value in norms}  # what the monitor logs by default
+    metrics.update((f"{GRAD_NORM_LOG10}{name}", math.log10(value)) for name, value in norms)
+    metrics.update(total=profile.total, first_to_last=profile.first_to_last())
+    logger = BatchedTensorBoardLogger(root, name="parts")
+
+    def per_call(fn: Callable[[], object], finish: Callable[[], object] = lambda: None) -> float:
+        start = time.process_time()
+        for _ in range(calls):
+            fn()
+        finish()
+        return (time.process_time() - start) / calls * 1e6
+
+    parts = {
+        "record": lambda: per_call(lambda: recorder.record(0)),
+        "log": lambda: per_call(lambda: logger.log_metrics(metrics, step=0), logger.experiment.flush),
+    }
+    return {**interleaved(parts, repeats), "scalars": [float(len(metrics))]}
+
+
 def monitor_rows(args: argparse.Namespace, root: str, results: dict, table: list) -> None:
     """Rows 2 and 2b: what GradNormMonitor and the progress bar add to the toy fit."""
     row2 = interleaved(
@@ -261,6 +295,15 @@ def monitor_rows(args: argparse.Namespace, root: str, results: dict, table: list
     for name in ("every 10", "every step"):
         table.append((f"2. GradNormMonitor {name}", *fmt(row2[name]), overhead(row2, name, "without", args.repeats)))
     table.append(("   without GradNormMonitor", *fmt(row2["without"]), ""))
+    parts = monitor_parts(root, calls=50 if args.quick else 2000, repeats=args.repeats)
+    results["2 grad norm parts, CPU us per logged step"] = parts
+    step = 1e6 * statistics.median(row2["without"]) / args.epochs  # one full-batch step per epoch
+    for key, name in (
+        ("record", "the norms: GradNormRecorder.record"),
+        ("log", f"the logger: {parts['scalars'][0]:.0f} scalars as one event, checksum included"),
+    ):
+        note = f"{statistics.median(parts[key]) / step:.1%} of a step without the monitor ({step:.0f} µs)"
+        table.append((f"   per logged step, {name}", *fmt(parts[key], "µs"), note))
     row2b = interleaved(
         {"without": template_fit(args.epochs, root), "with": template_fit(args.epochs, root, progress_bar=True)},
         args.repeats,

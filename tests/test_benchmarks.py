@@ -41,6 +41,7 @@ def test_rows_picks_the_rows_the_suite_measures():
     result = run_module("benchmarks.suite", "--quick", "--rows", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2. GradNormMonitor every step" in result.stdout and "2b. EpochProgressBar" in result.stdout
+    assert "per logged step, the norms" in result.stdout and "per logged step, the logger: 16 scalars" in result.stdout
     for absent in ("1. toy", "3. template", "4. python", "5. peak RSS", "6. GPU"):
         assert absent not in result.stdout, result.stdout
 
