@@ -249,10 +249,11 @@ def overhead(sides: dict[str, list[float]], name: str, baseline: str, repeats: i
     return f"{best:+.1f}% vs without (best of {repeats}; medians {median:+.1f}%)"
 
 
-def monitor_parts(root: str, calls: int, repeats: int) -> dict[str, list[float]]:
+def monitor_parts(root: str, calls: int, repeats: int) -> tuple[dict[str, list[float]], int]:
     """CPU µs per logged step of what ``GradNormMonitor`` does, on the default net's gradients: the
     norms (``GradNormRecorder.record``) and the logger's write of the step's scalars as one event
-    (TensorBoard's writer thread checksums it, so the process's CPU time over the calls and a flush)."""
+    (TensorBoard's writer thread checksums it, so the process's CPU time over the calls and a flush);
+    and how many scalars that event holds."""
     from src.callbacks.grad_flow import GradNormRecorder
     from src.callbacks.names import GRAD_NORM, GRAD_NORM_LOG10
     from src.loggers import BatchedTensorBoardLogger
@@ -278,7 +279,7 @@ def monitor_parts(root: str, calls: int, repeats: int) -> dict[str, list[float]]
         "record": lambda: per_call(lambda: recorder.record(0)),
         "log": lambda: per_call(lambda: logger.log_metrics(metrics, step=0), logger.experiment.flush),
     }
-    return {**interleaved(parts, repeats), "scalars": [float(len(metrics))]}
+    return interleaved(parts, repeats), len(metrics)
 
 
 def monitor_rows(args: argparse.Namespace, root: str, results: dict, table: list) -> None:
@@ -295,12 +296,12 @@ def monitor_rows(args: argparse.Namespace, root: str, results: dict, table: list
     for name in ("every 10", "every step"):
         table.append((f"2. GradNormMonitor {name}", *fmt(row2[name]), overhead(row2, name, "without", args.repeats)))
     table.append(("   without GradNormMonitor", *fmt(row2["without"]), ""))
-    parts = monitor_parts(root, calls=50 if args.quick else 2000, repeats=args.repeats)
+    parts, scalars = monitor_parts(root, calls=50 if args.quick else 2000, repeats=args.repeats)
     results["2 grad norm parts, CPU us per logged step"] = parts
     step = 1e6 * statistics.median(row2["without"]) / args.epochs  # one full-batch step per epoch
     for key, name in (
         ("record", "the norms: GradNormRecorder.record"),
-        ("log", f"the logger: {parts['scalars'][0]:.0f} scalars as one event, checksum included"),
+        ("log", f"the logger: {scalars} scalars as one event, checksum included"),
     ):
         note = f"{statistics.median(parts[key]) / step:.1%} of a step without the monitor ({step:.0f} µs)"
         table.append((f"   per logged step, {name}", *fmt(parts[key], "µs"), note))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from src.callbacks import GradNormMonitor, GradNormRecorder
-from src.callbacks.grad_flow import grad_norms, parameter_layers
+from src.callbacks.grad_flow import parameter_layers
 from tests.conftest import MemoryLogger, quiet_trainer
 
 
@@ -94,10 +94,11 @@ def test_inf_norm_and_per_parameter_norms():
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     layers = parameter_layers(model)
-    param_norms, layer_norms = grad_norms(layers, math.inf)
+    recorder = GradNormRecorder(every_n_steps=1, norm_type=math.inf, per_parameter=True).bind(model)
+    profile = recorder.record(step=0)
     expected = [max(p.grad.abs().max().item() for p in ps) for ps in layers.values()]
-    assert layer_norms == pytest.approx(expected)
-    assert param_norms == pytest.approx([p.grad.abs().max().item() for p in model.parameters()])
+    assert list(profile.norms) == pytest.approx(expected)
+    assert list(recorder.param_norms.values()) == pytest.approx([p.grad.abs().max().item() for p in model.parameters()])
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 3.0, 1.0])

@@ -108,14 +108,6 @@ def combine_norms(norms: list[float], norm_type: float = 2.0) -> float:
     return largest * math.fsum((n / largest) ** norm_type for n in norms) ** (1.0 / norm_type)
 
 
-def grad_norms(layers: dict[str, list[nn.Parameter]], norm_type: float = 2.0) -> tuple[list[float], list[float]]:
-    """Per-parameter and per-layer gradient norms (parameters with no gradient count as zero), in the
-    order of ``layers``; a layer's norm is the norm of all its gradients together. One host copy."""
-    params = [p for params in layers.values() for p in params]
-    values = param_grad_norms(params, norm_type).tolist()
-    return values, layer_norms(values, [len(ps) for ps in layers.values()], norm_type)
-
-
 def layer_norms(param_norms: list[float], sizes: list[int], norm_type: float = 2.0) -> list[float]:
     """Each layer's norm from its parameters' norms (``sizes``: how many parameters each layer has)."""
     norms, start = [], 0
