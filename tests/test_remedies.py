@@ -132,6 +132,56 @@ def test_trust_ratio_scales_each_layers_step_to_a_fraction_of_its_norm():
     assert 0.1 * net[0].bias.grad.norm() <= 0.01 * torch.cat([net[0].weight.flatten(), net[0].bias]).norm() * 1.0001
 
 
+def one_layer_at_a_time(layers, lrs: dict[int, float], ratio: float) -> None:
+    """trust_ratio_'s rule written out layer by layer: the reference its fused version must equal."""
+    for params in layers.values():
+        params = [p for p in params if p.grad is not None and id(p) in lrs]
+        if not any(p.ndim >= 2 for p in params) or lrs[id(params[0])] <= 0:
+            continue
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in params]))
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        lr = lrs[id(params[0])]
+        scale = torch.where((norm > 0) & (grad_norm > 0), ratio * norm / (lr * grad_norm), torch.ones_like(grad_norm))
+        for param in params:
+            param.grad.mul_(scale)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_trust_ratio_scales_all_layers_at_once_bit_for_bit_as_one_layer_at_a_time(seed):
+    torch.manual_seed(seed)
+    # even seeds: layers with and without a bias, and a bias without a gradient (rows of unequal
+    # length); all: a layer the optimizer does not hold, a layer whose gradient is zero, gradients
+    # from 1 down to 1e-11, two lrs
+    ragged = seed % 2 == 0
+    net = nn.Sequential(
+        nn.Linear(2, 6, bias=not ragged), nn.Sigmoid(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 5),
+        nn.Sigmoid(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 1),
+    )  # fmt: skip
+    net(torch.randn(16, 2)).sum().backward()
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.grad is not None:
+                param.grad *= 10.0 ** -float(torch.randint(0, 12, ()))
+        net[6].weight.grad.zero_()
+        net[6].bias.grad.zero_()
+    if ragged:
+        net[2].bias.grad = None
+    groups = [{"params": list(net[:3].parameters()), "lr": 0.3}, {"params": list(net[6:].parameters())}]
+    optimizer = torch.optim.SGD(groups, lr=0.1 if seed < 2 else 0.3)
+    before = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+    trust_ratio_(parameter_layers(net), optimizer, 0.01)
+    fused = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+    for param, grad in zip(net.parameters(), before, strict=True):
+        param.grad = None if grad is None else grad.clone()
+    lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    one_layer_at_a_time(parameter_layers(net), lrs, 0.01)
+    for param, got in zip(net.parameters(), fused, strict=True):
+        assert (got is None and param.grad is None) or torch.equal(got, param.grad)
+    first, zero, outside = (0, 5, 3) if ragged else (0, 6, 4)
+    assert not torch.equal(fused[first], before[first])  # scaled
+    assert torch.equal(fused[zero], before[zero]) and torch.equal(fused[outside], before[outside])  # left alone
+
+
 def test_policy_picks_the_diagnosis_list_then_any_and_repeats_what_repeats():
     escape = PlateauEscape(
         actions={

@@ -177,21 +177,43 @@ def trust_ratio_(layers: dict[str, list[torch.nn.Parameter]], optimizer: torch.o
     gradient is tiny, and blew deep ReLU nets up). Layers without a weight matrix, or with a zero
     norm or gradient, are left alone. Call it where the gradients are final for the step
     (Lightning: ``on_before_optimizer_step``); under DDP they are already reduced, so every rank
-    scales alike.
+    scales alike. No host sync: all layers' norms and scales are a few fused kernels per device.
     """
-    lrs = {param: float(group["lr"]) for group in optimizer.param_groups for param in group["params"]}
+    lrs = {id(param): float(group["lr"]) for group in optimizer.param_groups for param in group["params"]}
+    by_device: dict[torch.device, list[tuple[list[torch.nn.Parameter], float]]] = {}
     for params in layers.values():
-        params = [p for p in params if p.grad is not None and p in lrs]
-        if not any(p.ndim >= 2 for p in params):
-            continue
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in params]))
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        lr = lrs[params[0]]
-        if lr <= 0:
-            continue
-        scale = torch.where((norm > 0) & (grad_norm > 0), ratio * norm / (lr * grad_norm), torch.ones_like(grad_norm))
-        for param in params:
-            param.grad.mul_(scale.to(param.grad.dtype))
+        params = [p for p in params if p.grad is not None and id(p) in lrs]
+        if any(p.ndim >= 2 for p in params) and lrs[id(params[0])] > 0:
+            by_device.setdefault(params[0].device, []).append((params, lrs[id(params[0])]))
+    for kept in by_device.values():
+        _scale_layers(kept, ratio)
+
+
+def _scale_layers(kept: list[tuple[list[torch.nn.Parameter], float]], ratio: float) -> None:
+    """:func:`trust_ratio_` for layers on one device. Each parameter's norm comes from one
+    ``torch._foreach_norm`` (as ``clip_grad_norm_`` takes them); a layer's norm is the norm of its
+    parameters' norms, one row per layer (rows of unequal length padded with zeros): the same
+    values, bit for bit, as one layer at a time."""
+    params = [p for layer, _ in kept for p in layer]
+    grads = [p.grad for p in params]
+    sizes = [len(layer) for layer, _ in kept]
+    width = max(sizes)
+    ragged = any(size != width for size in sizes)
+
+    def layer_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+        norms = torch.stack(torch._foreach_norm(tensors))
+        if ragged:
+            slots = torch.tensor([row * width + i for row, size in enumerate(sizes) for i in range(size)])
+            norms = norms.new_zeros(len(sizes) * width).index_copy_(0, slots.to(norms.device), norms)
+        return torch.linalg.vector_norm(norms.view(len(sizes), width), dim=1)
+
+    norm, grad_norm = layer_norms(params), layer_norms(grads)
+    lrs = [lr for _, lr in kept]
+    lr = lrs[0] if len(set(lrs)) == 1 else torch.tensor(lrs, dtype=grad_norm.dtype, device=grad_norm.device)
+    scale = torch.where((norm > 0) & (grad_norm > 0), ratio * norm / (lr * grad_norm), torch.ones_like(grad_norm))
+    repeats = torch.tensor(sizes, device=scale.device) if ragged else width
+    scales = scale.repeat_interleave(repeats, output_size=len(params)).unbind()
+    torch._foreach_mul_(grads, [s if s.dtype == g.dtype else s.to(g.dtype) for s, g in zip(scales, grads, strict=True)])
 
 
 def as_action(action: EscapeAction | dict[str, Any]) -> EscapeAction:
