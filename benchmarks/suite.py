@@ -1,6 +1,6 @@
 """The template against the hand-written PyTorch loop, side by side in one process.
 
-    python -m benchmarks.suite [--repeats 5] [--json benchmarks/results.json] [--quick] [--rows 1 2 3 4]
+    python -m benchmarks.suite [--repeats 5] [--json benchmarks/results.json] [--quick] [--rows 1 2 3 4 7]
 
 Rows (each side timed in the same process, interleaved, ``--repeats`` times; median and min-max):
 
@@ -19,7 +19,11 @@ Rows (each side timed in the same process, interleaved, ``--repeats`` times; med
    ``python -m src.train fit --help`` (every option: loads the CLI) and ``import src.cli``;
 5. peak RSS of a 1-epoch Fashion-MNIST fit process;
 6. with CUDA: row 3's epoch on the GPU (template, bare ``Trainer.fit``, plain loop, the template's
-   data path, and the template in ``configs/trainer/gpu.yaml``'s bf16-mixed).
+   data path, and the template in ``configs/trainer/gpu.yaml``'s bf16-mixed);
+7. a study run's epoch: a run of ``configs/study/vanishing.yaml`` built as its workers build it (a
+   depth-18 sigmoid net that stalls, on one thread) vs a bare ``Trainer.fit`` of the same net, with
+   and without the same logging, and the plain loop, in ms per epoch; and the CPU time per step of
+   ``PlateauEscape``'s layer-wise steps on that net.
 
 ``--rows`` measures only those rows (2 includes 2b; 3 includes 5 and, with CUDA, 6).
 ``--quick`` shrinks everything (a smoke test: the figures then mean nothing).
@@ -107,13 +111,13 @@ def template_fit(
     return run
 
 
-def toy_net() -> nn.Module:
+def toy_net(depth: int = 7) -> nn.Module:
     from src.models import MLPClassifier
 
-    return MLPClassifier(in_features=2, num_classes=2, depth=7, width=10, activation="sigmoid").net
+    return MLPClassifier(in_features=2, num_classes=2, depth=depth, width=10, activation="sigmoid").net
 
 
-def plain_loop(epochs: int) -> Callable[[], float]:
+def plain_loop(epochs: int, depth: int = 7) -> Callable[[], float]:
     """The source's loop: the same MLP, data and SGD, no framework; it keeps the loss curve."""
     from src.data import Toy2DDataModule
 
@@ -123,7 +127,7 @@ def plain_loop(epochs: int) -> Callable[[], float]:
         dm.setup("fit")
         x, y = dm.train_set.tensors
         y = y.float()
-        net = toy_net()
+        net = toy_net(depth)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
         loss_fn = nn.BCEWithLogitsLoss()
         losses = []
@@ -142,9 +146,9 @@ def plain_loop(epochs: int) -> Callable[[], float]:
 class BareModule(L.LightningModule):
     """The same MLP, loss and SGD as a minimal LightningModule: no logging, no metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, depth: int = 7) -> None:
         super().__init__()
-        self.net = toy_net()
+        self.net = toy_net(depth)
         self.loss_fn = nn.BCEWithLogitsLoss()
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
@@ -167,7 +171,7 @@ class LoggingBareModule(BareModule):
         return loss
 
 
-def bare_fit(epochs: int, logging: bool = False, root: str | None = None) -> Callable[[], float]:
+def bare_fit(epochs: int, logging: bool = False, root: str | None = None, depth: int = 7) -> Callable[[], float]:
     """Lightning's own floor: ``Trainer.fit`` with no logger, callbacks, checkpoints or validation;
     with ``logging``, plus the template's two ``self.log`` calls per epoch and its TensorBoard logger
     (Lightning's floor for a module that logs its epoch metrics, as the template's does)."""
@@ -176,7 +180,7 @@ def bare_fit(epochs: int, logging: bool = False, root: str | None = None) -> Cal
 
     def run() -> float:
         torch.manual_seed(0)
-        model, dm = (LoggingBareModule() if logging else BareModule()), Toy2DDataModule()
+        model, dm = (LoggingBareModule if logging else BareModule)(depth), Toy2DDataModule()
         trainer = L.Trainer(
             max_epochs=epochs, logger=BatchedTensorBoardLogger(root) if logging else False,
             enable_checkpointing=False, enable_progress_bar=False,
@@ -314,6 +318,83 @@ def monitor_rows(args: argparse.Namespace, root: str, results: dict, table: list
     table.append(("2b. EpochProgressBar (the configs' bar)", *fmt(row2b["with"]), note))
 
 
+STUDY_FILE = REPO / "configs" / "study" / "vanishing.yaml"
+STUDY_POINT = {"policy": "none", "activation": "sigmoid", "depth": 18, "seed": 0}
+
+
+def study_fit(epochs: int, root: str) -> Callable[[], float]:
+    """A run of the vanishing study as its workers build it (``src.study.prepare_run``): the grid point
+    ``STUDY_POINT``, which stalls, so that every epoch does the same work; ``epochs`` epochs."""
+    from src import study
+
+    def run() -> float:
+        spec = study.load_study(STUDY_FILE)
+        spec["args"] = [*spec["args"], f"--trainer.max_epochs={epochs}"]
+        cli, _ = study.prepare_run(spec, STUDY_POINT, root)
+        start = time.perf_counter()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return time.perf_counter() - start
+
+    return run
+
+
+def trust_ratio_cost(depth: int, calls: int, repeats: int) -> list[float]:
+    """CPU µs per step of ``PlateauEscape``'s layer-wise steps (``trust_ratio_``) on a depth-``depth``
+    net's gradients."""
+    from src.callbacks.escape_actions import trust_ratio_
+    from src.callbacks.grad_flow import parameter_layers
+
+    net = toy_net(depth)
+    net(torch.randn(20, 2)).sum().backward()
+    layers, optimizer = parameter_layers(net), torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def per_call() -> float:
+        start = time.process_time()
+        for _ in range(calls):
+            trust_ratio_(layers, optimizer, 1.0)  # ratio 1: the gradients keep their size from call to call
+        return (time.process_time() - start) / calls * 1e6
+
+    return interleaved({"trust_ratio_": per_call}, repeats)["trust_ratio_"]
+
+
+def study_rows(args: argparse.Namespace, root: str, results: dict, table: list) -> None:
+    """Row 7: the per-epoch cost of a study run against Lightning's floors and the plain loop, on one
+    thread (the study's workers run on one thread each), and the cost of the layer-wise steps."""
+    depth, threads = STUDY_POINT["depth"], torch.get_num_threads()
+    try:
+        study_fit(5, root)()  # warm-up; it also sets one thread, as in a worker
+        torch.set_num_threads(1)
+        sides = {
+            "study run": study_fit(args.epochs, root),
+            "bare": bare_fit(args.epochs, depth=depth),
+            "bare + logging": bare_fit(args.epochs, logging=True, root=root, depth=depth),
+            "plain": plain_loop(args.epochs, depth=depth),
+        }
+        row7 = interleaved(sides, args.repeats)
+        results["7 study run"] = row7
+        steps = trust_ratio_cost(depth, calls=50 if args.quick else 1000, repeats=args.repeats)
+        results["7 trust_ratio_ CPU us per step"] = {"trust_ratio_": steps}
+    finally:
+        torch.set_num_threads(threads)
+    ms = {name: 1000 * statistics.median(values) / args.epochs for name, values in row7.items()}
+    point = ", ".join(f"{key} {value}" for key, value in STUDY_POINT.items())
+    names = {
+        "study run": f"7. a study run's epoch (vanishing.yaml: {point})",
+        "bare": f"   bare Trainer.fit, the same depth-{depth} net",
+        "bare + logging": "   bare + the same 2 self.log per epoch + TensorBoard",
+        "plain": "   plain PyTorch loop",
+    }
+    for name, label in names.items():
+        values = [1000 * v / args.epochs for v in row7[name]]
+        note = "" if name == "plain" else f"{ms[name] / ms['plain']:.2f}x plain"
+        if name == "study run":
+            note += f", {ms[name] / ms['bare']:.2f}x bare, {ms[name] / ms['bare + logging']:.2f}x bare + logging"
+        table.append((label, *fmt(values, "ms"), note))
+    note = f"{statistics.median(steps) / (1000 * ms['study run']):.1%} of the study run's epoch"
+    label = f"7. PlateauEscape's layer-wise steps (trust_ratio_), depth {depth}, per step"
+    table.append((label, *fmt(steps, "µs"), note))
+
+
 def mnist_rows(args: argparse.Namespace, results: dict, table: list) -> str:
     """Rows 3 and 5 on the CPU, and row 6 (the same epoch on the GPU, float32 and bf16-mixed) with CUDA."""
     argv = ["--repeats", str(args.repeats)] + (["--no-rss", "--limit", "2000"] if args.quick else [])
@@ -346,7 +427,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: checks that the suite runs")
     parser.add_argument(
-        "--rows", type=int, nargs="+", choices=(1, 2, 3, 4), default=[1, 2, 3, 4], help="measure only these rows"
+        "--rows", type=int, nargs="+", choices=(1, 2, 3, 4, 7), default=[1, 2, 3, 4, 7], help="measure only these rows"
     )
     args = parser.parse_args()
     if args.quick:
@@ -363,6 +444,9 @@ def main() -> None:
                 toy_rows(args, root, results, table)
             if 2 in args.rows:
                 monitor_rows(args, root, results, table)
+    if 7 in args.rows:
+        with tempfile.TemporaryDirectory() as root:
+            study_rows(args, root, results, table)
     source = None
     if 3 in args.rows:
         source = mnist_rows(args, results, table)

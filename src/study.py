@@ -331,13 +331,13 @@ def check_options(study: dict[str, Any]) -> None:
                 raise StudyError(f"{where}: {axis.describe(label)}: {one_line(err)}") from None
 
 
-def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    """One fit (and test, with ``test: true``), in a worker process; returns its row of the summary."""
+def prepare_run(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> tuple[Any, Any]:
+    """One grid point's run as a worker builds it, not yet fitted: the ``TemplateCLI`` (its trainer,
+    model and data module) and the callback that notes the first epoch below ``solved_below``."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from src.callbacks import PlateauDetector
     from src.cli import TemplateCLI, quiet_expected_warnings
 
     torch.set_num_threads(1)  # the workers share the cores
@@ -354,9 +354,7 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
             if self.epoch is None and loss is not None and float(loss) < study["solved_below"]:
                 self.epoch = trainer.current_epoch
 
-    args = run_args(study, point, out_dir)
-    start = time.perf_counter()
-    cli = TemplateCLI(args=args, run=False, save_config_kwargs={"overwrite": True})
+    cli = TemplateCLI(args=run_args(study, point, out_dir), run=False, save_config_kwargs={"overwrite": True})
     probe = FirstBelow()
     if study["solved_below"] is not None:
         cli.trainer.callbacks.append(probe)
@@ -365,6 +363,15 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
             TRAIN_LOSS, patience=sys.maxsize, stopping_threshold=study["stop_below"], check_on_train_epoch_end=True
         )
         cli.trainer.callbacks.append(stop)
+    return cli, probe
+
+
+def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """One fit (and test, with ``test: true``), in a worker process; returns its row of the summary."""
+    from src.callbacks import PlateauDetector
+
+    start = time.perf_counter()
+    cli, probe = prepare_run(study, point, out_dir)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     final = float(cli.trainer.callback_metrics[TRAIN_LOSS])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}

@@ -29,11 +29,13 @@ def test_benchmark_suite_quick_run_prints_every_row(tmp_path):
     rows = (
         "1. toy", "the same without self.log", "bare Trainer.fit", "2. GradNormMonitor every 10", "3. template",
         "3. bare Trainer.fit", "in CPU time", "3. data only", "4. python -m src.train --help",
+        "7. a study run's epoch (vanishing.yaml", "bare Trainer.fit, the same depth-18 net", "trust_ratio_), depth 18",
     )  # fmt: skip
     for row in rows:
         assert row in result.stdout, result.stdout
     figures = json.loads(out.read_text())
     assert figures["results"]["1 toy fit"]["plain"][0] > 0
+    assert set(figures["results"]["7 study run"]) == {"study run", "bare", "bare + logging", "plain"}
 
 
 @pytest.mark.slow
@@ -42,7 +44,7 @@ def test_rows_picks_the_rows_the_suite_measures():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2. GradNormMonitor every step" in result.stdout and "2b. EpochProgressBar" in result.stdout
     assert "per logged step, the norms" in result.stdout and "per logged step, the logger: 16 scalars" in result.stdout
-    for absent in ("1. toy", "3. template", "4. python", "5. peak RSS", "6. GPU"):
+    for absent in ("1. toy", "3. template", "4. python", "5. peak RSS", "6. GPU", "7. a study"):
         assert absent not in result.stdout, result.stdout
 
 
