@@ -203,8 +203,8 @@ def _scale_layers(kept: list[tuple[list[torch.nn.Parameter], float]], ratio: flo
     def layer_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
         norms = torch.stack(torch._foreach_norm(tensors))
         if ragged:
-            slots = torch.tensor([row * width + i for row, size in enumerate(sizes) for i in range(size)])
-            norms = norms.new_zeros(len(sizes) * width).index_copy_(0, slots.to(norms.device), norms)
+            slots = [row * width + i for row, size in enumerate(sizes) for i in range(size)]
+            norms = norms.new_zeros(len(sizes) * width).index_copy_(0, torch.tensor(slots, device=norms.device), norms)
         return torch.linalg.vector_norm(norms.view(len(sizes), width), dim=1)
 
     norm, grad_norm = layer_norms(params), layer_norms(grads)
