@@ -67,7 +67,7 @@ def run(config: str, depth: int, width: int, activation: str, seed: int, escape:
     return {
         "final": trainer.callback_metrics[metric].item(),
         "below_at": probe.epoch,
-        "events": [(e["epoch"], e.get("diagnosis"), [a["action"] for a in e["actions"]]) for e in events],
+        "events": [(e.epoch, e.diagnosis, [a.action for a in e.actions]) for e in events],
     }
 
 

@@ -57,7 +57,9 @@ class TemplateCLI(LightningCLI):
     - The default logger is TensorBoard without Lightning's placeholder ``hp_metric``; ``--ckpt_path``
       may be ``last`` (the newest run), and a resumed run goes on logging into its own directory.
     - A bad optimizer or scheduler value is reported before anything is built, naming the section.
-    - A short summary ends each fit.
+    - A short summary ends each fit, and ``exit_status`` says how it ended: 0, 1 after a divergence,
+      128 + the signal's number after a stop by SIGTERM/SIGINT. :func:`main` exits with it; a hook
+      never ends the process, so ``TemplateCLI(...)`` in a notebook returns.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -67,6 +69,7 @@ class TemplateCLI(LightningCLI):
         kwargs.setdefault("parser_class", OneLineErrorParser)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         self.resume_version: int | None = None
+        self.exit_status = 0
         super().__init__(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -125,9 +128,9 @@ class TemplateCLI(LightningCLI):
             if self.trainer.is_global_zero:
                 print(f"Stopped by {stop.stopped_by}. Resume: python -m src.train fit [same options] --ckpt_path last")
             signum = getattr(signal, stop.stopped_by, None)
-            sys.exit(128 + int(signum) if signum is not None else 1)
-        if any(cb.diverged for cb in self.trainer.callbacks if isinstance(cb, StallReporter)):
-            sys.exit(1)
+            self.exit_status = 128 + int(signum) if signum is not None else 1
+        elif any(cb.diverged for cb in self.trainer.callbacks if isinstance(cb, StallReporter)):
+            self.exit_status = 1
 
 
 def _has(callbacks: list[Any], kind: type) -> bool:
@@ -209,8 +212,9 @@ def quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI on ``argv`` (default: the command line); exit non-zero with one line on bad input."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default: the command line) and return the exit status (see
+    :class:`TemplateCLI`); exit non-zero with one line on bad input."""
     quiet_expected_warnings()
     # Rewriting sys.argv (not passing args=) keeps what DDP's launcher re-runs equal to what ran here.
     sys.argv[1:] = resolve_argv(sys.argv[1:] if argv is None else argv)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with one_line_errors(hint=f" (set {DEBUG_ENV}=1 for the traceback)", show_type=True, quiet=quiet):
             check_config_files(sys.argv[1:])
-            TemplateCLI()
+            return TemplateCLI().exit_status
     finally:
         # Lightning leaves the process group up. Left to interpreter shutdown, a rank once aborted there
         # under torchrun ("terminate called without an active exception"), failing its node's agent.
@@ -228,4 +232,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,6 @@ the same functions.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from src.callbacks.events import EventKind, StallEvent, load_events
 from src.callbacks.plateau_rule import describe_units
 from src.errors import one_line, one_line_errors
 from src.names import (
@@ -54,7 +54,7 @@ class Run:
     path: Path
     scalars: dict[str, tuple[list[int], list[float]]]
     config: dict[str, Any] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[StallEvent] = field(default_factory=list)
 
     def last(self, tag: str) -> float | None:
         return self.scalars[tag][1][-1] if tag in self.scalars and self.scalars[tag][1] else None
@@ -120,9 +120,12 @@ def load_run(path: str | Path) -> Run:
     config: dict[str, Any] = {}
     if (run_dir / "config.yaml").is_file():
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    events: list[dict[str, Any]] = []
+    events: list[StallEvent] = []
     if (run_dir / EVENTS_FILE).is_file():
-        events = json.loads((run_dir / EVENTS_FILE).read_text())
+        try:
+            events = load_events(run_dir / EVENTS_FILE)
+        except ValueError as err:
+            raise RunError(str(err)) from None
     return Run(run_dir, scalars, config, events)
 
 
@@ -159,13 +162,12 @@ def summary(run: Run) -> str:
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines.append(f"{'events':<{width}}  {len(run.events) or 'none'}")
     for event in run.events:
-        what = event["kind"] + (f" ({event['diagnosis']})" if event.get("diagnosis") else "")
-        value = event["value"] if isinstance(event["value"], str) else f"{event['value']:.4g}"
-        actions = "; ".join(a["action"] for a in event.get("actions", [])) or "-"
-        units = f"  [{describe_units(event['units'])}]" if event.get("units") else ""
+        what = event.kind.value + (f" ({event.diagnosis})" if event.diagnosis else "")
+        value = f"{event.value:.4g}" if math.isfinite(event.value) else str(event.value)
+        actions = "; ".join(a.action for a in event.actions) or "-"
+        units = f"  [{describe_units(event.units)}]" if event.units else ""
         lines.append(
-            f"  epoch {event['epoch']:>5}  step {event['step']:>6}  {what:<18} {event['monitor']} {value}  {actions}"
-            + units
+            f"  epoch {event.epoch:>5}  step {event.step:>6}  {what:<18} {event.monitor} {value}  {actions}" + units
         )
     return "\n".join(lines)
 
@@ -193,16 +195,16 @@ def plot_loss(run: Run):
             steps, values = run.scalars[tag]
             ax.plot(steps, [max(v, 1e-12) for v in values], label=tag)
     for event in run.events:
-        color = "tab:red" if event["kind"] == "divergence" else "tab:gray"
-        ax.axvline(event["step"], color=color, linestyle="--", linewidth=0.8)
-        actions = [a["action"] for a in event.get("actions", []) if a.get("step", event["step"]) == event["step"]]
-        text = " / ".join([event.get("diagnosis", event["kind"]), *actions])
-        ax.annotate(text, (event["step"], 0.02), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+        color = "tab:red" if event.kind is EventKind.DIVERGENCE else "tab:gray"
+        ax.axvline(event.step, color=color, linestyle="--", linewidth=0.8)
+        at_event = [a for a in event.actions if a.step in (None, event.step)]
+        text = " / ".join([event.diagnosis or event.kind.value, *(a.action for a in at_event)])
+        ax.annotate(text, (event.step, 0.02), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
                     va="bottom", ha="right", color=color)  # fmt: skip
-        for action in event.get("actions", []):
-            if action.get("step", event["step"]) != event["step"]:  # e.g. an lr raise undone later
-                ax.axvline(action["step"], color="tab:green", linestyle=":", linewidth=0.8)
-                ax.annotate(action["action"].split(" (")[0], (action["step"], 0.02), xycoords=("data", "axes fraction"),
+        for action in event.actions:
+            if action.step not in (None, event.step):  # e.g. an lr raise undone later
+                ax.axvline(action.step, color="tab:green", linestyle=":", linewidth=0.8)
+                ax.annotate(action.action.split(" (")[0], (action.step, 0.02), xycoords=("data", "axes fraction"),
                             fontsize=7, rotation=90, va="bottom", ha="right", color="tab:green")  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -219,10 +221,10 @@ def stall_profiles(run: Run) -> list[tuple[str, list[float]]]:
     layers = run.layer_names()
     profiles = []
     for event in run.events:
-        norms = event.get("grad_norms") or {}
-        if event["kind"] != "stall" or not layers or not all(name in norms for name in layers):
+        norms = event.grad_norms or {}
+        if event.kind is not EventKind.STALL or not layers or not all(name in norms for name in layers):
             continue
-        profiles.append((f"stall at epoch {event['epoch']}: {event.get('diagnosis', '?')}", [norms[n] for n in layers]))
+        profiles.append((f"stall at epoch {event.epoch}: {event.diagnosis or '?'}", [norms[n] for n in layers]))
     return profiles
 
 

@@ -380,13 +380,13 @@ def run_point(study: dict[str, Any], point: dict[str, Any], out_dir: str) -> dic
         for result in cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False):
             metrics.update({k: float(v) for k, v in result.items()})
     detector = next((cb for cb in cli.trainer.callbacks if isinstance(cb, PlateauDetector)), None)
-    stalls = [e for e in (detector.events if detector else []) if e["kind"] == "stall"]
+    stalls = [e for e in (detector.events if detector else []) if e.is_stall]
     row = {**point, "run": run_name(point, study), "final_loss": final}
     if study["stalled_above"] is not None:
         row["stalled"] = final > study["stalled_above"]
     if detector is not None:
-        row["diagnosis"] = stalls[0]["diagnosis"] if stalls else ""
-        row["first_stall_epoch"] = stalls[0]["epoch"] if stalls else ""
+        row["diagnosis"] = stalls[0].diagnosis if stalls else ""
+        row["first_stall_epoch"] = stalls[0].epoch if stalls else ""
     if study["solved_below"] is not None:
         row[f"epoch_below_{study['solved_below']}"] = probe.epoch if probe.epoch is not None else ""
     for name in study["metrics"]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 
+from src.callbacks.events import EventKind
 from src.callbacks.plateau import PlateauDetector
 from src.callbacks.plateau_rule import describe_event
 from src.callbacks.reliability import FiniteModelCheckpoint
@@ -36,10 +37,10 @@ def run_summary(trainer: L.Trainer) -> str:
         lines.append(f"  logs  {trainer.log_dir}")
     lines.extend(_checkpoint_lines(trainer.checkpoint_callback))
     for detector in detectors:
-        divergence = next((e for e in detector.events if e["kind"] == "divergence"), None)
+        divergence = next((e for e in detector.events if e.kind is EventKind.DIVERGENCE), None)
         if divergence is not None:
             lines.append(
-                f"  DIVERGED at epoch {divergence['epoch']}: {detector.monitor} = {divergence['value']}; "
+                f"  DIVERGED at epoch {divergence.epoch}: {detector.monitor} = {divergence.value}; "
                 "lower the learning rate (the checkpoints are from before it)"
             )
     root = trainer.logger.root_dir if trainer.logger is not None else "lightning_logs"

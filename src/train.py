@@ -27,14 +27,15 @@ line; set TEMPLATE_DEBUG=1 for the traceback.
 """
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; the process's exit status."""
     if (sys.argv[1:] if argv is None else argv) in (["-h"], ["--help"]):
         print(USAGE, end="")
-        return
+        return 0
     from src.cli import main as run_cli
 
-    run_cli(argv)
+    return run_cli(argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -45,14 +45,13 @@ def cli(tmp_path: Path):
 
 
 def call_entry(
-    entry: Callable[[list[str]], None], args: Sequence[str], capsys: pytest.CaptureFixture
+    entry: Callable[[list[str]], int | None], args: Sequence[str], capsys: pytest.CaptureFixture
 ) -> SimpleNamespace:
     """Call a ``main(argv)`` entry function in this process: the exit status its process would have
-    (``SystemExit``'s code, 0 when it returns) and what it wrote (``returncode``, ``stdout``, ``stderr``)."""
+    (what it returns, or ``SystemExit``'s code) and what it wrote (``returncode``, ``stdout``, ``stderr``)."""
     capsys.readouterr()
     try:
-        entry(list(args))
-        code = 0
+        code = entry(list(args)) or 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     out = capsys.readouterr()

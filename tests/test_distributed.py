@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.callbacks.events import load_events
 from tests.conftest import REPO, run_cli
 
 CONFIGS = REPO / "configs"
@@ -81,8 +81,8 @@ def test_re_placed_units_are_the_same_on_both_ranks(tmp_path):
         cwd=tmp_path, env={"RANK_STATE_DIR": str(tmp_path)}, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    events = json.loads((tmp_path / "lightning_logs" / "version_0" / "stall_events.json").read_text())
-    replaced = [a["action"] for e in events for a in e["actions"]]
+    events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
+    replaced = [a.action for e in events for a in e.actions]
     # the first stall re-places units; a later stall may find none left idle, and says so
     assert replaced and replaced[0].startswith("re-place idle units: net.layers.0 ["), replaced
     assert all(a.startswith("re-place idle units: ") for a in replaced), replaced

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import lightning as L
@@ -11,6 +10,7 @@ import torch
 
 from src.callbacks import EscapeAction, GradNormMonitor, PlateauDetector, PlateauEscape
 from src.callbacks.escape_actions import apply_action
+from src.callbacks.events import EventKind, StallEvent, load_events
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 from tests.conftest import quiet_trainer
@@ -94,7 +94,7 @@ def test_lr_raises_are_undone_once_the_run_is_out_of_the_stall(restore_lr_below)
         restore_lr_below=restore_lr_below,
         rollback_on_divergence=False,
     )
-    events = [{"kind": "stall", "epoch": e, "step": e, "value": 0.69, "actions": []} for e in (1, 2, 3)]
+    events = [StallEvent(EventKind.STALL, epoch=e, step=e, monitor="train/loss", value=0.69) for e in (1, 2, 3)]
     trainer, escape._detector = fake_trainer(optimizer, scheduler, events)
     for event in events:
         escape.on_stall(trainer, None, event)
@@ -108,7 +108,7 @@ def test_lr_raises_are_undone_once_the_run_is_out_of_the_stall(restore_lr_below)
         return
     assert group["lr"] == pytest.approx(0.1) and scheduler.base_lrs == pytest.approx([0.1])
     assert group["momentum"] == 0.9  # momentum stays: only the lr kick is undone
-    assert events[-1]["actions"][-1]["action"].startswith("lr restored") and escape.lr_scale == 1.0
+    assert events[-1].actions[-1].action.startswith("lr restored") and escape.lr_scale == 1.0
     escape.on_check(trainer, None, 0.01)  # nothing left to undo
     assert group["lr"] == pytest.approx(0.1) and len(escape.history) == 4
     assert escape.state_dict()["lr_scale"] == 1.0
@@ -165,10 +165,10 @@ def test_default_policy_gets_the_stalled_sigmoid_net_out(tmp_path):
     trainer = escape_trainer(tmp_path, 800, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path))
     trainer.fit(MLPClassifier(depth=7, activation="sigmoid"), datamodule=Toy2DDataModule())
     assert trainer.callback_metrics["train/loss"] < 0.05
-    events = json.loads((tmp_path / "lightning_logs" / "version_0" / "stall_events.json").read_text())
-    actions = [a["action"] for e in events for a in e["actions"]]
+    events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
+    actions = [a.action for e in events for a in e.actions]
     assert actions[:2] == ["momentum 0.9", "momentum 0.99"]
-    assert all(e["diagnosis"] == "flat" for e in events)
+    assert all(e.diagnosis == "flat" for e in events)
     assert trainer.optimizers[0].param_groups[0]["momentum"] == 0.99
 
 
@@ -187,10 +187,10 @@ def test_exhausted_actions_stop_training_with_a_reason(tmp_path):
         max_epochs=500, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path
     )
     trainer.fit(Stuck(depth=3), datamodule=Toy2DDataModule())
-    spent = [e["actions"][0]["action"] for e in detector.events[:-1]]
+    spent = [e.actions[0].action for e in detector.events[:-1]]
     flat_list = escape.actions["any"]
     assert spent == [action.describe() for action in flat_list] and escape.spent == len(flat_list)
-    assert detector.events[-1]["actions"] == [{"action": "stop: every escape action is spent"}]
+    assert [a.action for a in detector.events[-1].actions] == ["stop: every escape action is spent"]
     assert trainer.current_epoch < 50 and trainer.should_stop
 
 
@@ -225,15 +225,15 @@ def test_resume_after_an_action_continues_the_policy_and_matches_an_uninterrupte
 def test_a_divergence_after_an_lr_raise_names_the_raise():
     optimizer = sgd(lr=0.1)
     escape = PlateauEscape(actions=[{"momentum": 0.9}, {"lr_factor": 5, "max_lr": 0.5}], rollback_on_divergence=False)
-    stalls = [{"kind": "stall", "epoch": e, "step": e, "value": 0.69, "actions": []} for e in (1, 2)]
+    stalls = [StallEvent(EventKind.STALL, e, e, "train/loss", 0.69) for e in (1, 2)]
     trainer, escape._detector = fake_trainer(
         optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0), stalls
     )
     for event in stalls:
         escape.on_stall(trainer, None, event)
-    divergence = {"kind": "divergence", "epoch": 3, "step": 3, "value": "nan", "actions": []}
+    divergence = StallEvent(EventKind.DIVERGENCE, 3, 3, "train/loss", float("nan"))
     escape.on_stall(trainer, None, divergence)
-    assert divergence["actions"][0]["action"] == "none: diverged after 'lr x5 (max 0.5)' at epoch 2 (lr 0.5)"
+    assert divergence.actions[0].action == "none: diverged after 'lr x5 (max 0.5)' at epoch 2 (lr 0.5)"
     assert escape.spent == 2  # a divergence spends no action
 
 
@@ -255,20 +255,20 @@ def test_a_divergence_after_an_action_rolls_back_to_before_it_and_goes_on(tmp_pa
 
     class AfterCheck(L.Callback):  # the weights the epoch after the divergence starts from (no step yet)
         def on_train_epoch_start(self, trainer, pl_module):
-            if detector.events[-1:] and detector.events[-1]["kind"] == "divergence" and not after_rollback:
+            if detector.events[-1:] and detector.events[-1].kind == "divergence" and not after_rollback:
                 after_rollback.append(weights(pl_module))
 
     trainer = quiet_trainer(max_epochs=6, limit_val_batches=0, callbacks=[detector, escape, AfterCheck()],
                             default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(model, datamodule=Toy2DDataModule())
     stall, divergence = detector.events[0], detector.events[1]
-    assert divergence["kind"] == "divergence" and divergence["recovered"]
-    assert divergence["actions"][0]["action"] == f"diverged: rolled back to epoch {stall['epoch']}, before 'lr x5'"
+    assert divergence.kind == "divergence" and divergence.recovered
+    assert divergence.actions[0].action == f"diverged: rolled back to epoch {stall.epoch}, before 'lr x5'"
     assert torch.equal(after_rollback[0], at_stall[0])  # the weights from before the raise, exactly
     assert not detector.diverged and trainer.current_epoch == 6  # not stopped
     # the list that made it worse is not tried again: later stalls get no action from it
     assert escape.failed == ["any"] and escape.next_action("flat") is None
-    assert len(detector.events) > 2 and detector.events[-1]["actions"] == []
+    assert len(detector.events) > 2 and detector.events[-1].actions == []
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 and escape.lr_scale == 1.0
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -294,13 +294,13 @@ def test_a_stall_at_a_worse_loss_after_an_action_rolls_back_and_tries_the_next_l
     trainer = quiet_trainer(max_epochs=5, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
     trainer.fit(model, datamodule=Toy2DDataModule())
     first, second = detector.events[:2]
-    assert first["actions"][0]["action"] == "lr x5"
-    rolled, then = (a["action"] for a in second["actions"])
+    assert first.actions[0].action == "lr x5"
+    rolled, then = (a.action for a in second.actions)
     assert rolled.startswith("train/loss rose to ") and rolled.endswith(
-        f"rolled back to epoch {first['epoch']}, before 'lr x5'"
+        f"rolled back to epoch {first.epoch}, before 'lr x5'"
     )
-    assert then == "momentum 0.9" and escape.failed == [first["diagnosis"]]
-    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 and not second.get("recovered")
+    assert then == "momentum 0.9" and escape.failed == [first.diagnosis]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 and not second.recovered
 
 
 class BlowsUpWhenTheRaiseIsUndone(MLPClassifier):
@@ -329,17 +329,17 @@ def test_a_divergence_after_the_kick_is_undone_rolls_back_to_the_undo_and_keeps_
 
     class AfterCheck(L.Callback):  # the weights the epoch after the divergence starts from (no step yet)
         def on_train_epoch_start(self, trainer, pl_module):
-            if detector.events[-1:] and detector.events[-1]["kind"] == "divergence" and not after_rollback:
+            if detector.events[-1:] and detector.events[-1].kind == "divergence" and not after_rollback:
                 after_rollback.append(weights(pl_module))
 
     callbacks = [detector, escape, AfterCheck()]
     trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=callbacks, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=Toy2DDataModule())
-    undone = [a for e in detector.events for a in e["actions"] if a["action"].startswith("lr restored")]
-    divergence = next(e for e in detector.events if e["kind"] == "divergence")
-    assert len(undone) == 1 and divergence["recovered"] and not detector.diverged and trainer.current_epoch == 8
-    assert divergence["actions"][0]["action"] == (
-        f"diverged: rolled back to epoch {undone[0]['epoch']}, before 'lr restored'; they stay in force"
+    undone = [a for e in detector.events for a in e.actions if a.action.startswith("lr restored")]
+    divergence = next(e for e in detector.events if e.kind == "divergence")
+    assert len(undone) == 1 and divergence.recovered and not detector.diverged and trainer.current_epoch == 8
+    assert divergence.actions[0].action == (
+        f"diverged: rolled back to epoch {undone[0].epoch}, before 'lr restored'; they stay in force"
     )
     assert escape.keep_kicks and escape.failed == []  # the raise itself was fine: its list stays usable
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5) and escape.lr_scale == pytest.approx(5)

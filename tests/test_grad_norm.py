@@ -94,7 +94,7 @@ def test_inf_norm_and_per_parameter_norms():
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     layers = parameter_layers(model)
-    recorder = GradNormRecorder(every_n_steps=1, norm_type=math.inf, per_parameter=True).bind(model)
+    recorder = GradNormRecorder(every_n_steps=1, norm_type=math.inf).bind(model)
     profile = recorder.record(step=0)
     expected = [max(p.grad.abs().max().item() for p in ps) for ps in layers.values()]
     assert list(profile.norms) == pytest.approx(expected)
@@ -209,13 +209,13 @@ def test_the_detectors_diagnosis_reads_each_layer_at_its_own_optimizers_step():
     detector = PlateauDetector(monitor="loss", patience=2, norms_every_n_steps=1)
     quiet_trainer(max_epochs=3, callbacks=[detector]).fit(model, loader())  # 4 batches: 8 steps an epoch
     (event,) = detector.events
-    assert event["kind"] == "stall" and event["epoch"] == 2
+    assert event.kind == "stall" and event.epoch == 2
     # the last step of each model before the check: its gradient, not the one the other model's
     # backward left in it (the discriminator's loss also reaches the generator)
     last = {which: norm for _, which, norm in model.seen}
-    assert list(event["grad_norms"]) == ["generator", "discriminator"]
-    assert event["grad_norms"]["generator"] == pytest.approx(last["g"], rel=1e-5)
-    assert event["grad_norms"]["discriminator"] == pytest.approx(last["d"], rel=1e-5)
+    assert list(event.grad_norms) == ["generator", "discriminator"]
+    assert event.grad_norms["generator"] == pytest.approx(last["g"], rel=1e-5)
+    assert event.grad_norms["discriminator"] == pytest.approx(last["d"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -263,7 +263,7 @@ def test_the_callbacks_folder_works_copied_into_a_project_with_its_own_src(tmp_p
         "trainer.fit(Net(), data)\n"
         "import src.stall, src.net\n"
         "print('from', src.stall.__file__, src.net.__file__)\n"
-        "events = [(e['kind'], e.get('diagnosis'), [a['action'] for a in e['actions']]) for e in detector.events]\n"
+        "events = [(e.kind.value, e.diagnosis, [a.action for a in e.actions]) for e in detector.events]\n"
         "print('events', events)\n"
     )
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no PYTHONPATH: this repository is not on the path
@@ -388,3 +388,21 @@ def test_a_shared_parameter_counts_once_and_layers_made_in_configure_model_are_s
     trainer.fit(BuiltInConfigureModel(), loader())
     assert [step for step, _ in logger.metrics["grad_norm/body.0"]] == [0, 1]
     assert dict(logger.metrics["grad_norm/body.2"]) == pytest.approx(hand.seen, rel=1e-5)
+
+
+def test_a_monitor_and_a_detector_share_one_pass_over_the_gradients(monkeypatch):
+    from src.callbacks import PlateauDetector, grad_flow
+
+    calls = []
+    original = grad_flow.param_grad_norms
+    monkeypatch.setattr(grad_flow, "param_grad_norms", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monitor, detector = GradNormMonitor(log_every_n_steps=2), PlateauDetector(norms_every_n_steps=2)
+    trainer = quiet_trainer(max_steps=6, logger=MemoryLogger(), callbacks=[monitor, detector])
+    trainer.fit(TinyNet(), loader(n=24))
+    assert len(calls) == 3 and [p.step for p in monitor.history] == [0, 2, 4]
+    assert detector.gradients is monitor.gradients and [p.step for p in detector.gradients.since(0)] == [0, 2, 4]
+    calls.clear()
+    other = GradNormMonitor(log_every_n_steps=3)  # another rate: its own steps, still one pass per step
+    trainer = quiet_trainer(max_steps=6, logger=MemoryLogger(), callbacks=[GradNormMonitor(log_every_n_steps=2), other])
+    trainer.fit(TinyNet(), loader(n=24))
+    assert len(calls) == len({0, 2, 4} | {0, 3}) and [p.step for p in other.history] == [0, 3]

@@ -18,6 +18,7 @@ import pytest
 from nbclient import NotebookClient
 from torch.utils.tensorboard import SummaryWriter
 
+from src.callbacks.events import EventKind, StallEvent
 from src.report import load_run
 from tests.conftest import REPO, call_entry
 
@@ -70,7 +71,7 @@ def test_report_reads_the_layers_in_order_and_the_events(run_dir):
     assert len(rows) == 7 and len(rows[0]) == len(steps) > 10
     # the source's picture of the stall: at the start the first layer's gradient is far below the last's
     assert rows[0][0] / rows[-1][0] < 1e-2
-    assert run.events[0]["kind"] == "stall" and run.events[0]["diagnosis"] == "flat"
+    assert run.events[0].kind == "stall" and run.events[0].diagnosis == "flat"
 
 
 @pytest.mark.slow
@@ -243,14 +244,11 @@ def test_gradient_flow_draws_each_stall_as_its_diagnosis_saw_it(tmp_path):
     scalars = {f"grad_norm/{name}": ([0, 10, 500], [1e-3 * (i + 1), 1e-9, 1e-2]) for i, name in enumerate(layers)}
     vanishing, flat = [1e-12, 1e-8, 1e-4], [1e-5, 2e-5, 1e-5]
     events = [
-        {
-            "kind": "stall",
-            "epoch": 120,
-            "diagnosis": "vanishing",
-            "grad_norms": dict(zip(layers, vanishing, strict=True)),
-        },
-        {"kind": "divergence", "epoch": 300},
-        {"kind": "stall", "epoch": 400, "diagnosis": "flat", "grad_norms": dict(zip(layers, flat, strict=True))},
+        StallEvent(EventKind.STALL, 120, 120, "train/loss", 0.69, diagnosis="vanishing",
+                   grad_norms=dict(zip(layers, vanishing, strict=True))),
+        StallEvent(EventKind.DIVERGENCE, 300, 300, "train/loss", float("nan")),
+        StallEvent(EventKind.STALL, 400, 400, "train/loss", 0.69, diagnosis="flat",
+                   grad_norms=dict(zip(layers, flat, strict=True))),
     ]
     run = Run(tmp_path, scalars, events=events)
     assert stall_profiles(run) == [

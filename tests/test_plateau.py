@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 
 from src.callbacks import GradNormMonitor, PlateauDetector
+from src.callbacks.events import load_events
 from src.callbacks.grad_flow import GradProfile
 from src.callbacks.plateau_rule import PlateauTracker, diagnose
 from src.data import Toy2DDataModule
@@ -102,11 +103,11 @@ def stalled_run(depth: int, epochs: int, tmp_path, **detector_args):
 def test_source_stalls_are_diagnosed_flat_at_depth_7_and_vanishing_at_depth_18(tmp_path):
     shallow, logger = stalled_run(7, 300, tmp_path)
     deep, _ = stalled_run(18, 300, tmp_path)
-    assert shallow.events and {e["diagnosis"] for e in shallow.events} == {"flat"}
-    assert deep.events and {e["diagnosis"] for e in deep.events} == {"vanishing"}
-    assert all(e["first_to_last"] < 1e-6 for e in deep.events)
-    assert all(0.4 < e["value"] < 0.7 for e in shallow.events)
-    assert logger.metrics["plateau/stall"] == [(e["step"], pytest.approx(e["value"])) for e in shallow.events]
+    assert shallow.events and {e.diagnosis for e in shallow.events} == {"flat"}
+    assert deep.events and {e.diagnosis for e in deep.events} == {"vanishing"}
+    assert all(e.first_to_last < 1e-6 for e in deep.events)
+    assert all(0.4 < e.value < 0.7 for e in shallow.events)
+    assert logger.metrics["plateau/stall"] == [(e.step, pytest.approx(e.value)) for e in shallow.events]
 
 
 def test_detector_without_monitor_computes_norms_itself(tmp_path):
@@ -114,7 +115,7 @@ def test_detector_without_monitor_computes_norms_itself(tmp_path):
     detector = PlateauDetector(patience=50, norms_every_n_steps=5)
     trainer = quiet_trainer(max_epochs=200, limit_val_batches=0, callbacks=[detector], default_root_dir=tmp_path)
     trainer.fit(MLPClassifier(depth=7, activation="sigmoid"), datamodule=Toy2DDataModule())
-    assert detector.events and detector.events[0]["diagnosis"] == "flat"
+    assert detector.events and detector.events[0].diagnosis == "flat"
 
 
 def test_events_are_written_to_json_and_kept_in_state(tmp_path):
@@ -130,8 +131,10 @@ def test_events_are_written_to_json_and_kept_in_state(tmp_path):
         callbacks=[GradNormMonitor(log_every_n_steps=10), detector],
     )
     trainer.fit(MLPClassifier(depth=7, activation="sigmoid"), datamodule=Toy2DDataModule())
-    saved = json.loads((tmp_path / "lightning_logs" / "version_0" / "stall_events.json").read_text())
-    assert saved == json.loads(json.dumps(detector.events)) and saved[0]["kind"] == "stall"
+    path = tmp_path / "lightning_logs" / "version_0" / "stall_events.json"
+    saved = json.loads(path.read_text())
+    assert saved[0]["kind"] == "stall" and saved[0]["diagnosis"] == "flat" and saved[0]["actions"] == []
+    assert load_events(path) == detector.events
     restored = PlateauDetector(patience=50)
     restored.load_state_dict(detector.state_dict())
     assert restored.events == detector.events and restored.tracker.best == detector.tracker.best
@@ -143,7 +146,7 @@ def test_good_enough_plateau_is_convergence_not_a_stall(tmp_path):
     trainer = quiet_trainer(max_epochs=600, limit_val_batches=0, callbacks=[detector], default_root_dir=tmp_path)
     trainer.fit(MLPClassifier(depth=3, activation="relu"), datamodule=Toy2DDataModule())
     assert trainer.callback_metrics["train/loss"] < 0.05
-    assert all(e["value"] > 0.05 for e in detector.events)
+    assert all(e.value > 0.05 for e in detector.events)
 
 
 class Diverging(MLPClassifier):
@@ -159,7 +162,7 @@ def test_nan_metric_is_reported_as_divergence_and_stops(tmp_path):
     trainer = quiet_trainer(max_epochs=50, limit_val_batches=0, callbacks=[detector], default_root_dir=tmp_path)
     with pytest.warns(UserWarning, match="diverged.*epoch 3"):
         trainer.fit(Diverging(), datamodule=Toy2DDataModule())
-    assert [e["kind"] for e in detector.events] == ["divergence"]
+    assert [e.kind for e in detector.events] == ["divergence"]
     assert trainer.current_epoch == 4
 
 
@@ -240,4 +243,32 @@ def test_a_metric_logged_in_the_modules_own_epoch_end_is_checked_in_that_epoch()
     assert [e for e, _ in seen] == [e for e, _ in expected]
     assert [v for _, v in seen] == pytest.approx([v for _, v in expected])  # each epoch's own value, not the last
     # flat from epoch 2 on: the second check without improvement (epoch 4) is the stall
-    assert [(e["kind"], e["epoch"]) for e in detector.events] == [("stall", 4)]
+    assert [(e.kind, e.epoch) for e in detector.events] == [("stall", 4)]
+
+
+def test_what_it_has_of_early_stopping_tells_the_truth():
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+
+    detector = PlateauDetector(min_delta=1e-2, patience=3, divergence_threshold=5.0)
+    assert detector.min_delta == -1e-2 and PlateauDetector(mode="max", min_delta=1e-2).min_delta == 1e-2
+    assert detector.patience == 3 and detector.divergence_threshold == 5.0
+    for value in (1.0, 1.0, 1.0):
+        detector.tracker.update(value)
+    assert detector.wait_count == 2 and float(detector.best_score) == 1.0
+
+    class BlowsUp(MLPClassifier):
+        def training_step(self, batch, batch_idx):
+            self.log("train/blow", 100.0 if self.current_epoch >= 2 else 1.0, on_epoch=True, on_step=False)
+            return super().training_step(batch, batch_idx)
+
+    detector = PlateauDetector(monitor="train/blow", divergence_threshold=5.0)
+    real = EarlyStopping(monitor="train/loss", patience=1000)
+    trainer = quiet_trainer(max_epochs=6, callbacks=[detector, real], limit_val_batches=0)
+    trainer.fit(BlowsUp(depth=2, width=4), datamodule=Toy2DDataModule(n_samples=20))
+    assert trainer.early_stopping_callback is real and trainer.current_epoch == 3
+    assert detector.stopping_reason is EarlyStoppingReason.DIVERGENCE_THRESHOLD and detector.stopped_epoch == 2
+    assert real.stopping_reason is EarlyStoppingReason.NOT_STOPPED
+    restored = PlateauDetector(divergence_threshold=5.0)
+    restored.load_state_dict(detector.state_dict())
+    assert restored.stopping_reason is EarlyStoppingReason.DIVERGENCE_THRESHOLD and restored.stopped_epoch == 2

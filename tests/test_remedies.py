@@ -246,10 +246,10 @@ def deep_sigmoid_run(tmp_path, epochs: int, **kwargs):
 def test_the_default_policy_gets_a_depth_18_sigmoid_net_out_with_layer_wise_steps(tmp_path):
     trainer, model, detector, escape = deep_sigmoid_run(tmp_path, 600)
     trainer.fit(model, datamodule=Toy2DDataModule())
-    assert detector.events[0]["diagnosis"] == "vanishing"
-    assert detector.events[0]["actions"][0]["action"] == "momentum 0.0, layer-wise steps of 0.01 x |W|"
+    assert detector.events[0].diagnosis == "vanishing"
+    assert detector.events[0].actions[0].action == "momentum 0.0, layer-wise steps of 0.01 x |W|"
     assert trainer.callback_metrics["train/loss"] < 0.05
-    undone = [a["action"] for e in detector.events for a in e["actions"] if "layer-wise steps off" in a["action"]]
+    undone = [a.action for e in detector.events for a in e.actions if "layer-wise steps off" in a.action]
     assert len(undone) == 1 and escape.trust_ratio is None
 
 
@@ -282,8 +282,8 @@ def test_a_dead_unit_in_the_dnnex_net_is_found_and_re_placed(tmp_path):
     dm = DnnexDataModule(n_samples=200)
     trainer.fit(model, datamodule=dm)
     stall = detector.events[0]
-    assert stall["diagnosis"] == "dead_units" and stall["units"]["net.layers.0"]["dead"] == [0]
-    assert stall["actions"][0]["action"] == "re-place idle units: net.layers.0 [0]"
+    assert stall.diagnosis == "dead_units" and stall.units["net.layers.0"]["dead"] == [0]
+    assert stall.actions[0].action == "re-place idle units: net.layers.0 [0]"
     x = dm.train_set.tensors[0]
     with torch.no_grad():
         active = (model.net.layers[0](x)[:, 0] > 0).sum().item()
@@ -316,8 +316,8 @@ def test_a_run_of_dead_layers_comes_back_in_one_action(tmp_path):
     trainer = quiet_trainer(max_epochs=3, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
     dm = Toy2DDataModule()
     trainer.fit(model, datamodule=dm)
-    assert detector.events[0]["diagnosis"] == "dead_units"
-    assert set(detector.events[0]["units"]) == {"net.layers.0", "net.layers.1", "net.layers.2"}
+    assert detector.events[0].diagnosis == "dead_units"
+    assert set(detector.events[0].units) == {"net.layers.0", "net.layers.1", "net.layers.2"}
     h = dm.train_set.tensors[0]
     for layer in model.net.layers[:3]:  # every hidden layer has live units after the one action
         pre = layer(h)
@@ -346,12 +346,12 @@ def test_resume_after_re_placements_matches_an_uninterrupted_run(tmp_path):
         return model, detector
 
     straight, detector = run(tmp_path / "a", 8)
-    replaced = [a["action"] for e in detector.events for a in e["actions"]]
+    replaced = [a.action for e in detector.events for a in e.actions]
     assert len(replaced) == 2 and replaced[0].startswith("re-place idle units: net.layers.0 [0, 1, 2")
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     run(tmp_path / "b", 5, callbacks=[checkpoint])
     resumed, resumed_detector = run(tmp_path / "b", 8, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    assert [a["action"] for e in resumed_detector.events for a in e["actions"]] == replaced
+    assert [a.action for e in resumed_detector.events for a in e.actions] == replaced
     for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -369,8 +369,8 @@ def test_two_units_with_one_kink_are_named_redundant_and_one_is_re_placed(tmp_pa
     trainer = quiet_trainer(max_epochs=4, callbacks=[detector, escape], default_root_dir=tmp_path, limit_val_batches=0)
     trainer.fit(model, datamodule=DnnexDataModule(n_samples=200))
     stall = detector.events[0]
-    assert stall["diagnosis"] == "redundant_units" and stall["units"]["net.layers.0"]["redundant"] == [[0, 1]]
-    assert stall["actions"][0]["action"] == "re-place idle units: net.layers.0 [1]"
+    assert stall.diagnosis == "redundant_units" and stall.units["net.layers.0"]["redundant"] == [[0, 1]]
+    assert stall.actions[0].action == "re-place idle units: net.layers.0 [1]"
     weight, bias = model.net.layers[0].weight.detach().flatten(), model.net.layers[0].bias.detach()
     kinks = -bias / weight
     assert abs(kinks[0] - kinks[1]) > 1e-3 and -1 <= kinks[1] <= 1  # the new one is elsewhere in the data

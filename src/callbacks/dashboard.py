@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
+from .events import EventKind
 from .grad_flow import parameter_layers
 from .names import (
     FINAL,
@@ -127,7 +128,7 @@ class TensorBoardDashboard(Callback):
             if value.numel() == 1 and math.isfinite(float(value))
         }
         events = [e for cb in trainer.callbacks if isinstance(cb, StallReporter) for e in cb.events]
-        metrics[FINAL_STALLS] = float(sum(e.get("kind") == "stall" for e in events))
+        metrics[FINAL_STALLS] = float(sum(e.kind is EventKind.STALL for e in events))
         metrics[FINAL_EPOCHS] = float(trainer.current_epoch)
         logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)
         logger.experiment.flush()

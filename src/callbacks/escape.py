@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import math
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from .escape_actions import DEFAULT_ACTIONS, EscapeAction, apply_action, as_action, check_applicable, trust_ratio_
+from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
 from .names import OPTIM_LR, OPTIM_MOMENTUM, PLATEAU_ACTIONS_TEXT
 from .plateau import PlateauDetector
@@ -93,7 +94,7 @@ class PlateauEscape(Callback):
         self.restore_lr_below = restore_lr_below
         self.spent_by: dict[str, int] = {}
         self.failed: list[str] = []  # lists whose action was rolled back: not tried again
-        self.history: list[dict[str, Any]] = []
+        self.history: list[Action] = []
         self.lr_scale = 1.0  # product of the lr raises in force
         self.trust_ratio: float | None = None  # layer-wise steps in force
         self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
@@ -168,48 +169,51 @@ class PlateauEscape(Callback):
                 return key, listed[-1]
         return None
 
-    def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> None:
+    def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent) -> None:
         """Apply the next action for a stall event (called by the PlateauDetector)."""
-        if event["kind"] == "divergence" and self._snapshot is not None:
+        if event.kind is EventKind.DIVERGENCE and self._snapshot is not None:
             self._roll_back(trainer, pl_module, event)
             return
-        if event["kind"] == "divergence" and self.lr_scale != 1.0:
+        if event.kind is EventKind.DIVERGENCE and self.lr_scale != 1.0:
             # Never escape into divergence silently: say which lr raise preceded it.
-            last = next(r for r in reversed(self.history) if r.get("lr_raise"))
-            note = f"none: diverged after '{last['action']}' at epoch {last['epoch']} (lr {last['lr'][0]:g})"
-            event["actions"].append({"action": note, "epoch": event["epoch"], "step": event["step"]})
-        if event["kind"] != "stall":
+            last = next(r for r in reversed(self.history) if r.lr_raise)
+            note = f"none: diverged after '{last.action}' at epoch {last.epoch} (lr {last.lr[0]:g})"
+            event.actions.append(Action(note, event.epoch, event.step))
+        if event.kind is not EventKind.STALL:
             return
-        if self._snapshot is not None and self._worse(float(event["value"]), self._snapshot["value"]):
+        if self._snapshot is not None and self._worse(event.value, self._snapshot["value"]):
             # the last action left the run stalled at a worse loss than the stall it answered
             undo = self._snapshot["list"] is None
-            self._roll_back(trainer, pl_module, event, why=f"{self._detector.monitor} rose to {event['value']:.4g}")
+            self._roll_back(trainer, pl_module, event, why=f"{self._detector.monitor} rose to {event.value:.4g}")
             if undo:  # back to where the kicks were getting the run out: nothing more to do
                 return
-        chosen = self.next_action(event.get("diagnosis"))
+        chosen = self.next_action(event.diagnosis)
         if chosen is None:
             if self.on_exhausted == "stop":
                 trainer.should_stop = True
-                event["actions"].append({"action": "stop: every escape action is spent"})
+                event.actions.append(Action("stop: every escape action is spent"))
                 rank_zero_info("PlateauEscape: still stalled after every action; stopping")
             return
         key, action = chosen
         if self.rollback_on_divergence:
-            self._snapshot = self._take_snapshot(trainer, pl_module, float(event["value"]), action.describe(), key)
+            self._snapshot = self._take_snapshot(trainer, pl_module, event.value, action.describe(), key)
         self.spent_by[key] = self.spent_by.get(key, 0) + 1
-        lr_before = float(trainer.optimizers[0].param_groups[0]["lr"])
+        lrs_before = self._settings(trainer)["lr"]
         what = action.describe()
         if action.momentum is not None or action.nesterov is not None or action.lr_factor is not None:
             self._apply(trainer, action)
+        lr_before, lr_after = lrs_before[0], float(trainer.optimizers[0].param_groups[0]["lr"])
         if action.lr_factor is not None and lr_before > 0:
-            self.lr_scale *= float(trainer.optimizers[0].param_groups[0]["lr"]) / lr_before
-            self.raised_at = float(event["value"])
+            self.lr_scale *= lr_after / lr_before
+            self.raised_at = event.value
         if action.trust_ratio is not None:
             self.trust_ratio = action.trust_ratio
-            self.raised_at = float(event["value"])
+            self.raised_at = event.value
+        if self.raised_at is not None and self.restore_lr_below is not None:
+            event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
         if action.replace_units:
             what += self._replace_units(trainer, pl_module, event)
-        self._record(trainer, event, what, self._settings(trainer), lr_raise=action.lr_factor is not None)
+        self._record(trainer, event, what, lr_raise=action.lr_factor is not None, lr_from=lrs_before)
 
     def _take_snapshot(
         self, trainer: L.Trainer, pl_module: L.LightningModule, value: float, action: str, key: str | None
@@ -223,7 +227,7 @@ class PlateauEscape(Callback):
         }  # fmt: skip
 
     def _roll_back(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any], why: str = "diverged"
+        self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str = "diverged"
     ) -> None:
         """An action made things worse (a divergence, or a stall at twice the loss it answered): go
         back to the weights, optimizer and kicks from before it, mark the event ``recovered`` (the
@@ -246,20 +250,20 @@ class PlateauEscape(Callback):
             self.keep_kicks = True
         elif snapshot["list"] not in self.failed:
             self.failed.append(snapshot["list"])
-        if event["kind"] == "divergence":
-            event["recovered"] = True
+        if event.kind is EventKind.DIVERGENCE:
+            event.recovered = True
         what = f"{why}: rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
         if snapshot["list"] is None:
             what += "; they stay in force"
-        self._record(trainer, event, what, self._settings(trainer))
+        self._record(trainer, event, what, lr_from=lrs_before[0])
 
-    def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any]) -> str:
+    def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent) -> str:
         """Re-place the units the event names, layer by layer from the input: a layer's new kinks go on
         the points its (already mended) predecessor now gives it, so a run of dead layers comes back
         in one action. The same new weights on every rank (rank 0's)."""
         recorder = self._detector.units
         generator = torch.Generator().manual_seed(trainer.global_step)
-        found_units = event.get("units", {})
+        found_units = event.units or {}
         replaced, inputs = [], None
         for name, layer in recorder.layers.items():
             if inputs is None:
@@ -295,54 +299,53 @@ class PlateauEscape(Callback):
     def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
         """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall."""
         # Only the detector calls this (set up in `setup`), and only after it reported a stall.
-        if not math.isfinite(value):
-            return
-        if self._snapshot is not None and self._out_of_stall(
-            value, self._snapshot["value"], self.restore_lr_below or 0.5
-        ):
+        mode = self._detector.mode
+        if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
             self._snapshot = None  # out of the stall: a later divergence is not the action's
         if self.restore_lr_below is None or self.raised_at is None or self.keep_kicks:
             return
-        if not self._out_of_stall(value, self.raised_at, self.restore_lr_below):
+        if not moved_past(value, self.raised_at, self.restore_lr_below, mode):
             return
         undone = ["lr restored"] if self.lr_scale != 1.0 else []
         undone += ["layer-wise steps off"] if self.trust_ratio is not None else []
+        if not undone:  # a raise that changed nothing (the lr was at its cap already): nothing to undo
+            self.raised_at = None
+            return
         if self.rollback_on_divergence:  # undoing a kick can blow the run up too
             self._snapshot = self._take_snapshot(trainer, pl_module, value, ", ".join(undone), key=None)
+        lrs_before = self._settings(trainer)["lr"]
         if self.lr_scale != 1.0:
             self._apply(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
         self.lr_scale, self.trust_ratio, self.raised_at = 1.0, None, None
-        event = next(e for e in reversed(self._detector.events) if e["kind"] == "stall")
-        what = f"{', '.join(undone)} (out of the stall: {value:.4g} vs {float(event['value']):.4g})"
-        settings = self._settings(trainer)
-        self._record(trainer, event, what, settings, epoch=trainer.current_epoch, step=trainer.global_step)
+        event = next(e for e in reversed(self._detector.events) if e.kind is EventKind.STALL)
+        what = f"{', '.join(undone)} (out of the stall: {value:.4g} vs {event.value:.4g})"
+        self._record(trainer, event, what, epoch=trainer.current_epoch, step=trainer.global_step, lr_from=lrs_before)
         self._detector.save_events(trainer)
 
     def _worse(self, value: float, at: float) -> bool:
         """Twice as bad as ``at`` (half as good with ``mode: max``)."""
         return value < at / 2 if self._detector.mode == "max" else value > 2 * at
 
-    def _out_of_stall(self, value: float, at: float, fraction: float) -> bool:
-        return value >= at / fraction if self._detector.mode == "max" else value <= at * fraction
-
     def _record(
         self,
         trainer: L.Trainer,
-        event: dict[str, Any],
+        event: StallEvent,
         what: str,
-        settings: dict[str, list[float]],
         epoch: int | None = None,
         step: int | None = None,
         lr_raise: bool = False,
+        lr_from: list[float] | None = None,
     ) -> None:
-        epoch = event["epoch"] if epoch is None else epoch
-        step = event["step"] if step is None else step
-        record = {"action": what, "epoch": epoch, "step": step, **settings}
-        if lr_raise:
-            record["lr_raise"] = True  # what `on_stall` names when a divergence follows
-        event["actions"].append(record)
+        """Add what was done to the event and the history, with the settings the next step will use."""
+        settings = self._settings(trainer)
+        epoch = event.epoch if epoch is None else epoch
+        step = event.step if step is None else step
+        changed = lr_from is not None and lr_from != settings["lr"]
+        record = Action(what, epoch, step, settings["lr"], settings["momentum"], lr_from if changed else None, lr_raise)
+        event.actions.append(record)
         self.history.append(record)
-        rank_zero_info(f"PlateauEscape: epoch {epoch}: {what} -> lr {settings['lr']}")
+        lr_text = f"lr {lr_from} -> {settings['lr']}" if changed else f"lr {settings['lr']}"
+        rank_zero_info(f"PlateauEscape: epoch {epoch}: {what} -> {lr_text}")
         for logger in trainer.loggers:
             logger.log_metrics({OPTIM_LR: settings["lr"][0], OPTIM_MOMENTUM: settings["momentum"][0]}, step)
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
@@ -351,7 +354,8 @@ class PlateauEscape(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "spent": self.spent, "spent_by": self.spent_by, "history": self.history, "lr_scale": self.lr_scale,
+            "spent": self.spent, "spent_by": self.spent_by, "history": [asdict(a) for a in self.history],
+            "lr_scale": self.lr_scale,
             "trust_ratio": self.trust_ratio, "raised_at": self.raised_at, "failed": self.failed,
             "keep_kicks": self.keep_kicks,
         }  # fmt: skip
@@ -359,7 +363,7 @@ class PlateauEscape(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.spent_by = dict(state_dict.get("spent_by", {"any": state_dict["spent"]}))
-        self.history = list(state_dict["history"])
+        self.history = [Action(**record) for record in state_dict["history"]]
         self.lr_scale = state_dict.get("lr_scale", 1.0)
         self.trust_ratio = state_dict.get("trust_ratio")
         self.raised_at = state_dict.get("raised_at")

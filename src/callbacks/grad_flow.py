@@ -8,6 +8,7 @@ Torch only, no Lightning: :class:`GradNormRecorder` is owned by both
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -153,9 +154,7 @@ class GradNormRecorder:
     ('(root)',)
     """
 
-    def __init__(
-        self, every_n_steps: int = 1, norm_type: float = 2.0, history_size: int = 1000, per_parameter: bool = False
-    ) -> None:
+    def __init__(self, every_n_steps: int = 1, norm_type: float = 2.0, history_size: int = 1000) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if not float(norm_type) > 0:
@@ -164,9 +163,8 @@ class GradNormRecorder:
             raise ValueError(f"history_size must be >= 1, got {history_size}")
         self.every_n_steps = every_n_steps
         self.norm_type = float(norm_type)
-        self.per_parameter = per_parameter
         self.history: deque[GradProfile] = deque(maxlen=history_size)
-        self.param_norms: dict[str, float] = {}  # with per_parameter: the latest, by "<layer>.<name>"
+        self._values: list[float] = []  # the latest per-parameter norms
         self.skipped_nonfinite = 0
         self._layers: dict[str, list[nn.Parameter]] = {}
         self._param_names: list[str] = []
@@ -188,6 +186,15 @@ class GradNormRecorder:
         self._param_names = [f"{layer}.{short[id(p)]}" for layer, ps in self._layers.items() for p in ps]
         return self
 
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(self._layers)
+
+    @property
+    def param_norms(self) -> dict[str, float]:
+        """The latest recorded step's norm of each parameter, by ``<layer>.<weight|bias>``."""
+        return dict(zip(self._param_names, self._values, strict=True))
+
     def due(self, step: int) -> bool:
         return bool(self._layers) and step % self.every_n_steps == 0
 
@@ -205,8 +212,7 @@ class GradNormRecorder:
             return None
         profile = GradProfile(step, tuple(self._layers), tuple(norms), self._weight_layers, total)
         self.history.append(profile)
-        if self.per_parameter:
-            self.param_norms = dict(zip(self._param_names, values, strict=True))
+        self._values = values
         return profile
 
     def since(self, step: int) -> list[GradProfile]:
@@ -214,39 +220,122 @@ class GradNormRecorder:
         return [p for p in self.history if p.step >= step] or list(self.history)[-1:]
 
 
-def optimizer_recorders(
-    module: nn.Module, optimizers: list[torch.optim.Optimizer], every_n_steps: int, **kwargs
-) -> list[GradNormRecorder]:
-    """With several optimizers (manual optimization, a GAN): a recorder of each one's parameters, so
-    that each optimizer's step reads its own gradients only; ``[]`` with one optimizer."""
-    if len(optimizers) < 2:
-        return []
-    return [
-        GradNormRecorder(every_n_steps, **kwargs).bind(
-            module, only={id(p) for g in opt.param_groups for p in g["params"]}
-        )
-        for opt in optimizers
-    ]
+class GradientPass:
+    """The per-layer gradient norms of a module, computed at most once per optimizer step, for every
+    reader that asks at that step (:class:`~.grad_norm.GradNormMonitor`, :class:`~.plateau.PlateauDetector`).
+
+    Each reader calls :meth:`read` where the gradients are final (Lightning: ``on_before_optimizer_step``)
+    with its own rate; the first reader due at a step computes the profile, the others get the same
+    one. It also notices parameters that were frozen, unfrozen or added (and reads the layers again),
+    and, with several optimizers (manual optimization, a GAN), counts each optimizer's own steps and
+    keeps a recorder of each one's parameters, so that an optimizer's step reads its own gradients
+    only and "every n steps" means n of that optimizer's steps.
+
+    >>> net = nn.Linear(2, 1)
+    >>> net(torch.ones(4, 2)).sum().backward()
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> shared = GradientPass()
+    >>> first = shared.read(net, [opt], opt, step=0, every_n_steps=1)
+    >>> first is shared.read(net, [opt], opt, step=0, every_n_steps=5), first.index, first.profile.names
+    (True, None, ('(root)',))
+    """
+
+    def __init__(self, norm_type: float = 2.0, history_size: int = 1000) -> None:
+        self.recorder = GradNormRecorder(1, norm_type, history_size)
+        self.per_optimizer: list[GradNormRecorder] = []  # with several optimizers: one recorder each
+        self.layer_order: list[str] = []
+        self._trainable = TrainableParameters()
+        self._module: nn.Module | None = None
+        self._counts: list[int] = []
+        self._seen: tuple[int, int | None] | None = None  # the (step, optimizer) last counted
+        self._latest: dict[int | None, Reading] = {}
+
+    @property
+    def norm_type(self) -> float:
+        return self.recorder.norm_type
+
+    def bind(self, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> GradientPass:
+        """Read the module's layers (again, when its parameters changed) and which optimizer owns which."""
+        self._module = module
+        self._trainable.reset(module, optimizers)
+        self.recorder.bind(module)
+        self.layer_order = list(self.recorder.layer_names)
+        size = self.recorder.history.maxlen
+        if len(optimizers) < 2:
+            self.per_optimizer = []
+        else:
+            self.per_optimizer = [
+                GradNormRecorder(1, self.norm_type, size).bind(
+                    module, only={id(p) for g in opt.param_groups for p in g["params"]}
+                )
+                for opt in optimizers
+            ]
+        if len(self._counts) != len(self.per_optimizer):
+            self._counts = [0] * len(self.per_optimizer)
+        return self
+
+    def _index(self, optimizers: list[torch.optim.Optimizer], optimizer: torch.optim.Optimizer) -> int | None:
+        if not self.per_optimizer:
+            return None
+        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+        return next(i for i, opt in enumerate(optimizers) if opt is inner or opt is optimizer)
+
+    def read(
+        self,
+        module: nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        every_n_steps: int,
+    ) -> Reading | None:
+        """This step's norms if the step is due at ``every_n_steps`` (``None`` if not): with one optimizer
+        every n global steps, with several every n of this optimizer's own steps. The reading's
+        ``profile`` is ``None`` where the gradients are not finite (an AMP overflow the scaler skips)."""
+        if module is not self._module:
+            self.bind(module, optimizers)
+        index = self._index(optimizers, optimizer)
+        if self._seen != (step, index):  # a new optimizer step: count it once, however many readers
+            self._seen = (step, index)
+            if index is not None:
+                self._counts[index] += 1
+            self._latest.pop(index, None)
+        count = step if index is None else self._counts[index] - 1
+        due = count % every_n_steps == 0
+        if not due or not self.recorder.layer_names:
+            return None
+        if index not in self._latest:
+            if self._trainable.changed(optimizers):  # frozen, unfrozen (BaseFinetuning) or new parameters
+                self.bind(module, optimizers)
+                index = self._index(optimizers, optimizer)
+            recorder = self.recorder if index is None else self.per_optimizer[index]
+            self._latest[index] = Reading(index, recorder.record(step), recorder)
+        return self._latest[index]
+
+    def since(self, step: int) -> list[GradProfile]:
+        """The profiles recorded from ``step`` on, of the whole module (each optimizer's merged)."""
+        if self.per_optimizer:
+            return merged_profiles(self.per_optimizer, step, self.layer_order)
+        return self.recorder.since(step)
 
 
-def due_step(
-    recorder: GradNormRecorder,
-    optimizer_steps: list[int],
-    optimizers: list[torch.optim.Optimizer],
-    optimizer: torch.optim.Optimizer,
-    step: int,
-) -> tuple[bool, int | None]:
-    """Whether this optimizer step is one to record, and which optimizer it is (``None`` with one).
+@dataclass(frozen=True)
+class Reading:
+    """One optimizer step's norms, as :meth:`GradientPass.read` gives them: which optimizer (``None``
+    with one), the profile (``None`` if not finite), and the recorder that took it."""
 
-    With one optimizer: every ``recorder.every_n_steps`` global steps. With several (``optimizer_steps``
-    holds one count each, as :func:`optimizer_recorders` pairs them): every n of that optimizer's own
-    steps, so that an even n does not record one optimizer only."""
-    if not optimizer_steps:
-        return recorder.due(step), None
-    inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
-    index = next(i for i, opt in enumerate(optimizers) if opt is inner or opt is optimizer)
-    optimizer_steps[index] += 1
-    return (optimizer_steps[index] - 1) % recorder.every_n_steps == 0, index
+    index: int | None
+    profile: GradProfile | None
+    recorder: GradNormRecorder
+
+
+_SHARED: weakref.WeakKeyDictionary[object, dict[float, GradientPass]] = weakref.WeakKeyDictionary()
+
+
+def shared_pass(owner: object, norm_type: float = 2.0) -> GradientPass:
+    """The one :class:`GradientPass` of ``owner`` (a Trainer) for this norm type: every callback of a
+    trainer that asks for the same norms gets the same pass, and they are computed once a step."""
+    passes = _SHARED.setdefault(owner, {})
+    return passes.setdefault(float(norm_type), GradientPass(norm_type))
 
 
 def merged_profiles(recorders: list[GradNormRecorder], step: int, order: list[str]) -> list[GradProfile]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import lightning as L
 import torch
@@ -10,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from .grad_flow import GradNormRecorder, TrainableParameters, due_step, optimizer_recorders
+from .grad_flow import GradientPass, GradProfile, shared_pass
 from .names import GRAD_NORM, GRAD_NORM_FIRST_TO_LAST, GRAD_NORM_LOG10, GRAD_NORM_TOTAL, LOG10_FLOOR
 
 
@@ -30,7 +31,10 @@ class GradNormMonitor(Callback):
         default) also ``grad_norm_log10/<layer>``, the log10 of each layer's norm (-30 for a zero
         norm): a vanishing profile spans 1e-15 .. 1e-1, which a linear chart shows as zero and a spike.
 
-    The recorded profiles are kept in ``recorder.history`` (see :class:`~.grad_flow.GradNormRecorder`).
+    The norms come from the trainer's one :class:`~.grad_flow.GradientPass`: a ``PlateauDetector`` (or
+    another monitor of the same norm type) in the same trainer reads the same computation, so a
+    logged step costs one pass over the gradients whoever reads it. The profiles this monitor
+    logged are in ``history`` (the newest ``history_size``).
 
     With several optimizers (manual optimization, a GAN), each optimizer's step logs the norms of its
     own parameters, every ``log_every_n_steps`` of its own steps; the total and the ratio get the
@@ -64,20 +68,18 @@ class GradNormMonitor(Callback):
         super().__init__()
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"GradNormMonitor: log_every_n_steps must be >= 1, got {log_every_n_steps}")
-        try:
-            self.recorder = GradNormRecorder(log_every_n_steps or 1, norm_type, history_size, per_parameter)
-        except ValueError as err:
-            raise ValueError(f"GradNormMonitor: {err}") from None
-        self.norm_type = self.recorder.norm_type
+        if not float(norm_type) > 0:
+            raise ValueError(f"GradNormMonitor: norm_type must be > 0 or inf, got {norm_type}")
+        if history_size < 1:
+            raise ValueError(f"GradNormMonitor: history_size must be >= 1, got {history_size}")
+        self.norm_type = float(norm_type)
         self.per_parameter = per_parameter
         self.log_every_n_steps = log_every_n_steps
         self.log10 = log10
         self.history_size = history_size
+        self.gradients = GradientPass(self.norm_type)  # until setup shares the trainer's
+        self.history: deque[GradProfile] = deque(maxlen=history_size)  # what this monitor logged
         self._warned_nonfinite = False
-        # With several optimizers: a recorder of each one's parameters, and each one's step count.
-        self._trainable = TrainableParameters()
-        self._per_optimizer: list[GradNormRecorder] = []
-        self._optimizer_steps: list[int] = []
 
     @property
     @override
@@ -87,53 +89,34 @@ class GradNormMonitor(Callback):
             norm_type=self.norm_type, per_parameter=self.per_parameter, log_every_n_steps=self.log_every_n_steps
         )
 
-    @property
-    def history(self):
-        """The recorded :class:`~.grad_flow.GradProfile`\\ s, oldest first."""
-        return self.recorder.history
-
     @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # After configure_model: the parameters exist now.
-        self._bind(trainer, pl_module)
-
-    def _bind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._trainable.reset(pl_module, trainer.optimizers)
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        self.recorder.every_n_steps = every
-        self.recorder.bind(pl_module)
-        recorders = optimizer_recorders(
-            pl_module, trainer.optimizers, every,
-            norm_type=self.norm_type, history_size=self.history_size, per_parameter=self.per_parameter,
-        )  # fmt: skip
-        if len(recorders) != len(self._optimizer_steps):
-            self._optimizer_steps = [0] * len(recorders)
-        self._per_optimizer = recorders
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.gradients = shared_pass(trainer, self.norm_type)
 
     @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        due, index = due_step(self.recorder, self._optimizer_steps, trainer.optimizers, optimizer, step)
-        if not due:
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        reading = self.gradients.read(pl_module, trainer.optimizers, optimizer, step, every)
+        if reading is None:
             return
-        if self._trainable.changed(trainer.optimizers):  # frozen, unfrozen (BaseFinetuning) or new parameters
-            self._bind(trainer, pl_module)
-        recorder = self.recorder if index is None else self._per_optimizer[index]
-        suffix = "" if index is None else f"/optimizer_{index}"
-        profile = recorder.record(step)
+        profile, recorder = reading.profile, reading.recorder
+        suffix = "" if reading.index is None else f"/optimizer_{reading.index}"
         if profile is None:
             if not self._warned_nonfinite:
                 rank_zero_warn(f"GradNormMonitor: gradients at step {step} are not finite; such steps are not logged")
                 self._warned_nonfinite = True
             return
+        self.history.append(profile)
         if not trainer.loggers:
             return
         metrics = {f"{GRAD_NORM}{name}": value for name, value in zip(profile.names, profile.norms, strict=True)}
         metrics[f"{GRAD_NORM_TOTAL}{suffix}"] = profile.total
         metrics[f"{GRAD_NORM_FIRST_TO_LAST}{suffix}"] = profile.first_to_last()
-        metrics.update((f"{GRAD_NORM}{name}", value) for name, value in recorder.param_norms.items())
+        if self.per_parameter:
+            metrics.update((f"{GRAD_NORM}{name}", value) for name, value in recorder.param_norms.items())
         if self.log10:
             metrics.update(
                 (f"{GRAD_NORM_LOG10}{name}", math.log10(value) if value > 0 else LOG10_FLOOR)

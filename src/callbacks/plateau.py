@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -13,24 +11,19 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from .grad_flow import (
-    GradNormRecorder,
-    TrainableParameters,
-    due_step,
-    merged_profiles,
-    optimizer_recorders,
-    parameter_layers,
-)
+from .events import EventKind, StallEvent, save_events
+from .grad_flow import GradientPass, shared_pass
 from .names import EVENTS_FILE, PLATEAU, PLATEAU_EVENTS_TEXT
 from .plateau_rule import PlateauTracker, Status, describe_event, diagnose
 from .units import UnitRecorder, idle_units
 
-StallListener = Callable[[L.Trainer, L.LightningModule, dict[str, Any]], None]
+StallListener = Callable[[L.Trainer, L.LightningModule, StallEvent], None]
 CheckListener = Callable[[L.Trainer, L.LightningModule, float], None]
 
 
@@ -40,13 +33,17 @@ class PlateauDetector(EarlyStopping):
     A check happens once per training epoch, at its end, when ``monitor`` is a training metric
     (``train/...``) or, as ``EarlyStopping`` decides, when validation runs once per epoch (or not at
     all: a metric logged in ``training_step`` under any name); otherwise after each validation run.
-    ``check_on_train_epoch_end`` overrides that. It is an ``EarlyStopping`` (with its own rule in
-    place of EarlyStopping's: it records and diagnoses a stall instead of stopping): Lightning runs
-    the ``on_train_epoch_end`` of ``EarlyStopping`` and ``ModelCheckpoint`` instances after the
-    LightningModule's own (a list hard-coded in ``trainer/call.py``), and the rest before it. So a
-    metric the LightningModule logs in its ``on_train_epoch_end`` is checked in the epoch it was
-    logged, as ``EarlyStopping`` would check it. One consequence: ``trainer.early_stopping_callbacks``
-    lists it too.
+    ``check_on_train_epoch_end`` overrides that.
+
+    It is an ``EarlyStopping`` with its own rule (it records and diagnoses a stall instead of
+    stopping), for one reason: Lightning runs the ``on_train_epoch_end`` of ``EarlyStopping`` and
+    checkpoint callbacks after the LightningModule's own, and the rest before it, so a metric the
+    module logs in its ``on_train_epoch_end`` is checked in the epoch it was logged. What it has of
+    ``EarlyStopping`` tells the truth about its own rule: ``wait_count`` and ``best_score`` are its
+    tracker's, ``min_delta`` is signed as ``EarlyStopping`` signs it (negative for ``mode="min"``;
+    relative to the best with ``threshold_mode="rel"``), and ``stopped_epoch``, ``stopping_reason``
+    say when and why it stopped a run (on a divergence). A real ``EarlyStopping`` in the same
+    trainer stays ``trainer.early_stopping_callback``: the detector moves itself after it.
     ``patience`` counts checks, as in ``EarlyStopping``:
     with one check per epoch,
     ``patience=100`` means 100 epochs without an improvement larger than ``min_delta``. As in
@@ -63,7 +60,8 @@ class PlateauDetector(EarlyStopping):
     a resumed run knows them. A NaN or infinite value, or one worse than ``divergence_threshold``,
     is recorded as a ``divergence`` event instead, and stops training when ``stop_on_divergence`` is set.
 
-    The gradient norms come from a :class:`~.grad_flow.GradNormRecorder` of its own, sampled every
+    The gradient norms come from the trainer's one :class:`~.grad_flow.GradientPass` (shared with a
+    ``GradNormMonitor``: one pass over the gradients per logged step), read every
     ``norms_every_n_steps`` steps; with several optimizers (manual optimization, a GAN) each
     optimizer's step reads its own parameters, every n of its own steps, and the diagnosis sees each
     layer's norm from its own optimizer's step. Under DDP the monitored value is averaged over the processes and
@@ -71,7 +69,8 @@ class PlateauDetector(EarlyStopping):
     rank skip that check rather than wait for it.
 
     Other callbacks (:class:`~.escape.PlateauEscape`) subscribe with :meth:`add_listener`; a listener
-    that undoes a divergence (rolls back to a finite state) sets the event's ``recovered`` to true,
+    gets each :class:`~.events.StallEvent`; one that undoes a divergence (rolls back to a finite
+    state) sets the event's ``recovered`` to true,
     and the run then goes on.
 
     Args:
@@ -131,11 +130,12 @@ class PlateauDetector(EarlyStopping):
             )
         except ValueError as err:
             raise ValueError(f"PlateauDetector: {err}") from None
-        # EarlyStopping's own rule is never run (its hooks are overridden below); its __init__ only
-        # sets attributes that nothing here reads.
+        # EarlyStopping's own rule is never run (its hooks are overridden below); what its __init__
+        # sets is routed to the tracker (the properties below), so that it reads true.
         super().__init__(
-            monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=check_on_train_epoch_end
-        )
+            monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
+            divergence_threshold=divergence_threshold, check_on_train_epoch_end=check_on_train_epoch_end,
+        )  # fmt: skip
         for name, value in (("vanishing_ratio", vanishing_ratio), ("flat_norm", flat_norm)):
             if not 0 < value < 1:
                 raise ValueError(f"PlateauDetector: {name} must be in (0, 1), got {value}")
@@ -145,26 +145,53 @@ class PlateauDetector(EarlyStopping):
             raise ValueError(f"PlateauDetector: flat_spread must be >= 1, got {flat_spread}")
         if norms_every_n_steps is not None and norms_every_n_steps < 1:
             raise ValueError(f"PlateauDetector: norms_every_n_steps must be >= 1, got {norms_every_n_steps}")
-        self.monitor = monitor
-        self.mode = mode
         self._check_on_train_epoch_end_arg = check_on_train_epoch_end
         self.check_on_train_epoch_end = check_on_train_epoch_end  # None: decided in setup
         self.thresholds = {"vanishing_ratio": vanishing_ratio, "flat_norm": flat_norm, "flat_spread": flat_spread}
         self.norms_every_n_steps = norms_every_n_steps
         self.stop_on_divergence = stop_on_divergence
         self.good_enough = good_enough
-        self.events: list[dict[str, Any]] = []
+        self.events: list[StallEvent] = []
         self.same_kink = same_kink
-        self.recorder = GradNormRecorder(norms_every_n_steps or 1)
+        self.gradients = GradientPass()  # until setup shares the trainer's
         self.units = UnitRecorder()
         self._check_steps: deque[int] = deque(maxlen=patience + 1)
-        self._per_optimizer: list[GradNormRecorder] = []  # with several optimizers: one recorder each
-        self._optimizer_steps: list[int] = []
-        self._layer_order: list[str] = []
-        self._trainable = TrainableParameters()  # notices frozen, unfrozen or added parameters
         self._listeners: list[StallListener] = []
         self._check_listeners: list[CheckListener] = []
         self._warned_missing = False
+
+    # EarlyStopping's attributes, read from (and written to) the tracker that decides.
+    @property
+    def wait_count(self) -> int:
+        return self.tracker.wait
+
+    @wait_count.setter
+    def wait_count(self, value: int) -> None:
+        self.tracker.wait = int(value)
+
+    @property
+    def best_score(self) -> torch.Tensor:
+        return torch.tensor(self.tracker.best)
+
+    @best_score.setter
+    def best_score(self, value: Any) -> None:
+        self.tracker.best = float(value)
+
+    @property
+    def min_delta(self) -> float:
+        return self.tracker.min_delta * (1.0 if self.tracker.mode == "max" else -1.0)
+
+    @min_delta.setter
+    def min_delta(self, value: float) -> None:
+        self.tracker.min_delta = abs(float(value))
+
+    @property
+    def patience(self) -> int:
+        return self.tracker.patience
+
+    @patience.setter
+    def patience(self, value: int) -> None:
+        self.tracker.patience = int(value)
 
     @property
     @override
@@ -183,31 +210,27 @@ class PlateauDetector(EarlyStopping):
 
     @property
     def diverged(self) -> bool:
-        """Whether this fit has seen a divergence event."""
-        return any(event["kind"] == "divergence" and not event.get("recovered") for event in self.events)
+        """Whether this fit has seen a divergence event that no rollback undid."""
+        return any(event.kind is EventKind.DIVERGENCE and not event.recovered for event in self.events)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._check_on_train_epoch_end_arg is None:
             every_epoch = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
             self.check_on_train_epoch_end = self.monitor.startswith("train") or every_epoch
+        self.gradients = shared_pass(trainer)
+        # A real EarlyStopping stays trainer.early_stopping_callback (the first EarlyStopping listed).
+        callbacks = trainer.callbacks
+        real = [
+            i for i, cb in enumerate(callbacks) if isinstance(cb, EarlyStopping) and not isinstance(cb, PlateauDetector)
+        ]
+        if real and callbacks.index(self) < real[-1]:
+            callbacks.remove(self)
+            callbacks.insert(real[-1], self)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._bind(trainer, pl_module)
         self.units.bind(pl_module)
-
-    def _bind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Read the layers (again, when parameters were frozen, unfrozen or added); with several
-        optimizers, a recorder of each one's parameters, stepping with its own optimizer."""
-        self._trainable.reset(pl_module, trainer.optimizers)
-        every = self.norms_every_n_steps or trainer.log_every_n_steps
-        self.recorder.every_n_steps = every
-        self.recorder.bind(pl_module)
-        self._per_optimizer = optimizer_recorders(pl_module, trainer.optimizers, every)
-        self._layer_order = list(parameter_layers(pl_module))
-        if len(self._per_optimizer) != len(self._optimizer_steps):
-            self._optimizer_steps = [0] * len(self._per_optimizer)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -221,12 +244,8 @@ class PlateauDetector(EarlyStopping):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        due, index = due_step(self.recorder, self._optimizer_steps, trainer.optimizers, optimizer, trainer.global_step)
-        if not due:
-            return
-        if self._trainable.changed(trainer.optimizers):  # frozen, unfrozen or new parameters
-            self._bind(trainer, pl_module)
-        (self.recorder if index is None else self._per_optimizer[index]).record(trainer.global_step)
+        every = self.norms_every_n_steps or trainer.log_every_n_steps
+        self.gradients.read(pl_module, trainer.optimizers, optimizer, trainer.global_step, every)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -275,8 +294,14 @@ class PlateauDetector(EarlyStopping):
         for listener in self._listeners:
             listener(trainer, pl_module, event)
         self.save_events(trainer)
-        if status is Status.DIVERGED and self.stop_on_divergence and not event.get("recovered"):
+        if status is Status.DIVERGED and self.stop_on_divergence and not event.recovered:
             trainer.should_stop = True
+            self.stopped_epoch = trainer.current_epoch
+            finite = math.isfinite(value)
+            self.stopping_reason = (
+                EarlyStoppingReason.DIVERGENCE_THRESHOLD if finite else EarlyStoppingReason.NON_FINITE_METRIC
+            )
+            self.stopping_reason_message = f"{self.monitor} = {value} at epoch {trainer.current_epoch}: diverged"
             rank_zero_warn(
                 f"Training diverged: {self.monitor} = {value} at epoch {trainer.current_epoch}; stopping. "
                 "Lower the learning rate, or resume from the last finite checkpoint."
@@ -287,29 +312,19 @@ class PlateauDetector(EarlyStopping):
             return False
         return value <= self.good_enough if self.mode == "min" else value >= self.good_enough
 
-    def _event(self, trainer: L.Trainer, status: Status, value: float) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "kind": "stall" if status is Status.PLATEAU else "divergence",
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "monitor": self.monitor,
-            "value": value if math.isfinite(value) else str(value),
-            "actions": [],
-        }
+    def _event(self, trainer: L.Trainer, status: Status, value: float) -> StallEvent:
+        event = StallEvent(
+            EventKind.STALL if status is Status.PLATEAU else EventKind.DIVERGENCE,
+            epoch=trainer.current_epoch, step=trainer.global_step, monitor=self.monitor, value=value,
+        )  # fmt: skip
         if status is Status.PLATEAU:
-            since = self._check_steps[0]
-            window = (
-                merged_profiles(self._per_optimizer, since, self._layer_order)
-                if self._per_optimizer
-                else self.recorder.since(since)
-            )
+            window = self.gradients.since(self._check_steps[0])
             units = self.idle_units(trainer)
-            if units:
-                event["units"] = units
-            event["diagnosis"] = diagnose(window, **self.thresholds, units=units)
+            event.units = units or None
+            event.diagnosis = diagnose(window, **self.thresholds, units=units)
             if window:
-                event["first_to_last"] = window[-1].first_to_last()
-                event["grad_norms"] = dict(zip(window[-1].names, window[-1].norms, strict=True))
+                event.first_to_last = window[-1].first_to_last()
+                event.grad_norms = dict(zip(window[-1].names, window[-1].norms, strict=True))
         return event
 
     def idle_units(self, trainer: L.Trainer) -> dict[str, dict[str, list]]:
@@ -335,39 +350,40 @@ class PlateauDetector(EarlyStopping):
                 found[name] = units
         return found
 
-    def _report(self, trainer: L.Trainer, event: dict[str, Any]) -> None:
-        what = event.get("diagnosis", "")
+    def _report(self, trainer: L.Trainer, event: StallEvent) -> None:
+        what = f" ({event.diagnosis})" if event.diagnosis else ""
         rank_zero_info(
-            f"PlateauDetector: {event['kind']} ({what}) at epoch {event['epoch']}, "
-            f"{self.monitor} = {event['value']}".replace(" ()", "")
+            f"PlateauDetector: {event.kind.value}{what} at epoch {event.epoch}, {self.monitor} = {event.value}"
         )
         # The marker sits on the monitored curve: its value is the value the event saw (a divergence's
         # NaN/inf reads as the threshold, or 0), so it shows on the loss chart without stretching its axis.
-        value = event["value"] if isinstance(event["value"], float) else (self.tracker.divergence_threshold or 0.0)
-        marker = {f"{PLATEAU}{event['kind']}": float(value)}
+        value = event.value if math.isfinite(event.value) else (self.tracker.divergence_threshold or 0.0)
+        marker = {f"{PLATEAU}{event.kind.value}": float(value)}
         for logger in trainer.loggers:
-            logger.log_metrics(marker, step=event["step"])
+            logger.log_metrics(marker, step=event.step)
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                logger.experiment.add_text(PLATEAU_EVENTS_TEXT, describe_event(event), event["step"])
+                logger.experiment.add_text(PLATEAU_EVENTS_TEXT, describe_event(event), event.step)
 
     def save_events(self, trainer: L.Trainer) -> None:
         """Write all events to ``stall_events.json`` in the run directory (rank zero, atomically).
 
         Without a logger there is no run directory, and nothing is written."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if not trainer.is_global_zero or not log_dir or not trainer.loggers:
-            return
-        path = Path(log_dir) / EVENTS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.events, indent=2))
-        os.replace(tmp, path)
+        if trainer.is_global_zero and log_dir and trainer.loggers:
+            save_events(self.events, Path(log_dir) / EVENTS_FILE)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict(), "events": self.events}
+        return {
+            "tracker": self.tracker.state_dict(),
+            "events": [event.to_dict() for event in self.events],
+            "stopped_epoch": self.stopped_epoch,
+            "stopping_reason": self.stopping_reason.value,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict["tracker"])
-        self.events = list(state_dict["events"])
+        self.events = [StallEvent.from_dict(event) for event in state_dict["events"]]
+        self.stopped_epoch = state_dict.get("stopped_epoch", 0)
+        self.stopping_reason = EarlyStoppingReason(state_dict.get("stopping_reason", 0))

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # torch-free at run time: the report reads events without importing torch
+    from .events import StallEvent
     from .grad_flow import GradProfile
 
 Diagnosis = Literal["vanishing", "dead_units", "always_on_units", "redundant_units", "flat", "unclear"]
@@ -27,10 +28,12 @@ class StallReporter(Protocol):
     """What a callback that reports stalls offers to the rest of a run (summary, dashboard, checkpoint).
 
     ``events`` lists every stall and divergence of the fit so far, as recorded in ``stall_events.json``;
-    ``diverged`` is true once one of them is a divergence.
+    ``diverged`` is true once one of them is a divergence that no rollback undid; ``mode`` says
+    whether lower (``min``) or higher (``max``) values of the monitored metric are better.
     """
 
-    events: list[dict[str, Any]]
+    events: list[StallEvent]
+    mode: str
 
     @property
     def diverged(self) -> bool: ...
@@ -192,18 +195,19 @@ def diagnose(
     return "unclear"
 
 
-def describe_event(event: dict[str, Any]) -> str:
+def describe_event(event: StallEvent) -> str:
     """One line of text for an event, as shown in TensorBoard and the end-of-run summary."""
-    text = f"epoch {event['epoch']} (step {event['step']}): {event['kind']}"
-    if "diagnosis" in event:
-        text += f", diagnosis {event['diagnosis']}"
-    text += f", {event['monitor']} = {event['value']:.4g}" if isinstance(event["value"], float) else ""
-    if "first_to_last" in event:
-        text += f", first/last grad {event['first_to_last']:.1e}"
-    if event.get("units"):
-        text += f", units {describe_units(event['units'])}"
-    for action in event["actions"]:
-        text += f"; action: {action['action']}"
+    text = f"epoch {event.epoch} (step {event.step}): {event.kind.value}"
+    if event.diagnosis:
+        text += f", diagnosis {event.diagnosis}"
+    if math.isfinite(event.value):
+        text += f", {event.monitor} = {event.value:.4g}"
+    if event.first_to_last is not None:
+        text += f", first/last grad {event.first_to_last:.1e}"
+    if event.units:
+        text += f", units {describe_units(event.units)}"
+    for action in event.actions:
+        text += f"; action: {action.action}"
     return text
 
 

@@ -12,25 +12,23 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from typing_extensions import override
 
+from .events import EventKind, StallEvent, out_of_stall
 from .plateau_rule import StallReporter
 
 
-def open_stall(trainer: L.Trainer) -> dict[str, Any] | None:
-    """The latest stall event while the run is still in it: its monitored value is above half the
-    value it stalled at (below twice, for ``mode: max``), the rule by which PlateauEscape undoes its kicks."""
+def open_stall(trainer: L.Trainer) -> StallEvent | None:
+    """The latest stall event while the run is still in it, by :func:`~.events.out_of_stall`: the rule
+    by which PlateauEscape undoes its kicks."""
     for callback in trainer.callbacks:
         if not isinstance(callback, StallReporter):
             continue
-        stalls = [event for event in callback.events if event["kind"] == "stall"]
-        if not stalls:
+        event = next((e for e in reversed(callback.events) if e.kind is EventKind.STALL), None)
+        if event is None:
             return None
-        event = stalls[-1]
-        value = trainer.callback_metrics.get(event["monitor"])
-        if value is None or not math.isfinite(float(value)):
+        value = trainer.callback_metrics.get(event.monitor)
+        if value is None:
             return event
-        at = float(event["value"])
-        out = float(value) >= 2 * at if getattr(callback, "mode", "min") == "max" else float(value) <= at / 2
-        return None if out else event
+        return None if out_of_stall(float(value), event, callback.mode) else event
     return None
 
 
@@ -130,9 +128,9 @@ class EpochProgressBar(ProgressBar):
                  for key, value in self.get_metrics(trainer, pl_module).items() if key != "v_num"}  # fmt: skip
         stall = open_stall(trainer)
         if stall is not None:
-            actions = stall.get("actions") or []
-            what = stall.get("diagnosis", "stall")
-            shown["stall"] = f"{what} since epoch {stall['epoch']}" + (f", {actions[-1]['action']}" if actions else "")
+            what = stall.diagnosis or "stall"
+            last = f", {stall.actions[-1].action}" if stall.actions else ""
+            shown["stall"] = f"{what} since epoch {stall.epoch}{last}"
         return shown
 
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, epochs_done: int, refresh: bool = True) -> None:

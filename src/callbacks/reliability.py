@@ -111,18 +111,6 @@ class FiniteModelCheckpoint(ModelCheckpoint):
         self.saved_epoch: int | None = None
 
     @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # ModelCheckpoint deep-copies every logged metric at each epoch end before it looks at its
-        # schedule (~0.2 ms: as long as a training step of the toy MLP). Call it only on the epochs
-        # where it saves: the same two conditions it tests itself.
-        epoch_due = self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
-        last_due = self._last_global_step_saved == trainer.global_step or (
-            self.save_last == "link" and self._last_checkpoint_saved
-        )
-        if epoch_due or last_due:
-            super().on_train_epoch_end(trainer, pl_module)
-
-    @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         diverged = any(cb.diverged for cb in trainer.callbacks if isinstance(cb, StallReporter))
         if diverged or not weights_are_finite(trainer.lightning_module):
