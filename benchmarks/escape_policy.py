@@ -20,20 +20,9 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
-import lightning as L
-
 from src.callbacks import PlateauDetector, PlateauEscape
 from src.cli import DEFAULT_CONFIG, TemplateCLI
-
-
-class FirstEpochBelow(L.Callback):
-    def __init__(self, metric: str, threshold: float) -> None:
-        self.metric, self.threshold, self.epoch = metric, threshold, None
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        value = trainer.callback_metrics.get(self.metric)
-        if self.epoch is None and value is not None and value.item() < self.threshold:
-            self.epoch = trainer.current_epoch
+from src.study import FirstEpochBelow
 
 
 def run(config: str, depth: int, width: int, activation: str, seed: int, escape: bool, epochs: int | None,

@@ -325,11 +325,13 @@ STUDY_POINT = {"policy": "none", "activation": "sigmoid", "depth": 18, "seed": 0
 def study_fit(epochs: int, root: str) -> Callable[[], float]:
     """A run of the vanishing study as its workers build it (``src.study.prepare_run``): the grid point
     ``STUDY_POINT``, which stalls, so that every epoch does the same work; ``epochs`` epochs."""
+    from dataclasses import replace
+
     from src import study
 
     def run() -> float:
         spec = study.load_study(STUDY_FILE)
-        spec["args"] = [*spec["args"], f"--trainer.max_epochs={epochs}"]
+        spec = replace(spec, args=(*spec.args, f"--trainer.max_epochs={epochs}"))
         cli, _ = study.prepare_run(spec, STUDY_POINT, root)
         start = time.perf_counter()
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -174,7 +174,7 @@ def check_config_files(argv: list[str]) -> None:
     for index, arg in enumerate(argv):
         path = argv[index + 1] if arg in ("-c", "--config") and index + 1 < len(argv) else None
         path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
-        if path is None or not Path(path).is_file():
+        if path is None or "\n" in path or not Path(path).is_file():  # a config given inline, as YAML text
             continue
         try:
             yaml.safe_load(Path(path).read_text())

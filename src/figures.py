@@ -134,7 +134,7 @@ def fit(root: Path, *args: str) -> Path:
 def study_figure(study_dir: Path, out: Path) -> Path | None:
     """``final_loss_vs_depth.png`` from a study's ``summary.csv`` (``None`` if there is none, or if its
     depth does not vary)."""
-    from src.study import aggregate, load_summary, plot_final_loss
+    from src.study import Study, aggregate, load_summary, plot_final_loss
 
     path = study_dir / "summary.csv"
     if not path.is_file():
@@ -143,7 +143,7 @@ def study_figure(study_dir: Path, out: Path) -> Path | None:
     if len({r.get("depth") for r in rows}) < 2:
         return None
     below = next((c for c in rows[0] if c.startswith("epoch_below_")), None)
-    study = {"solved_below": float(below.removeprefix("epoch_below_")) if below else None}
+    study = Study(solved_below=float(below.removeprefix("epoch_below_")) if below else None)
     plot_final_loss(aggregate(rows, study), out / "final_loss_vs_depth.png")
     return out / "final_loss_vs_depth.png"
 

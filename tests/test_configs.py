@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.study import check_options, grid, load_study, run_args
+from src.study import check_options, grid, load_study, run_args, stacked
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs"
@@ -16,8 +16,11 @@ PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 STUDIES = sorted((CONFIGS / "study").glob("*.yaml"))
 
 
-def test_every_config_file_is_covered_here():
-    assert set(CONFIGS.rglob("*.yaml")) == {*EXPERIMENTS, *PRESETS, *STUDIES}
+@pytest.mark.parametrize("config", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_says_what_it_is_for_and_is_checked_here(config: Path):
+    header = [line for line in config.read_text().splitlines()[:3] if line.startswith("# ")]
+    assert len(header) >= 2, f"{config}: start with a comment of what it demonstrates (and what to expect)"
+    assert config in {*EXPERIMENTS, *PRESETS, *STUDIES}, f"{config}: a folder the tests below do not read"
 
 
 def assert_printed_has(printed: dict, written: dict, where: str = "") -> None:
@@ -40,14 +43,6 @@ def test_config_resolves_to_what_it_says(main, config: Path):
     assert_printed_has(yaml.safe_load(result.stdout), yaml.safe_load(config.read_text()))
 
 
-def stacked(first: dict, second: dict | None) -> dict:
-    """``second`` over ``first`` as a later ``--config`` is: mappings merge, other values (lists) replace."""
-    merged = dict(first)
-    for key, value in (second or {}).items():
-        merged[key] = stacked(first[key], value) if isinstance(value, dict) and key in first else value
-    return merged
-
-
 def option(printed: dict, name: str):
     """``printed["model"]["init"]`` for ``model.init``."""
     for part in name.split("."):
@@ -60,8 +55,8 @@ def test_study_file_resolves_for_every_axis_value(main, study_file: Path):
     study = load_study(study_file)
     check_options(study)  # every value of every axis parses, as python -m src.study checks before it runs
     points = grid(study)
-    policies = next((axis for axis in study["axes"] if axis.kind == "config"), None)
-    checks = [points[0], {axis.column: list(axis.values)[-1] for axis in study["axes"]}]
+    policies = next((axis for axis in study.axes if axis.kind == "config"), None)
+    checks = [points[0], {axis.column: list(axis.values)[-1] for axis in study.axes}]
     checks += [{**points[0], policies.column: label} for label in policies.values] if policies else []
     checks = [dict(items) for items in dict.fromkeys(tuple(point.items()) for point in checks)]  # once each
     for point in checks:  # the resolved config of a run carries its point's settings
@@ -69,8 +64,8 @@ def test_study_file_resolves_for_every_axis_value(main, study_file: Path):
         assert result.returncode == 0, result.stderr[-2000:]
         printed = yaml.safe_load(result.stdout)
         fragment = policies.values[point[policies.column]] if policies else None
-        assert_printed_has(printed, stacked(study["config"], fragment), f"{point}: ")
-        for axis in study["axes"]:
+        assert_printed_has(printed, stacked(study.config, fragment), f"{point}: ")
+        for axis in study.axes:
             payload = axis.values[point[axis.column]]
             if axis.kind == "option":
                 assert option(printed, axis.option) == payload, (point, axis.option)

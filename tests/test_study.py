@@ -120,7 +120,7 @@ def test_the_table_has_a_column_for_each_axis_that_varies_and_each_metric(tmp_pa
         "stalled_above: null\nsolved_below: null\n"
     )
     study = load_study(study_file)
-    assert study["metrics"] == ["test/acc", "val/loss"]  # a counted metric is reported as well
+    assert study.metrics == ("test/acc", "val/loss")  # a counted metric is reported as well
     rows = [
         {**p, "run": run_name(p, study), "final_loss": 0.1, "test/acc": 0.8 + 0.1 * p["seed"],
          "val/loss": 0.2 if p["model.dropout"] else 0.4, "epochs": 5, "seconds": 1.0, "log_dir": ""}
@@ -256,3 +256,41 @@ def test_base_config_can_be_swapped_on_the_command_line(tmp_path, capsys):
     )
     assert result.returncode == 2 and "base_config nope.yaml does not exist" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_a_policy_adds_its_callbacks_to_the_ones_config_names_once(main):
+    study = load_study(REPO / "configs" / "study" / "vanishing.yaml")
+    names = {}
+    for policy in ("none", "default"):
+        point = {**grid(study)[0], "policy": policy}
+        result = main("fit", *run_args(study, point, "out"), "--print_config")
+        assert result.returncode == 0, result.stderr[-2000:]
+        printed = yaml.safe_load(result.stdout)["trainer"]["callbacks"]
+        names[policy] = [c["class_path"].rsplit(".", 1)[-1] for c in printed]
+        assert printed[1]["init_args"]["patience"] == 100 and printed[1]["init_args"]["good_enough"] == 0.01
+    assert names == {"none": ["GradNormMonitor", "PlateauDetector"],
+                     "default": ["GradNormMonitor", "PlateauDetector", "PlateauEscape"]}  # fmt: skip
+
+
+def test_a_runs_warnings_go_to_its_own_log_not_the_studys_console(tmp_path, capfd):
+    import logging
+    import warnings
+
+    from src.study import run_point
+    from src.study.runner import RUN_LOG, run_log
+
+    lightning_log = logging.getLogger("lightning.pytorch")
+    before = (lightning_log.handlers[:], lightning_log.propagate)
+    with run_log(tmp_path / "a" / RUN_LOG):
+        warnings.warn("a user warning of this run", UserWarning, stacklevel=1)
+        lightning_log.info("a message of Lightning's")
+    assert (lightning_log.handlers, lightning_log.propagate) == before
+    text = (tmp_path / "a" / RUN_LOG).read_text()
+    assert "a user warning of this run" in text and "a message of Lightning's" in text
+    assert "a user warning" not in capfd.readouterr().err
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("activations: [relu]\ndepths: [2]\nseeds: [0]\nargs: [--trainer.max_epochs=2]\n")
+    study = load_study(study_file)
+    row = run_point(study, grid(study)[0], str(tmp_path / "out"))
+    assert "`Trainer.fit` stopped: `max_epochs=2` reached" in (tmp_path / "out" / "runs" / row["run"] / RUN_LOG).read_text()
+    assert "Trainer.fit" not in capfd.readouterr().err
