@@ -292,5 +292,6 @@ def test_a_runs_warnings_go_to_its_own_log_not_the_studys_console(tmp_path, capf
     study_file.write_text("activations: [relu]\ndepths: [2]\nseeds: [0]\nargs: [--trainer.max_epochs=2]\n")
     study = load_study(study_file)
     row = run_point(study, grid(study)[0], str(tmp_path / "out"))
-    assert "`Trainer.fit` stopped: `max_epochs=2` reached" in (tmp_path / "out" / "runs" / row["run"] / RUN_LOG).read_text()
+    log = (tmp_path / "out" / "runs" / row["run"] / RUN_LOG).read_text()
+    assert "`Trainer.fit` stopped: `max_epochs=2` reached" in log
     assert "Trainer.fit" not in capfd.readouterr().err
