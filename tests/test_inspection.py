@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import socket
@@ -243,12 +244,11 @@ def test_gradient_flow_draws_each_stall_as_its_diagnosis_saw_it(tmp_path):
     layers = ["layers.0", "layers.1", "layers.2"]
     scalars = {f"grad_norm/{name}": ([0, 10, 500], [1e-3 * (i + 1), 1e-9, 1e-2]) for i, name in enumerate(layers)}
     vanishing, flat = [1e-12, 1e-8, 1e-4], [1e-5, 2e-5, 1e-5]
+    stall = functools.partial(StallEvent, EventKind.STALL, monitor="train/loss", value=0.69)
     events = [
-        StallEvent(EventKind.STALL, 120, 120, "train/loss", 0.69, diagnosis="vanishing",
-                   grad_norms=dict(zip(layers, vanishing, strict=True))),
+        stall(epoch=120, step=120, diagnosis="vanishing", grad_norms=dict(zip(layers, vanishing, strict=True))),
         StallEvent(EventKind.DIVERGENCE, 300, 300, "train/loss", float("nan")),
-        StallEvent(EventKind.STALL, 400, 400, "train/loss", 0.69, diagnosis="flat",
-                   grad_norms=dict(zip(layers, flat, strict=True))),
+        stall(epoch=400, step=400, diagnosis="flat", grad_norms=dict(zip(layers, flat, strict=True))),
     ]
     run = Run(tmp_path, scalars, events=events)
     assert stall_profiles(run) == [
