@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 CONFIGS = REPO / "configs"
 MNIST = ("--config", str(CONFIGS / "mnist.yaml"), "--data.init_args.data_dir", "mnist_data")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:

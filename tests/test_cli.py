@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 FAST = ("--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "1", "--checkpoint.every_n_epochs", "1")
 

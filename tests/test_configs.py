@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from src.study import check_options, grid, load_study, run_args, stacked
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CONFIGS = REPO / "configs"
 EXPERIMENTS = sorted(CONFIGS.glob("*.yaml"))

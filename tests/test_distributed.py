@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from src.callbacks.events import load_events
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 CONFIGS = REPO / "configs"
 DDP = ("--config", str(CONFIGS / "default.yaml"), "--config", str(CONFIGS / "trainer" / "ddp.yaml"))

@@ -11,7 +11,7 @@ import torch
 from src.data import DataFileError, DnnexDataModule
 from src.data.dnnex import load_dnnex_csv, make_dnnex
 from src.models import MLPClassifier
-from tests.conftest import REPO, SHARED_DATA, MemoryLogger, quiet_trainer
+from tests.helpers import REPO, SHARED_DATA, MemoryLogger, quiet_trainer
 
 DNNEX_CSV = SHARED_DATA / "dnnex.csv"
 needs_shared_csv = pytest.mark.skipif(not DNNEX_CSV.is_file(), reason=f"{DNNEX_CSV} is not there")

@@ -13,7 +13,7 @@ from src.callbacks.escape_actions import apply_action
 from src.callbacks.events import EventKind, StallEvent, load_events
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
-from tests.conftest import quiet_trainer
+from tests.helpers import quiet_trainer
 
 
 def sgd(lr: float = 0.1, momentum: float = 0.0) -> torch.optim.SGD:

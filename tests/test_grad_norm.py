@@ -11,7 +11,7 @@ from torch import nn
 
 from src.callbacks import GradNormMonitor, GradNormRecorder
 from src.callbacks.grad_flow import parameter_layers
-from tests.conftest import MemoryLogger, quiet_trainer
+from tests.helpers import MemoryLogger, quiet_trainer
 
 
 class TinyNet(L.LightningModule):
@@ -226,7 +226,7 @@ def test_the_callbacks_folder_works_copied_into_a_project_with_its_own_src(tmp_p
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     project = tmp_path / "their_project"
     (project / "src").mkdir(parents=True)

@@ -14,14 +14,16 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import lightning as L
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 from torch.utils.tensorboard import SummaryWriter
 
 from src.callbacks.events import EventKind, StallEvent
 from src.report import load_run
-from tests.conftest import REPO, call_entry
+from tests.helpers import REPO, call_entry, quiet_trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -279,3 +281,41 @@ def test_the_figures_command_rejects_a_bad_epoch_count_before_any_run(option, tm
     result = call_entry(main, [option, "0", "--out", str(tmp_path / "figures")], capsys)
     assert result.returncode == 2 and result.stderr == f"error: {option} must be >= 1 (epochs of that run), got 0\n"
     assert not (tmp_path / "figures").exists()
+
+
+class LogitsNet(L.LightningModule):
+    """A LightningModule that is not the template's: no ``predict_proba``, two logits."""
+
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+def test_the_fit_picture_rebuilds_the_module_the_runs_config_names(tmp_path):
+    from src.data import Toy2DDataModule
+    from src.report import Run, load_fitted, plot_decision_regions
+
+    L.seed_everything(0, verbose=False)
+    model = LogitsNet(hidden=6)
+    trainer = quiet_trainer(max_epochs=30, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=Toy2DDataModule(n_samples=40))
+    (tmp_path / "checkpoints").mkdir()
+    trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    config = {"model": {"class_path": f"{__name__}.LogitsNet", "init_args": {"hidden": 6}},
+              "data": {"class_path": "src.data.Toy2DDataModule", "init_args": {"n_samples": 40}}}  # fmt: skip
+    run = Run(tmp_path, {}, config)
+    fitted = load_fitted(run)
+    assert type(fitted.model).__name__ == "LogitsNet" and fitted.model.hparams.hidden == 6
+    expected = float((model(fitted.x).argmax(1) == fitted.y).float().mean())
+    assert f"train accuracy {expected:.3f}" in plot_decision_regions(fitted, run).axes[0].get_title()

@@ -15,7 +15,7 @@ from torch.utils.data import DistributedSampler
 from src.data import DataFileError, InMemoryDataset, MNISTDataModule
 from src.data.mnist import NORMALIZATION, import_raw, raw_folder
 from src.models import MLPClassifier
-from tests.conftest import REPO, SHARED_DATA, quiet_trainer, run_cli
+from tests.helpers import REPO, SHARED_DATA, quiet_trainer, run_cli
 
 FASHION_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 MNIST_T10K = SHARED_DATA / "mnist-t10k"

@@ -12,7 +12,7 @@ from torch import nn
 from src.data import Toy2DDataModule
 from src.models import MLP, MLPClassifier
 from src.models.mlp import ACTIVATIONS, hidden_widths
-from tests.conftest import MemoryLogger, quiet_trainer
+from tests.helpers import MemoryLogger, quiet_trainer
 
 
 @pytest.mark.parametrize("depth", [1, 2, 7, 18])

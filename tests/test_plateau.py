@@ -14,7 +14,7 @@ from src.callbacks.grad_flow import GradProfile
 from src.callbacks.plateau_rule import PlateauTracker, diagnose
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
-from tests.conftest import MemoryLogger, quiet_trainer
+from tests.helpers import MemoryLogger, quiet_trainer
 
 
 def statuses(tracker: PlateauTracker, values) -> list[str]:

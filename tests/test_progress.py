@@ -10,7 +10,7 @@ from src.callbacks.events import EventKind, StallEvent
 from src.callbacks.progress import open_stall
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
-from tests.conftest import quiet_trainer
+from tests.helpers import quiet_trainer
 
 
 class Frozen(MLPClassifier):

@@ -17,7 +17,7 @@ from src.callbacks import FiniteModelCheckpoint, GracefulStop
 from src.checkpoints import resolve_ckpt_path
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
-from tests.conftest import REPO, quiet_trainer
+from tests.helpers import REPO, quiet_trainer
 
 # A toy run paced to ~10 ms an epoch, so that a signal lands mid-run.
 PACED = ("--trainer.callbacks+=tests.ddp_probe.Pace",)

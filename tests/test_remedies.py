@@ -15,7 +15,7 @@ from src.callbacks.plateau_rule import diagnose
 from src.callbacks.units import UnitRecorder, idle_units, replace_units, unit_layers
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
-from tests.conftest import quiet_trainer
+from tests.helpers import quiet_trainer
 
 EVEN = GradProfile(0, ("a", "b"), (2e-5, 1e-5), (True, True))
 DEEP = GradProfile(0, ("a", "b", "c"), (1e-12, 1e-6, 1e-2), (True, True, True))

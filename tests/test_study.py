@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from src.study import check_options, grid, load_study, run_args, run_name, write_outputs
-from tests.conftest import REPO, call_entry
+from tests.helpers import REPO, call_entry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TWO_AXES = (
