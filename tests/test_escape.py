@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import lightning as L
@@ -370,5 +371,9 @@ def test_validate_and_test_outside_a_fit_change_nothing_and_do_not_crash():
         k: group[k] for k in ("lr", "momentum")
     }
     assert not detector.events and escape.spent == 0
-    fresh = quiet_trainer(callbacks=[GradNormMonitor(), PlateauDetector(), PlateauEscape()])
-    assert fresh.validate(model, datamodule=dm, verbose=False) and fresh.test(model, datamodule=dm, verbose=False)
+    fresh_detector, fresh_escape = PlateauDetector(), PlateauEscape()
+    fresh = quiet_trainer(callbacks=[GradNormMonitor(), fresh_detector, fresh_escape])
+    (validated,) = fresh.validate(model, datamodule=dm, verbose=False)
+    (tested,) = fresh.test(model, datamodule=dm, verbose=False)
+    assert math.isnan(validated["val/loss"]) and "test/loss" in tested  # ran, on the NaN validation step
+    assert not fresh_detector.events and fresh_escape.spent == 0 and not fresh.should_stop

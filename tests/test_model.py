@@ -34,13 +34,29 @@ def test_bad_shapes_are_rejected_naming_the_argument(depth, width):
         hidden_widths(depth, width)
 
 
-@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-def test_activation_is_used_between_layers(activation):
+# Each name's function, written out: what a user expects the config's name to mean.
+BY_HAND = {
+    "sigmoid": lambda x: 1 / (1 + torch.exp(-x)),
+    "tanh": lambda x: (torch.exp(x) - torch.exp(-x)) / (torch.exp(x) + torch.exp(-x)),
+    "relu": lambda x: torch.where(x > 0, x, 0.0),
+    "leaky_relu": lambda x: torch.where(x > 0, x, 0.01 * x),
+    "elu": lambda x: torch.where(x > 0, x, torch.exp(x) - 1),
+    "gelu": lambda x: x * 0.5 * (1 + torch.erf(x / 2**0.5)),
+    "selu": lambda x: 1.0507009873554805 * torch.where(x > 0, x, 1.6732632423543772 * (torch.exp(x) - 1)),
+}
+
+
+def test_every_activation_name_is_covered_by_hand():
+    assert set(BY_HAND) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("activation", sorted(BY_HAND))
+def test_activation_is_the_named_function_between_layers(activation):
     net = MLP(2, 1, depth=3, width=4, activation=activation)
-    assert isinstance(net.activation, ACTIVATIONS[activation])
-    x = torch.randn(3, 2)
-    hidden = net.activation(net.layers[0](x))
-    expected = net.layers[2](net.activation(net.layers[1](hidden)))
+    x = torch.randn(3, 2, dtype=torch.float64)
+    net = net.double()
+    f = BY_HAND[activation]
+    expected = net.layers[2](f(net.layers[1](f(net.layers[0](x)))))
     torch.testing.assert_close(net(x), expected)
 
 
@@ -94,9 +110,17 @@ def test_multiclass_uses_one_logit_per_class_and_cross_entropy():
     torch.testing.assert_close(model.predict_proba(x).sum(-1), torch.ones(6))
 
 
-def test_hyperparameters_are_saved_for_checkpoint_reload():
-    model = MLPClassifier(in_features=3, num_classes=5, depth=4, width=[8, 8, 8], activation="tanh")
-    assert model.hparams.depth == 4 and model.hparams.activation == "tanh" and model.hparams.num_classes == 5
+def test_a_checkpoint_reloads_the_same_net_without_its_arguments(tmp_path):
+    model = MLPClassifier(in_features=3, num_classes=5, depth=4, width=[8, 6, 7], activation="tanh", batch_norm=True)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    reloaded = MLPClassifier.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=False)
+    x = torch.randn(4, 3)
+    model.eval()
+    reloaded.eval()
+    torch.testing.assert_close(reloaded(x), model(x))
+    assert reloaded.hparams.width == [8, 6, 7] and reloaded.hparams.activation == "tanh"
 
 
 class EpochEndProbe(L.Callback):
