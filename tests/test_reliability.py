@@ -136,7 +136,9 @@ def test_ckpt_path_last_finds_the_newest_run_and_its_version(tmp_path):
 
 
 @pytest.mark.parametrize("save_last", [True, "link"])
-def test_finite_checkpoint_writes_what_model_checkpoint_writes(tmp_path, save_last):
+def test_finite_checkpoint_writes_what_model_checkpoint_writes_without_the_per_epoch_metric_copy(
+    tmp_path, monkeypatch, save_last
+):
     def fit(callback_class, dirpath):
         torch.manual_seed(0)
         model = MLPClassifier(in_features=2, num_classes=2, depth=2, width=4)
@@ -146,9 +148,20 @@ def test_finite_checkpoint_writes_what_model_checkpoint_writes(tmp_path, save_la
         )
         return sorted(p.name for p in Path(dirpath).iterdir())
 
+    copies = []
+    original = ModelCheckpoint._monitor_candidates
+    monkeypatch.setattr(
+        ModelCheckpoint,
+        "_monitor_candidates",
+        lambda self, trainer: copies.append(trainer.current_epoch) or original(self, trainer),
+    )
     expected = fit(ModelCheckpoint, tmp_path / "lightning")
+    assert len(copies) >= 7  # Lightning's own callback copies the metrics at every epoch end
+    copies.clear()
     assert fit(FiniteModelCheckpoint, tmp_path / "finite") == expected
     assert "last.ckpt" in expected and "epoch=5-step=6.ckpt" in expected
+    if save_last is True:  # (with "link", Lightning updates the last.ckpt link at every epoch end)
+        assert copies == [2, 5]  # only on the epochs that save
 
 
 def test_the_cli_object_returns_a_divergence_as_its_exit_status_instead_of_exiting(tmp_path, monkeypatch):
