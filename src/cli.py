@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 
-from src.callbacks import FiniteModelCheckpoint, GracefulStop, TensorBoardDashboard
+from src.callbacks import FiniteModelCheckpoint, GracefulStop, LayerStatsMonitor, TensorBoardDashboard
 from src.callbacks.plateau_rule import StallReporter
 from src.checkpoints import resolve_ckpt_path
 from src.errors import debugging, one_line, one_line_errors
@@ -53,7 +53,7 @@ class TemplateCLI(LightningCLI):
       ``ModelCheckpoint`` that never saves a diverged model); ``trainer.enable_checkpointing: false``
       leaves it out.
     - Every run stops cleanly on SIGTERM/SIGINT (``GracefulStop``) and gets the TensorBoard
-      dashboards, unless the config already has them.
+      dashboards and every layer's statistics (``LayerStatsMonitor``), unless the config already has them.
     - The default logger is TensorBoard without Lightning's placeholder ``hp_metric``; ``--ckpt_path``
       may be ``last`` (the newest run), and a resumed run goes on logging into its own directory.
     - A bad optimizer or scheduler value is reported before anything is built, naming the section.
@@ -106,7 +106,9 @@ class TemplateCLI(LightningCLI):
             callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
         if trainer.get("enable_checkpointing") is not False:
             callbacks.append(config["checkpoint"])
-        callbacks += [kind() for kind in (GracefulStop, TensorBoardDashboard) if not _has(callbacks, kind)]
+        callbacks += [
+            kind() for kind in (GracefulStop, TensorBoardDashboard, LayerStatsMonitor) if not _has(callbacks, kind)
+        ]
         kwargs.setdefault("callbacks", callbacks)
         if trainer.get("logger") in (None, True):
             kwargs.setdefault(

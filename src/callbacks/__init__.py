@@ -15,6 +15,7 @@ _HOME = {
     "GracefulStop": "reliability",
     "GradNormMonitor": "grad_norm",
     "GradNormRecorder": "grad_flow",
+    "LayerStatsMonitor": "layer_monitor",
     "PlateauDetector": "plateau",
     "PlateauEscape": "escape",
     "TensorBoardDashboard": "dashboard",
@@ -26,6 +27,7 @@ __all__ = [
     "GracefulStop",
     "GradNormMonitor",
     "GradNormRecorder",
+    "LayerStatsMonitor",
     "PlateauDetector",
     "PlateauEscape",
     "TensorBoardDashboard",
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from .escape_actions import EscapeAction
     from .grad_flow import GradNormRecorder
     from .grad_norm import GradNormMonitor
+    from .layer_monitor import LayerStatsMonitor
     from .plateau import PlateauDetector
     from .progress import EpochProgressBar
     from .reliability import FiniteModelCheckpoint, GracefulStop

@@ -14,6 +14,8 @@ from typing_extensions import override
 from .events import EventKind
 from .grad_flow import parameter_layers
 from .names import (
+    ACT_STD,
+    DEAD,
     FINAL,
     FINAL_EPOCHS,
     FINAL_STALLS,
@@ -24,6 +26,9 @@ from .names import (
     OPTIM_LR,
     OPTIM_MOMENTUM,
     PLATEAU,
+    SATURATED,
+    UPDATE_RATIO_LOG10,
+    UPDATE_RATIO_REFERENCE,
 )
 from .plateau_rule import StallReporter
 
@@ -32,12 +37,22 @@ def custom_scalars_layout(layer_names: list[str]) -> dict[str, dict[str, list[An
     """The layout of TensorBoard's Custom Scalars tab: one chart per question a user asks of a run."""
     layers = "|".join(re.escape(name) for name in layer_names) or ".*"
     exact = re.escape
+    saturated = rf"{exact(SATURATED.rstrip('/'))}(_m[0-9.e-]+)?/"  # any margin's
     return {
         "Why is it not learning?": {
             "gradient norm of every layer (log10)": ["Multiline", [rf"^{exact(GRAD_NORM_LOG10)}({layers})$"]],
             "loss, with stall / divergence markers": ["Multiline", [r"^(train|val)/loss$", rf"^{exact(PLATEAU)}"]],
             "lr and momentum": ["Multiline", [rf"^({exact(OPTIM_LR)}|{exact(OPTIM_MOMENTUM)})$"]],
             "first-to-last layer gradient ratio": ["Multiline", [rf"^{exact(GRAD_NORM_FIRST_TO_LAST)}$"]],
+        },
+        "What each layer does": {
+            "saturated share per layer (bounded activations)": ["Multiline", [rf"^{saturated}({layers})$"]],
+            "dead share per layer (ReLU family)": ["Multiline", [rf"^{exact(DEAD)}({layers})$"]],
+            "update-to-weight ratio per layer (log10; reference -3)": [
+                "Multiline",
+                [rf"^{exact(UPDATE_RATIO_LOG10)}({layers})$", rf"^{exact(UPDATE_RATIO_REFERENCE)}$"],
+            ],
+            "activation std per layer": ["Multiline", [rf"^{exact(ACT_STD)}({layers})$"]],
         },
         "Metrics": {
             "accuracy": ["Multiline", [r"^(train|val|test)/acc$"]],
@@ -53,7 +68,9 @@ class TensorBoardDashboard(Callback):
     - At fit start, writes a Custom Scalars layout: every layer's gradient norm in one chart (log10:
       ``GradNormMonitor`` logs it; the linear values are under "Metrics"); the
       train/val loss together with the ``plateau/stall`` / ``plateau/divergence`` markers of a
-      :class:`~.plateau.PlateauDetector` (the same step axis); lr and momentum in one chart.
+      :class:`~.plateau.PlateauDetector` (the same step axis); lr and momentum in one chart; and
+      what each layer does (``LayerStatsMonitor``): saturated and dead shares per layer, the
+      update-to-weight ratio per layer with its -3 reference, the activations' std.
     - Every ``log_every_n_steps`` steps (default: the Trainer's), logs ``optim/lr`` and
       ``optim/momentum`` of the first param group, so the effect of an escape action is visible.
       Not Lightning's ``LearningRateMonitor``: it names its keys after the optimizer class

@@ -51,7 +51,9 @@ class StallEvent:
     ``value`` may be NaN or infinite (a divergence); JSON holds those as the strings ``"nan"``, ``"inf"``.
     A stall also has its ``diagnosis`` and the per-layer gradient norms it was made from (the latest
     profile of the window: ``grad_norms`` and ``first_to_last``), and ``units``, the idle ReLU units
-    found (per layer: ``dead``, ``always_on``, ``redundant``). ``out_fraction`` is how far the value
+    found (per layer: ``dead``, ``always_on``, ``redundant``), and ``layers``, what each layer did at
+    the last recorded step (:class:`~.layer_stats.LayerStats`: ``saturated``, ``dead``, ``act_mean``,
+    ``act_std``, ``update_ratio``, ``grad_to_weight``). ``out_fraction`` is how far the value
     must fall (rise, with ``mode: max``) for the run to be out of this stall (see :func:`out_of_stall`);
     ``recovered`` marks a divergence that a rollback undid.
 
@@ -70,6 +72,7 @@ class StallEvent:
     first_to_last: float | None = None
     grad_norms: dict[str, float] | None = None
     units: dict[str, dict[str, list]] | None = None
+    layers: dict[str, dict[str, float]] | None = None
     out_fraction: float = OUT_OF_STALL
     recovered: bool = False
 
@@ -82,7 +85,7 @@ class StallEvent:
         data: dict[str, Any] = {"kind": self.kind.value, "epoch": self.epoch, "step": self.step,
                                 "monitor": self.monitor, "value": _number(self.value)}  # fmt: skip
         data["actions"] = [_compact(asdict(a), Action) for a in self.actions]
-        for name in ("diagnosis", "first_to_last", "grad_norms", "units"):
+        for name in ("diagnosis", "first_to_last", "grad_norms", "units", "layers"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         if self.out_fraction != OUT_OF_STALL:

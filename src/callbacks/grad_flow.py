@@ -26,19 +26,32 @@ def parameter_layers(module: nn.Module) -> dict[str, list[nn.Parameter]]:
     >>> list(parameter_layers(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))))
     ['0', '2']
     """
+    return {name: params for name, (_, params) in _layers(module).items()}
+
+
+def layer_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """The same layers as :func:`parameter_layers`, under the same names, as modules.
+
+    >>> layer_modules(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
+    {'0': Linear(in_features=2, out_features=3, bias=True)}
+    """
+    return {name: child for name, (child, _) in _layers(module).items()}
+
+
+def _layers(module: nn.Module) -> dict[str, tuple[nn.Module, list[nn.Parameter]]]:
     seen: set[int] = set()
-    layers: dict[str, list[nn.Parameter]] = {}
+    layers: dict[str, tuple[nn.Module, list[nn.Parameter]]] = {}
     for name, child in module.named_modules():
         params = [p for p in child.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in params)
         if params:
-            layers[name] = params
+            layers[name] = (child, params)
     parts = [name.split(".") for name in layers]
     common = 0
     # Strip the shared leading components, but keep the container's name (``layers.0``, not ``0``).
     while parts and all(len(p) > common + 2 and p[common] == parts[0][common] for p in parts):
         common += 1
-    return {".".join(p[common:]) or "(root)": params for p, params in zip(parts, layers.values(), strict=True)}
+    return {".".join(p[common:]) or "(root)": found for p, found in zip(parts, layers.values(), strict=True)}
 
 
 class TrainableParameters:

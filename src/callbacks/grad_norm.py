@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from .grad_flow import GradientPass, GradProfile, shared_pass
-from .names import GRAD_NORM, GRAD_NORM_FIRST_TO_LAST, GRAD_NORM_LOG10, GRAD_NORM_TOTAL, LOG10_FLOOR
+from .names import GRAD_NORM, GRAD_NORM_LOG10, LOG10_FLOOR, grad_norm_prefix
 
 
 class GradNormMonitor(Callback):
@@ -30,6 +30,8 @@ class GradNormMonitor(Callback):
         ``per_parameter=True`` also ``grad_norm/<layer>.<weight|bias>``; with ``log10=True`` (the
         default) also ``grad_norm_log10/<layer>``, the log10 of each layer's norm (-30 for a zero
         norm): a vanishing profile spans 1e-15 .. 1e-1, which a linear chart shows as zero and a spike.
+        With another norm type than 2 the prefix is ``grad_norm_p<p>/`` (``grad_norm_pinf/``, and
+        ``grad_norm_pinf_log10/``), so that two monitors of different norm types keep apart.
 
     The norms come from the trainer's one :class:`~.grad_flow.GradientPass`: a ``PlateauDetector`` (or
     another monitor of the same norm type) in the same trainer reads the same computation, so a
@@ -73,6 +75,7 @@ class GradNormMonitor(Callback):
         if history_size < 1:
             raise ValueError(f"GradNormMonitor: history_size must be >= 1, got {history_size}")
         self.norm_type = float(norm_type)
+        self.prefix = grad_norm_prefix(self.norm_type)
         self.per_parameter = per_parameter
         self.log_every_n_steps = log_every_n_steps
         self.log10 = log10
@@ -112,14 +115,16 @@ class GradNormMonitor(Callback):
         self.history.append(profile)
         if not trainer.loggers:
             return
-        metrics = {f"{GRAD_NORM}{name}": value for name, value in zip(profile.names, profile.norms, strict=True)}
-        metrics[f"{GRAD_NORM_TOTAL}{suffix}"] = profile.total
-        metrics[f"{GRAD_NORM_FIRST_TO_LAST}{suffix}"] = profile.first_to_last()
+        prefix = self.prefix
+        metrics = {f"{prefix}{name}": value for name, value in zip(profile.names, profile.norms, strict=True)}
+        metrics[f"{prefix}total{suffix}"] = profile.total
+        metrics[f"{prefix}first_to_last{suffix}"] = profile.first_to_last()
         if self.per_parameter:
-            metrics.update((f"{GRAD_NORM}{name}", value) for name, value in recorder.param_norms.items())
+            metrics.update((f"{prefix}{name}", value) for name, value in recorder.param_norms.items())
         if self.log10:
+            log10 = GRAD_NORM_LOG10 if prefix == GRAD_NORM else f"{prefix.rstrip('/')}_log10/"
             metrics.update(
-                (f"{GRAD_NORM_LOG10}{name}", math.log10(value) if value > 0 else LOG10_FLOOR)
+                (f"{log10}{name}", math.log10(value) if value > 0 else LOG10_FLOOR)
                 for name, value in zip(profile.names, profile.norms, strict=True)
             )
         for logger in trainer.loggers:

@@ -23,3 +23,26 @@ OPTIM_MOMENTUM = "optim/momentum"
 FINAL = "final/"  # + a metric name: the hparams table's columns (``final/train/loss``, ``final/stalls``)
 FINAL_STALLS = "final/stalls"
 FINAL_EPOCHS = "final/epochs"
+
+# LayerStatsMonitor: + a layer name (``saturated/layers.0``). A monitor with a margin other than the
+# default writes ``saturated_m<margin>/``, so that two monitors keep apart.
+ACT_MEAN = "act_mean/"
+ACT_STD = "act_std/"
+SATURATED = "saturated/"
+DEAD = "dead/"
+UPDATE_RATIO_LOG10 = "update_ratio_log10/"  # log10(||W_after - W_before|| / ||W_before||)
+UPDATE_RATIO_REFERENCE = "update_ratio_log10/reference"  # a line at -3, Karpathy's healthy rate
+GRAD_TO_WEIGHT = "grad_to_weight/"
+HIST_ACTIVATION = "hist_activation/"
+HIST_GRADIENT = "hist_gradient/"
+HIST_WEIGHT = "hist_weight/"
+
+
+def grad_norm_prefix(norm_type: float) -> str:
+    """Where a GradNormMonitor of this norm type writes: ``grad_norm/`` for the 2-norm, else
+    ``grad_norm_p<p>/`` (``grad_norm_pinf/``), so that two monitors keep apart.
+
+    >>> grad_norm_prefix(2.0), grad_norm_prefix(float("inf")), grad_norm_prefix(1)
+    ('grad_norm/', 'grad_norm_pinf/', 'grad_norm_p1/')
+    """
+    return GRAD_NORM if float(norm_type) == 2.0 else f"grad_norm_p{float(norm_type):g}/"

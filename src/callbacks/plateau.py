@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from typing_extensions import override
 
 from .events import EventKind, StallEvent, save_events
 from .grad_flow import GradientPass, shared_pass
+from .layer_stats import LayerStatistics, shared_statistics
 from .names import EVENTS_FILE, PLATEAU, PLATEAU_EVENTS_TEXT
 from .plateau_rule import PlateauTracker, Status, describe_event, diagnose
 from .units import UnitRecorder, idle_units
@@ -154,6 +156,7 @@ class PlateauDetector(EarlyStopping):
         self.events: list[StallEvent] = []
         self.same_kink = same_kink
         self.gradients = GradientPass()  # until setup shares the trainer's
+        self.layer_stats = LayerStatistics()  # likewise
         self.units = UnitRecorder()
         self._check_steps: deque[int] = deque(maxlen=patience + 1)
         self._listeners: list[StallListener] = []
@@ -219,6 +222,7 @@ class PlateauDetector(EarlyStopping):
             every_epoch = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
             self.check_on_train_epoch_end = self.monitor.startswith("train") or every_epoch
         self.gradients = shared_pass(trainer)
+        self.layer_stats = shared_statistics(trainer)
         # A real EarlyStopping stays trainer.early_stopping_callback (the first EarlyStopping listed).
         callbacks = trainer.callbacks
         real = [
@@ -245,7 +249,25 @@ class PlateauDetector(EarlyStopping):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         every = self.norms_every_n_steps or trainer.log_every_n_steps
-        self.gradients.read(pl_module, trainer.optimizers, optimizer, trainer.global_step, every)
+        reading = self.gradients.read(pl_module, trainer.optimizers, optimizer, trainer.global_step, every)
+        if self.layer_stats.step == trainer.global_step:
+            norms = None
+            if reading is not None and reading.profile is not None and reading.index is None:
+                norms = {name.removesuffix(".weight"): v for name, v in reading.recorder.param_norms.items()}
+            self.layer_stats.before_step(pl_module, norms)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % (self.norms_every_n_steps or trainer.log_every_n_steps) == 0:
+            self.layer_stats.arm(pl_module, trainer.global_step)
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.layer_stats.step is not None:
+            reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
+            self.layer_stats.finish(pl_module, reduce)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -321,7 +343,9 @@ class PlateauDetector(EarlyStopping):
             window = self.gradients.since(self._check_steps[0])
             units = self.idle_units(trainer)
             event.units = units or None
-            event.diagnosis = diagnose(window, **self.thresholds, units=units)
+            layers = {name: asdict(stats) for name, stats in self.layer_stats.latest.items()}
+            event.layers = {name: {k: v for k, v in s.items() if v is not None} for name, s in layers.items()} or None
+            event.diagnosis = diagnose(window, **self.thresholds, units=units, layers=self.layer_stats.latest)
             if window:
                 event.first_to_last = window[-1].first_to_last()
                 event.grad_norms = dict(zip(window[-1].names, window[-1].norms, strict=True))

@@ -17,8 +17,14 @@ if TYPE_CHECKING:  # torch-free at run time: the report reads events without imp
     from .events import StallEvent
     from .grad_flow import GradProfile
 
-Diagnosis = Literal["vanishing", "dead_units", "always_on_units", "redundant_units", "flat", "unclear"]
-DIAGNOSES: tuple[str, ...] = ("vanishing", "dead_units", "always_on_units", "redundant_units", "flat", "unclear")
+Diagnosis = Literal[
+    "saturated_units", "vanishing", "dead_units", "always_on_units", "redundant_units", "flat", "unclear"
+]
+DIAGNOSES: tuple[str, ...] = (
+    "saturated_units", "vanishing", "dead_units", "always_on_units", "redundant_units", "flat", "unclear"
+)  # fmt: skip
+# A layer with at least this share of its outputs at a bound of its activation is pinned there.
+SATURATED_SHARE = 0.9
 # which list of :func:`~.units.idle_units` each unit diagnosis reads
 UNIT_DIAGNOSES = {"dead_units": "dead", "always_on_units": "always_on", "redundant_units": "redundant"}
 
@@ -142,12 +148,20 @@ def diagnose(
     flat_norm: float = 1e-3,
     flat_spread: float = 100.0,
     units: Mapping[str, Mapping[str, list]] | None = None,
+    layers: Mapping[str, Any] | None = None,
 ) -> Diagnosis:
     """Why a stall happened, from the per-layer gradient norms seen while it built up, and the
     ReLU units that did nothing over the last epoch (``units``: per layer, the lists of
-    :func:`~.units.idle_units`).
+    :func:`~.units.idle_units`), and what each layer's activations did (``layers``: per layer, a
+    :class:`~.layer_stats.LayerStats`, whose ``saturated`` share is read).
 
     Each weight layer's norms are summarised by the median over ``profiles`` of their log (ignoring exact zeros). Then:
+
+    - ``saturated_units``: some layer's gradient was exactly 0 throughout and some layer of a bounded
+      activation (sigmoid, tanh...) has at least ``SATURATED_SHARE`` (0.9) of its outputs at a bound:
+      the units are pinned where the activation's derivative is 0 (a float32 sigmoid beyond |z| ~17
+      is exactly 0 or 1), so no step on the gradient can move them: not ``vanishing``, whose
+      gradients are small but not 0 and whose units are alive.
 
     - ``vanishing``: the first layer's gradient is below ``vanishing_ratio`` times the last's, in a
       net of three weight layers or more: the early layers cannot learn (a deep sigmoid net:
@@ -169,6 +183,10 @@ def diagnose(
     ('vanishing', 'flat', 'unclear')
     >>> diagnose([even], units={"layers.0": {"dead": [], "always_on": [1], "redundant": []}})
     'always_on_units'
+    >>> from src.callbacks.layer_stats import LayerStats
+    >>> pinned = GradProfile(0, ("a", "b", "c"), (0.0, 0.0, 1e-2), (True, True, True))
+    >>> diagnose([pinned], layers={"a": LayerStats(1.0, 0.0, saturated=1.0)}), diagnose([pinned])
+    ('saturated_units', 'vanishing')
     """
     unit_diagnosis = next(
         (d for d, key in UNIT_DIAGNOSES.items() if any(found.get(key) for found in (units or {}).values())), None
@@ -181,8 +199,11 @@ def diagnose(
     log_norm = [
         statistics.median([math.log10(p.norms[i]) for p in profiles if p.norms[i] > 0] or [-38.0]) for i in columns
     ]
-    # A layer whose gradient is exactly 0 throughout sits below a dead layer: units, not vanishing.
+    # A layer whose gradient is exactly 0 throughout sits below a dead or saturated layer: units, not vanishing.
     blocked = any(all(p.norms[i] == 0 for p in profiles) for i in columns)
+    pinned = any((getattr(s, "saturated", None) or 0.0) >= SATURATED_SHARE for s in (layers or {}).values())
+    if blocked and pinned:
+        return "saturated_units"
     if unit_diagnosis and blocked:
         return unit_diagnosis
     # Gradients vanish through depth: with two weight layers a small first/last ratio is something else.
