@@ -47,9 +47,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchvision import datasets, transforms
 
+from src.callbacks import LayerStatsMonitor
 from src.data.in_memory import InMemoryDataset, keep_batch
 from src.data.mnist import NORMALIZATION, MNISTDataModule, raw_folder
 from src.models import MLPClassifier
@@ -98,13 +100,24 @@ def train_step(
         totals[1] += (logits.argmax(-1) == y).sum()
 
 
-def run_template(dm: MNISTDataModule, accelerator: str = "cpu", precision: str = "32-true") -> int:
+def run_template(
+    dm: MNISTDataModule,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+    layers: str | None = None,
+    log_dir: Path | None = None,
+) -> int:
+    """One epoch of the template's model; ``layers``: with a TensorBoard logger (``"logger"``), and with
+    ``LayerStatsMonitor`` at its default rates (``"default"``) or without histograms (``"no histograms"``)."""
     model = new_model()
     model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-3)
+    histograms = 0 if layers == "no histograms" else None
+    callbacks = [] if layers in (None, "logger") else [LayerStatsMonitor(histogram_every_n_steps=histograms)]
+    logger = TensorBoardLogger(log_dir, default_hp_metric=False) if layers is not None else False
     trainer = L.Trainer(
-        accelerator=accelerator, devices=1, precision=precision, max_epochs=1, logger=False,
+        accelerator=accelerator, devices=1, precision=precision, max_epochs=1, logger=logger,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     return len(dm.train_set)
@@ -237,6 +250,7 @@ def measure(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, help="train on the first N images only (a quick check)")
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where every row trains")
     parser.add_argument("--no-torchvision", action="store_true", help="leave out the torchvision rows")
+    parser.add_argument("--layers", action="store_true", help="add the LayerStatsMonitor rows")
     args = parser.parse_args(argv)
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         parser.error("--accelerator gpu needs a CUDA device; none is visible to torch")
@@ -258,6 +272,11 @@ def measure(argv: list[str] | None = None) -> dict:
             "data only: template loader + normalisation": lambda: load_template(dm, device),
             "data only: torchvision DataLoader + ToTensor": lambda: load_torchvision(data_dir, n, device),
         }
+        if args.layers:  # what LayerStatsMonitor costs an epoch (each with a TensorBoard logger)
+            for layers in ("logger", "no histograms", "default"):
+                rows[f"template + TensorBoard, LayerStatsMonitor: {layers}"] = lambda layers=layers: run_template(
+                    dm, args.accelerator, layers=layers, log_dir=data_dir / "logs"
+                )
         if device.type == "cuda":  # configs/trainer/gpu.yaml's precision
             rows["template, bf16-mixed (configs/trainer/gpu.yaml)"] = lambda: run_template(dm, "gpu", "bf16-mixed")
         if args.no_torchvision:

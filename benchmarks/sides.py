@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from src.callbacks import GradNormMonitor
+from src.callbacks import GradNormMonitor, LayerStatsMonitor
 from src.cli import DEFAULT_CONFIG, TemplateCLI
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +42,7 @@ def template_fit(
     monitor: bool = True,
     without: str | None = None,
     progress_bar: bool = False,
+    layers: str = "default",
 ) -> Callable[[], float]:
     """A fit of the default config as ``python -m src.train`` runs it (logger, checkpoints, callbacks).
 
@@ -49,6 +50,8 @@ def template_fit(
     included), ``"logger"`` (TensorBoard) or ``"self.log"`` (the module's metric logging, and so the
     plateau checks that read the metrics). The config's progress bar is off unless ``progress_bar``
     (a benchmark's output is its table), so that row 1 measures the same work before and after it.
+    ``layers``: ``default`` (the CLI's ``LayerStatsMonitor`` at its default rates), ``no histograms``
+    or ``off`` (without it).
     """
 
     def run() -> float:
@@ -61,6 +64,12 @@ def template_fit(
                 cb.log_every_n_steps = grad_every
         if not monitor:
             trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, GradNormMonitor)]
+        if layers == "off":
+            trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, LayerStatsMonitor)]
+        elif layers == "no histograms":
+            for cb in trainer.callbacks:
+                if isinstance(cb, LayerStatsMonitor):
+                    cb.histogram_every_n_steps = 0
         if without == "callbacks":
             trainer.callbacks = []
         elif without == "logger":

@@ -12,6 +12,7 @@ Rows (each side timed in the same process, interleaved, ``--repeats`` times; med
 2. ``GradNormMonitor`` overhead: the same fit with the monitor logging every 10 steps (the
    default config) and every step, vs without it; and the CPU time of its two parts per logged
    step (the norms, the logger's write), steadier than a few percent of a fit on a shared VM;
+   2b. the progress bar; 2c. ``LayerStatsMonitor`` at its default rates, without histograms, and without it;
 3. one MNIST-sized epoch: the template vs a bare ``Trainer.fit`` vs a plain loop over in-memory
    tensors vs torchvision's Dataset + DataLoader + ToTensor, samples/s in wall and in CPU time
    (see ``benchmarks/mnist_pipeline.py``);
@@ -169,6 +170,20 @@ def monitor_rows(args: argparse.Namespace, root: str, results: dict, table: list
     results["2b progress bar overhead"] = row2b
     note = overhead(row2b, "with", "without", args.repeats)
     table.append(("2b. EpochProgressBar (the configs' bar)", *fmt(row2b["with"]), note))
+    row2c = interleaved(
+        {
+            "without": template_fit(args.epochs, root, layers="off"),
+            "no histograms": template_fit(args.epochs, root, layers="no histograms"),
+            "default": template_fit(args.epochs, root),
+        },
+        args.repeats,
+    )
+    results["2c layer statistics overhead"] = row2c
+    table.append(("2c. LayerStatsMonitor, default rates", *fmt(row2c["default"]),
+                  overhead(row2c, "default", "without", args.repeats)))  # fmt: skip
+    table.append(("   the same without histograms", *fmt(row2c["no histograms"]),
+                  overhead(row2c, "no histograms", "without", args.repeats)))  # fmt: skip
+    table.append(("   without LayerStatsMonitor", *fmt(row2c["without"]), ""))
 
 
 def trust_ratio_cost(depth: int, calls: int, repeats: int) -> list[float]:

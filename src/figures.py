@@ -8,13 +8,16 @@ Runs the default config (the 7-layer sigmoid net: flat stalls) and the same net 
 - ``gradient_flow.png``: both runs' gradient profiles at the start, at each stall (what its
   diagnosis saw) and at the end, side by side;
 - ``loss.png``: the default run's loss with its stall and escape markers;
+- ``layer_activity.png``: both runs' saturated share per layer over training (the picture of
+  Glorot & Bengio 2010) and their update-to-weight ratios;
 - ``dnnex_fitted_curve.png``: ``configs/dnnex.yaml`` fitted (``--dnnex-epochs``), its curve over the true one;
 - ``blobs_decision_regions.png``: ``configs/blobs.yaml`` fitted, its decision regions with the points;
 - ``final_loss_vs_depth.png``: redrawn from the study's ``summary.csv`` when ``--study`` has one
   (``python -m src.study configs/study/vanishing.yaml`` writes it; the study itself is not re-run);
-- ``tensorboard_custom_scalars.png`` and ``tensorboard_hparams.png``: TensorBoard on the default run,
-  opened in Chromium through Playwright, when both are installed (Debian's ``chromium`` package and
-  ``pip install playwright``; no browser download); otherwise it says it left them out.
+- ``tensorboard_custom_scalars.png``, ``tensorboard_layers.png`` and ``tensorboard_hparams.png``:
+  TensorBoard on the default run, opened in Chromium through Playwright, when both are installed
+  (Debian's ``chromium`` package and ``pip install playwright``; no browser download); otherwise it
+  says it left them out.
 """
 
 from __future__ import annotations
@@ -89,9 +92,10 @@ def tensorboard(logdir: Path, timeout: float = 90) -> Iterator[str]:
 def look_at_tensorboard(logdir: Path, out: Path, timeout_ms: float = 60_000) -> dict[str, Any]:
     """Open TensorBoard on ``logdir`` in Chromium as a user would and report what the page shows.
 
-    Returns the number of lines in the "gradient norm of every layer (log10)" chart, the series of
-    the loss chart, the runs the HPARAMS table lists and whether it shows the final metrics; saves
-    ``tensorboard_custom_scalars.png`` (the "Why is it not learning?" charts) and
+    Returns the number of lines in the "gradient norm of every layer (log10)" and "saturated share
+    per layer" charts, the series of the loss and the update-ratio charts, the runs the HPARAMS
+    table lists and whether it shows the final metrics; saves ``tensorboard_custom_scalars.png``
+    (the "Why is it not learning?" charts), ``tensorboard_layers.png`` ("What each layer does") and
     ``tensorboard_hparams.png`` into ``out``."""
     from playwright.sync_api import expect, sync_playwright
 
@@ -108,9 +112,19 @@ def look_at_tensorboard(logdir: Path, out: Path, timeout_ms: float = 60_000) -> 
                 expect(card.locator("text=/Matches \\(\\d+\\)/")).not_to_have_text("Matches (0)", timeout=timeout_ms)
             seen["layer_lines"] = grads.locator(".match-list-entry").count()
             seen["loss_series"] = [" ".join(t.split()) for t in loss.locator(".match-list-entry").all_text_contents()]
+            saturated = cards.filter(has_text="saturated share per layer")
+            ratio = cards.filter(has_text="update-to-weight ratio per layer")
+            for card in (saturated, ratio):
+                expect(card.locator("text=/Matches \\(\\d+\\)/")).not_to_have_text("Matches (0)", timeout=timeout_ms)
+            seen["saturated_lines"] = saturated.locator(".match-list-entry").count()
+            seen["update_ratio_series"] = [
+                " ".join(t.split()) for t in ratio.locator(".match-list-entry").all_text_contents()
+            ]
             page.wait_for_timeout(1000)  # the last redraw
             section = page.locator("tf-category-paginated-view").filter(has_text="Why is it not learning?")
             section.screenshot(path=str(out / "tensorboard_custom_scalars.png"))
+            layers = page.locator("tf-category-paginated-view").filter(has_text="What each layer does")
+            layers.screenshot(path=str(out / "tensorboard_layers.png"))
             page.goto(f"{url}/#hparams")
             final = page.locator("text=final/train/loss").first
             expect(final).to_be_attached(timeout=timeout_ms)
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from src.report import load_run, plot_fit, plot_gradient_flow, plot_loss
+    from src.report import load_run, plot_fit, plot_gradient_flow, plot_layer_activity, plot_loss, plot_update_ratio
 
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,8 +191,21 @@ def main(argv: list[str] | None = None) -> None:
         fig.tight_layout()
         written = [args.out / "gradient_flow.png"]
         fig.savefig(written[0], dpi=110)
+        plt.close(fig)
         plot_loss(flat).savefig(args.out / "loss.png", dpi=110)
         written.append(args.out / "loss.png")
+        fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+        for column, run in enumerate((flat, deep)):
+            plot_layer_activity(run, axes[0][column])
+            plot_update_ratio(run, axes[1][column])
+        axes[0][0].set_title("7 layers: the share of sigmoid outputs at a bound, per layer", fontsize=10)
+        axes[0][1].set_title("18 layers: the same", fontsize=10)
+        axes[1][0].set_title("7 layers: log10 update-to-weight ratio per layer", fontsize=10)
+        axes[1][1].set_title("18 layers: the same", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(args.out / "layer_activity.png", dpi=100)
+        plt.close(fig)
+        written.append(args.out / "layer_activity.png")
         dnnex = fit(Path(tmp) / "dnnex", "--config", str(REPO / "configs" / "dnnex.yaml"),
                     f"--trainer.max_epochs={args.dnnex_epochs}")  # fmt: skip
         plot_fit(load_run(dnnex)).savefig(args.out / "dnnex_fitted_curve.png", dpi=110)
@@ -191,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"left final_loss_vs_depth.png as it is: no {args.study / 'summary.csv'} (run the study first)")
         if (why := browser_missing()) is None:
             look_at_tensorboard(flat.path.parent, args.out)
-            written += [args.out / "tensorboard_custom_scalars.png", args.out / "tensorboard_hparams.png"]
+            written += [args.out / f"tensorboard_{name}.png" for name in ("custom_scalars", "layers", "hparams")]
         else:
             print(f"left out the TensorBoard screenshots: {why}")
     for path in written:

@@ -6,6 +6,7 @@ and are re-exported here.
 """
 
 from src.callbacks.names import (  # noqa: F401  (re-exported)
+    DEAD,
     EVENTS_FILE,
     FINAL,
     FINAL_EPOCHS,
@@ -18,6 +19,8 @@ from src.callbacks.names import (  # noqa: F401  (re-exported)
     PLATEAU,
     PLATEAU_ACTIONS_TEXT,
     PLATEAU_EVENTS_TEXT,
+    SATURATED,
+    UPDATE_RATIO_LOG10,
 )
 
 TRAIN_LOSS = "train/loss"

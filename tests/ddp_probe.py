@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from src.callbacks import PlateauEscape
+from src.callbacks.layer_stats import shared_statistics
 
 
 class DumpRankState(L.Callback):
@@ -17,7 +19,10 @@ class DumpRankState(L.Callback):
         escape = next(cb for cb in trainer.callbacks if isinstance(cb, PlateauEscape))
         groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizers[0].param_groups]
         optimizer = trainer.optimizers[0]
+        stats = shared_statistics(trainer)  # the LayerStatsMonitor's and the detector's
         state = {
+            "layer_stats": {name: asdict(s) for name, s in stats.latest.items()},
+            "layer_stats_step": stats.finished_step,
             "spent": escape.spent,
             "param_groups": groups,
             "weights": torch.cat([p.detach().flatten().cpu() for p in pl_module.parameters()]),

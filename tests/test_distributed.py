@@ -43,6 +43,9 @@ def test_ddp_preset_runs_the_default_experiment_on_two_cpu_processes(tmp_path):
     assert states[0]["spent"] >= 1 and states[0]["spent"] == states[1]["spent"]
     assert states[0]["param_groups"] == states[1]["param_groups"]
     assert torch.equal(states[0]["weights"], states[1]["weights"])
+    # each rank's activations are of its own half of the data: the shares are averaged over the ranks
+    assert states[0]["layer_stats_step"] == states[1]["layer_stats_step"] == 290
+    assert len(states[0]["layer_stats"]) == 7 and states[0]["layer_stats"] == states[1]["layer_stats"]
 
 
 @pytest.mark.slow
@@ -89,6 +92,9 @@ def test_re_placed_units_are_the_same_on_both_ranks(tmp_path):
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert states[0]["spent"] == states[1]["spent"] == len(events) >= 2
     assert torch.equal(states[0]["weights"], states[1]["weights"])
+    # dnnex has two layers; each rank saw its own half of the data: the statistics are averaged over the ranks
+    assert states[0]["layer_stats_step"] == states[1]["layer_stats_step"]
+    assert len(states[0]["layer_stats"]) == 2 and states[0]["layer_stats"] == states[1]["layer_stats"]
     for a, b in zip(states[0]["optimizer_state"], states[1]["optimizer_state"], strict=True):
         assert torch.equal(a, b)
 
@@ -154,6 +160,9 @@ def test_two_nodes_under_torchrun_with_lightnings_num_nodes(tmp_path):
     assert "MEMBER: 2/2" in outputs[1]
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert torch.equal(states[0]["weights"], states[1]["weights"])
+    # each rank's activations are of its own half of the data: the shares are averaged over the ranks
+    assert states[0]["layer_stats_step"] == states[1]["layer_stats_step"]
+    assert len(states[0]["layer_stats"]) == 7 and states[0]["layer_stats"] == states[1]["layer_stats"]
     assert [r.name for r in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
 
 

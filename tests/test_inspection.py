@@ -60,7 +60,9 @@ def test_report_prints_the_run_and_writes_its_plots(run_dir, tmp_path, report):
     assert "stall (flat)" in out and "momentum 0.9" in out and "train/loss" in out
     run = load_run(run_dir)
     assert f"{run.last('train/loss'):.4g}" in out
-    for name in ("loss.png", "gradient_flow.png", "grad_heatmap.png", "decision_regions.png"):  # 2-D data
+    assert list(run.per_layer("saturated/")) == [f"layers.{i}" for i in range(6)]  # the output layer has none
+    pictures = ("loss.png", "gradient_flow.png", "grad_heatmap.png", "layer_activity.png", "update_ratio.png")
+    for name in (*pictures, "decision_regions.png"):  # 2-D data
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
 
@@ -187,7 +189,7 @@ def test_tensorboard_serves_the_scalars_layout_and_hparams_of_a_run(run_dir):
         layout = get_json(f"{base}/custom_scalars/layout")
         charts = {c["title"] for category in layout["category"] for c in category["chart"]}
         assert {"gradient norm of every layer (log10)", "loss, with stall / divergence markers"} <= charts
-        assert "lr and momentum" in charts
+        assert "lr and momentum" in charts and "saturated share per layer (bounded activations)" in charts
         experiment = get_json(f"{base}/hparams/experiment", {"experimentName": ""})
         hparams = {h["name"] for h in experiment["hparamInfos"]}
         metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
@@ -209,8 +211,12 @@ def test_tensorboard_in_a_browser_shows_the_stall_charts_and_the_hparams_table(r
     assert {"train/loss (version_0)", "val/loss (version_0)", "plateau/stall (version_0)"} <= {
         series.lstrip("◼▲◆●▼★✚ ").strip() for series in seen["loss_series"]
     }  # the loss chart with its stall markers
+    assert seen["saturated_lines"] == 6  # every sigmoid layer; the output layer has no activation
+    ratio = {series.lstrip("◼▲◆●▼★✚ ").strip() for series in seen["update_ratio_series"]}
+    assert {"update_ratio_log10/layers.0 (version_0)", "update_ratio_log10/reference (version_0)"} <= ratio
+    assert len(ratio) == 8  # seven layers and the reference line
     assert seen["hparams_runs"] == ["version_0"] and seen["hparams_final_metrics"]
-    for name in ("tensorboard_custom_scalars.png", "tensorboard_hparams.png"):
+    for name in ("tensorboard_custom_scalars.png", "tensorboard_layers.png", "tensorboard_hparams.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
 
 
@@ -233,8 +239,9 @@ def test_the_figures_command_redraws_the_readme_pictures(tmp_path, capsys, monke
     result = call_entry(main, args, capsys)
     assert result.returncode == 0, result.stderr[-2000:]
     names = ["gradient_flow.png", "loss.png", "dnnex_fitted_curve.png", "blobs_decision_regions.png"]
-    names += ["final_loss_vs_depth.png"]
-    names += ["tensorboard_custom_scalars.png", "tensorboard_hparams.png"] if browser_missing() is None else []
+    names += ["layer_activity.png", "final_loss_vs_depth.png"]
+    tensorboard = ["tensorboard_custom_scalars.png", "tensorboard_layers.png", "tensorboard_hparams.png"]
+    names += tensorboard if browser_missing() is None else []
     for name in names:
         assert f"wrote {out / name}" in result.stdout
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
@@ -319,3 +326,20 @@ def test_the_fit_picture_rebuilds_the_module_the_runs_config_names(tmp_path):
     assert type(fitted.model).__name__ == "LogitsNet" and fitted.model.hparams.hidden == 6
     expected = float((model(fitted.x).argmax(1) == fitted.y).float().mean())
     assert f"train accuracy {expected:.3f}" in plot_decision_regions(fitted, run).axes[0].get_title()
+
+
+def test_the_layer_pictures_draw_each_layer_in_order_with_the_reference(tmp_path):
+    from src.report import Run, plot_layer_activity, plot_update_ratio
+
+    layers = ["layers.0", "layers.1", "layers.10", "layers.2"]
+    scalars = {f"saturated/{name}": ([0, 10], [0.1 * i, 0.2]) for i, name in enumerate(layers)}
+    scalars |= {f"update_ratio_log10/{name}": ([0, 10], [-2.0, -3.5]) for name in layers}
+    scalars["update_ratio_log10/reference"] = ([0, 10], [-3.0, -3.0])
+    run = Run(tmp_path, scalars)
+    legend = [t.get_text() for t in plot_layer_activity(run).axes[0].get_legend().get_texts()]
+    assert legend == ["layers.0", "layers.1", "layers.2", "layers.10"]
+    ratio = plot_update_ratio(run).axes[0]
+    assert [t.get_text() for t in ratio.get_legend().get_texts()][-1] == "-3 (reference)"
+    assert [line.get_ydata()[1] for line in ratio.get_lines()[:4]] == [-3.5] * 4
+    dead = Run(tmp_path, {"dead/layers.0": ([0], [0.5])})
+    assert plot_layer_activity(dead).axes[0].get_ylabel() == "dead share"

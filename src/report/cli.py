@@ -22,11 +22,24 @@ from pathlib import Path
 from src.errors import one_line_errors
 
 from .fitted import NoFit, load_fitted, plot_decision_regions, plot_fitted_curve
-from .plots import plot_grad_heatmap, plot_gradient_flow, plot_loss, pyplot
+from .plots import (
+    plot_grad_heatmap,
+    plot_gradient_flow,
+    plot_layer_activity,
+    plot_loss,
+    plot_update_ratio,
+    pyplot,
+)
 from .run import Run, RunError, load_run
 from .text import summary
 
-PLOTS = {"loss.png": plot_loss, "gradient_flow.png": plot_gradient_flow, "grad_heatmap.png": plot_grad_heatmap}
+PLOTS = {
+    "loss.png": plot_loss,
+    "gradient_flow.png": plot_gradient_flow,
+    "grad_heatmap.png": plot_grad_heatmap,
+    "layer_activity.png": plot_layer_activity,
+    "update_ratio.png": plot_update_ratio,
+}
 
 
 FIT_PLOTS = {1: ("fitted_curve.png", plot_fitted_curve), 2: ("decision_regions.png", plot_decision_regions)}

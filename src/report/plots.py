@@ -9,7 +9,7 @@ import math
 import sys
 
 from src.callbacks.events import EventKind
-from src.names import TRAIN_LOSS, VAL_LOSS
+from src.names import DEAD, SATURATED, TRAIN_LOSS, UPDATE_RATIO_LOG10, VAL_LOSS
 
 from .run import Run
 
@@ -111,5 +111,53 @@ def plot_grad_heatmap(run: Run):
     ax.set_xlabel("step")
     ax.set_title("log10 gradient norm per layer")
     fig.colorbar(mesh, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_activity(run: Run, ax=None):
+    """Each layer's saturated share over training (bounded activations: the picture of Glorot & Bengio
+    2010), or its dead share (the ReLU family), with the stalls marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5)) if ax is None else (ax.figure, ax)
+    series, what = run.per_layer(SATURATED), "saturated"
+    if not series:
+        series, what = run.per_layer(DEAD), "dead"
+    if not series:
+        ax.text(0.5, 0.5, "no saturated/ or dead/ scalars in this run", ha="center", transform=ax.transAxes)
+        return fig
+    colors = plt.get_cmap("viridis")
+    for i, (name, (steps, values)) in enumerate(series.items()):
+        ax.plot(steps, values, label=name, color=colors(i / max(len(series) - 1, 1)))
+    for event in run.events:
+        ax.axvline(event.step, color="tab:gray", linestyle="--", linewidth=0.8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{what} share")
+    unit = "outputs at a bound of the activation" if what == "saturated" else "units with no positive output"
+    ax.set_title(f"{what} share per layer ({unit}): {run.path.name}", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_update_ratio(run: Run, ax=None):
+    """log10 of each layer's update-to-weight ratio over training, with the reference at -3."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5)) if ax is None else (ax.figure, ax)
+    series = run.per_layer(UPDATE_RATIO_LOG10)
+    if not series:
+        ax.text(0.5, 0.5, "no update_ratio_log10/ scalars in this run", ha="center", transform=ax.transAxes)
+        return fig
+    colors = plt.get_cmap("viridis")
+    for i, (name, (steps, values)) in enumerate(series.items()):
+        ax.plot(steps, [max(v, -12.0) for v in values], label=name, color=colors(i / max(len(series) - 1, 1)))
+    ax.axhline(-3, color="black", linestyle="--", linewidth=1, label="-3 (reference)")
+    for event in run.events:
+        ax.axvline(event.step, color="tab:gray", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10 ||ΔW|| / ||W||")
+    ax.set_title(f"update-to-weight ratio per layer: {run.path.name}", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig

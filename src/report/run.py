@@ -16,6 +16,11 @@ LAYER_TAG = re.compile(rf"^{re.escape(GRAD_NORM)}(.+)$")
 NOT_LAYERS = {GRAD_NORM_TOTAL.removeprefix(GRAD_NORM), GRAD_NORM_FIRST_TO_LAST.removeprefix(GRAD_NORM)}
 
 
+def _natural(name: str) -> list:
+    """``layers.10`` after ``layers.9``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 class RunError(ValueError):
     """RUN_DIR cannot be read as a run; the message says why and what to give instead."""
 
@@ -36,7 +41,13 @@ class Run:
         """Per-layer gradient-norm tags in layer order (``layers.0, layers.1, ...``; parameters excluded)."""
         names = [m.group(1) for tag in self.scalars if (m := LAYER_TAG.match(tag))]
         layers = [n for n in names if n not in NOT_LAYERS and not n.endswith((".weight", ".bias"))]
-        return sorted(layers, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
+        return sorted(layers, key=_natural)
+
+    def per_layer(self, prefix: str) -> dict[str, tuple[list[int], list[float]]]:
+        """Each layer's series under ``prefix`` (``saturated/``...), in layer order."""
+        found = {tag.removeprefix(prefix): series for tag, series in self.scalars.items() if tag.startswith(prefix)}
+        found = {name: series for name, series in found.items() if "/" not in name and name != "reference"}
+        return dict(sorted(found.items(), key=lambda kv: _natural(kv[0])))
 
     def grad_matrix(self) -> tuple[list[str], list[int], list[list[float]]]:
         """Layers, the steps at which every layer was logged, and norms[layer][step]."""
