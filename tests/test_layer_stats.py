@@ -177,3 +177,19 @@ def test_units_pinned_at_a_bound_are_diagnosed_saturated_not_vanishing():
     stall = detector.events[0]
     assert stall.diagnosis == "saturated_units" and stall.grad_norms["layers.0"] == 0.0
     assert stall.layers["layers.0"]["saturated"] == 1.0 and stall.layers["layers.1"]["saturated"] < 0.9
+
+
+def test_histograms_reach_tensorboard_ten_times_rarer_than_the_scalars(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, default_hp_metric=False)
+    monitor = LayerStatsMonitor(log_every_n_steps=1)
+    quiet_trainer(max_steps=12, logger=logger, callbacks=[monitor]).fit(TinyNet(), loader(n=48))
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    events.Reload()
+    tags = set(events.Tags()["histograms"])
+    assert {"hist_activation/body.0", "hist_gradient/body.3", "hist_weight/body.0"} <= tags
+    weights = events.Histograms("hist_weight/body.0")
+    assert [h.step for h in weights] == [0, 10]
+    assert weights[0].histogram_value.num == 15  # body.0's weight: 5 x 3

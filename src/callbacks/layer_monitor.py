@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from .grad_flow import shared_pass
-from .layer_stats import LayerStatistics, LayerStats, shared_statistics
+from .layer_stats import LayerStatistics, LayerStats, histogram, shared_statistics
 from .names import (
     ACT_MEAN,
     ACT_STD,
@@ -49,11 +49,11 @@ class LayerStatsMonitor(Callback):
       ``GradNormMonitor`` and ``PlateauDetector``).
 
     Every ``histogram_every_n_steps`` (default 10x rarer) it adds TensorBoard histograms of each
-    layer's activations, weight gradients and weights (``hist_activation/<layer>``...; at most
-    4096 values each), from rank 0. Under DDP the statistics are averaged over the ranks (one
-    collective per logged step). Under AMP they are computed in float32. With another ``margin`` the
-    saturated tag is ``saturated_m<margin>/``, so two monitors keep apart. The forward hooks exist
-    only during the logged steps' forward pass.
+    layer's activations, weight gradients and weights (``hist_activation/<layer>``...; 30 buckets
+    over at most 4096 values each, counted on the device), from rank 0. Under DDP the statistics
+    are averaged over the ranks (one collective per logged step). Under AMP they are computed in
+    float32. With another ``margin`` the saturated tag is ``saturated_m<margin>/``, so two monitors
+    keep apart. The forward hooks exist only during the logged steps' forward pass.
 
     Args:
         margin: How close to a bound an output counts as saturated, as a fraction of the half-range, in (0, 1).
@@ -172,4 +172,8 @@ class LayerStatsMonitor(Callback):
             if isinstance(logger, TensorBoardLogger):
                 for name, values in samples.items():
                     for kind, tensor in values.items():
-                        logger.experiment.add_histogram(f"{tags[kind]}{name}", tensor.cpu(), step)
+                        h = histogram(tensor)
+                        logger.experiment.add_histogram_raw(
+                            f"{tags[kind]}{name}", h.min, h.max, h.num, h.sum, h.sum_squares,
+                            h.bucket_limits, h.bucket_counts, step,
+                        )  # fmt: skip

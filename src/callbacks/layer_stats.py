@@ -87,6 +87,36 @@ def sample(tensor: torch.Tensor, limit: int = HISTOGRAM_SAMPLES) -> torch.Tensor
 
 
 @dataclass(frozen=True)
+class Histogram:
+    """A histogram as TensorBoard's ``add_histogram_raw`` takes it (``bucket_limits``: right edges)."""
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    bucket_limits: list[float]
+    bucket_counts: list[float]
+
+
+def histogram(values: torch.Tensor, bins: int = 30) -> Histogram:
+    """``values`` in ``bins`` equal buckets, counted on their device (``torch.histc``): cheaper than
+    TensorBoard's own ``add_histogram`` (numpy, ~1500 buckets), which cost 13% of a toy run.
+
+    >>> h = histogram(torch.tensor([0.0, 1.0, 1.0, 3.0]), bins=3)
+    >>> h.bucket_limits, h.bucket_counts, h.num
+    ([1.0, 2.0, 3.0], [1.0, 2.0, 1.0], 4)
+    """
+    x = values.detach().float().flatten()
+    low, high, total, squares = torch.stack([x.min(), x.max(), x.sum(), (x * x).sum()]).tolist()
+    if high <= low:  # one value: one bucket around it
+        return Histogram(low, high, x.numel(), total, squares, [high + 1e-12], [float(x.numel())])
+    counts = torch.histc(x, bins, low, high).tolist()
+    limits = torch.linspace(low, high, bins + 1)[1:].tolist()
+    return Histogram(low, high, x.numel(), total, squares, limits, counts)
+
+
+@dataclass(frozen=True)
 class LayerStats:
     """One layer at one recorded step; ``None`` where the statistic does not apply or was not seen."""
 
