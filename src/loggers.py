@@ -7,9 +7,11 @@ from typing import Any
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from torch import Tensor
 from typing_extensions import override
+
+from src.callbacks.layer_stats import Histogram
 
 
 class BatchedTensorBoardLogger(TensorBoardLogger):
@@ -42,6 +44,27 @@ class BatchedTensorBoardLogger(TensorBoardLogger):
                 raise ValueError(f"{type(self).__name__}: cannot log {key}={value!r}: not a number") from err
         if values:
             # The file writer every SummaryWriter.add_* uses (re-opened if the writer was closed).
+            self.experiment._get_file_writer().add_summary(Summary(value=values), step)
+
+    @rank_zero_only
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
+        """Write several histograms (``LayerStatsMonitor``'s) as one event, as ``log_metrics`` does scalars."""
+        values = [
+            Summary.Value(
+                tag=tag,
+                histo=HistogramProto(
+                    min=h.min,
+                    max=h.max,
+                    num=h.num,
+                    sum=h.sum,
+                    sum_squares=h.sum_squares,
+                    bucket_limit=h.bucket_limits,
+                    bucket=h.bucket_counts,
+                ),
+            )  # fmt: skip
+            for tag, h in self._add_prefix(histograms).items()
+        ]
+        if values:
             self.experiment._get_file_writer().add_summary(Summary(value=values), step)
 
     def _add_prefix(self, metrics: Mapping[str, Any]) -> Mapping[str, Any]:

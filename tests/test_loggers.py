@@ -45,3 +45,22 @@ def test_all_scalars_of_a_call_are_one_event(tmp_path):
 def test_a_value_that_is_not_a_number_is_named(tmp_path):
     with pytest.raises(ValueError, match="cannot log note='high'"):
         BatchedTensorBoardLogger(tmp_path).log_metrics({"note": "high"}, step=0)
+
+
+def test_histograms_written_as_one_event_read_back_as_tensorboards_own(tmp_path):
+    from src.callbacks.layer_stats import histogram
+
+    values = torch.linspace(-1, 1, 101)
+    ours = BatchedTensorBoardLogger(tmp_path, name="batched")
+    ours.log_histograms({"hist_weight/a": histogram(values), "hist_weight/b": histogram(values * 2)}, step=4)
+    ours.finalize("success")
+    events = EventAccumulator(ours.log_dir, size_guidance={"histograms": 0})
+    events.Reload()
+    assert sorted(events.Tags()["histograms"]) == ["hist_weight/a", "hist_weight/b"]
+    (a,) = events.Histograms("hist_weight/a")
+    assert a.step == 4 and a.histogram_value.num == 101 and sum(a.histogram_value.bucket) == 101
+    assert (
+        a.histogram_value.max == pytest.approx(1.0) and events.Histograms("hist_weight/b")[0].histogram_value.max == 2
+    )
+    (path,) = tmp_path.rglob("events.out.tfevents.*")
+    assert [len(r.summary.value) for r in EventFileLoader(str(path)).Load() if r.summary.value] == [2]  # one event

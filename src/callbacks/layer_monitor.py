@@ -4,7 +4,8 @@ gradient-to-weight ratios, and histograms (the statistics themselves are in :mod
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -13,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from .grad_flow import shared_pass
-from .layer_stats import LayerStatistics, LayerStats, histogram, shared_statistics
+from .layer_stats import Histogram, LayerStatistics, LayerStats, histogram, shared_statistics
 from .names import (
     ACT_MEAN,
     ACT_STD,
@@ -29,6 +30,14 @@ from .names import (
 )
 
 DEFAULT_MARGIN = 0.03
+
+
+@runtime_checkable
+class HistogramLogger(Protocol):
+    """A logger that writes several histograms at once (the template's ``BatchedTensorBoardLogger``:
+    one event for all of them). Any other ``TensorBoardLogger`` gets one ``add_histogram_raw`` each."""
+
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None: ...
 
 
 class LayerStatsMonitor(Callback):
@@ -168,12 +177,19 @@ class LayerStatsMonitor(Callback):
         if not trainer.is_global_zero:
             return
         tags = {"activation": HIST_ACTIVATION, "gradient": HIST_GRADIENT, "weight": HIST_WEIGHT}
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for name, values in samples.items():
-                    for kind, tensor in values.items():
-                        h = histogram(tensor)
-                        logger.experiment.add_histogram_raw(
-                            f"{tags[kind]}{name}", h.min, h.max, h.num, h.sum, h.sum_squares,
-                            h.bucket_limits, h.bucket_counts, step,
-                        )  # fmt: skip
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, (HistogramLogger, TensorBoardLogger))]
+        if not loggers:
+            return
+        histograms = {
+            f"{tags[kind]}{name}": histogram(tensor)
+            for name, values in samples.items()
+            for kind, tensor in values.items()
+        }
+        for logger in loggers:
+            if isinstance(logger, HistogramLogger):
+                logger.log_histograms(histograms, step)
+                continue
+            for tag, h in histograms.items():
+                logger.experiment.add_histogram_raw(
+                    tag, h.min, h.max, h.num, h.sum, h.sum_squares, h.bucket_limits, h.bucket_counts, step
+                )
