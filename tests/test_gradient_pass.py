@@ -23,3 +23,18 @@ def test_a_monitor_and_a_detector_share_one_pass_over_the_gradients(monkeypatch)
     trainer = quiet_trainer(max_steps=6, logger=MemoryLogger(), callbacks=[GradNormMonitor(log_every_n_steps=2), other])
     trainer.fit(TinyNet(), loader(n=24))
     assert len(calls) == len({0, 2, 4} | {0, 3}) and [p.step for p in other.history] == [0, 3]
+
+
+def test_two_monitors_of_different_norm_types_write_apart():
+    import math
+
+    logger = MemoryLogger()
+    two, inf = GradNormMonitor(log_every_n_steps=1), GradNormMonitor(norm_type=math.inf, log_every_n_steps=1)
+    quiet_trainer(max_steps=2, logger=logger, callbacks=[two, inf]).fit(TinyNet(), loader())
+    assert [s for s, _ in logger.metrics["grad_norm/body.0"]] == [0, 1]  # once per step: not overwritten
+    assert [s for s, _ in logger.metrics["grad_norm_pinf/body.0"]] == [0, 1]
+    assert {"grad_norm_pinf_log10/body.0", "grad_norm_pinf/total"} <= set(logger.metrics)
+    for (_, l2), (_, linf) in zip(
+        logger.metrics["grad_norm/body.0"], logger.metrics["grad_norm_pinf/body.0"], strict=True
+    ):
+        assert linf < l2  # the largest entry is below the 2-norm of several

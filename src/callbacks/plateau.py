@@ -163,38 +163,17 @@ class PlateauDetector(EarlyStopping):
         self._check_listeners: list[CheckListener] = []
         self._warned_missing = False
 
-    # EarlyStopping's attributes, read from (and written to) the tracker that decides.
-    @property
-    def wait_count(self) -> int:
-        return self.tracker.wait
-
-    @wait_count.setter
-    def wait_count(self, value: int) -> None:
-        self.tracker.wait = int(value)
-
-    @property
-    def best_score(self) -> torch.Tensor:
-        return torch.tensor(self.tracker.best)
-
-    @best_score.setter
-    def best_score(self, value: Any) -> None:
-        self.tracker.best = float(value)
-
-    @property
-    def min_delta(self) -> float:
-        return self.tracker.min_delta * (1.0 if self.tracker.mode == "max" else -1.0)
-
-    @min_delta.setter
-    def min_delta(self, value: float) -> None:
-        self.tracker.min_delta = abs(float(value))
-
-    @property
-    def patience(self) -> int:
-        return self.tracker.patience
-
-    @patience.setter
-    def patience(self, value: int) -> None:
-        self.tracker.patience = int(value)
+    # EarlyStopping's attributes, read from (and written to) the tracker that decides; min_delta is
+    # signed as EarlyStopping signs it (negative for mode "min").
+    wait_count = property(lambda self: self.tracker.wait, lambda self, v: setattr(self.tracker, "wait", int(v)))
+    best_score = property(
+        lambda self: torch.tensor(self.tracker.best), lambda self, v: setattr(self.tracker, "best", float(v))
+    )
+    min_delta = property(
+        lambda self: self.tracker.min_delta * (1.0 if self.tracker.mode == "max" else -1.0),
+        lambda self, v: setattr(self.tracker, "min_delta", abs(float(v))),
+    )
+    patience = property(lambda self: self.tracker.patience, lambda self, v: setattr(self.tracker, "patience", int(v)))
 
     @property
     @override
