@@ -9,15 +9,16 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from src.data.in_memory import InMemoryDataModule, InMemoryDataset
 
-Variant = Literal["two_clusters", "xor", "blobs"]
+Variant = Literal["two_clusters", "xor", "xor4", "blobs"]
 
 # (center, label) of each Gaussian cluster. two_clusters is the source experiment's data set.
 CLUSTERS: dict[str, list[tuple[tuple[float, float], int]]] = {
     "two_clusters": [((0.0, 8.0), 1), ((8.0, 0.0), 0)],
     "xor": [((0.0, 0.0), 0), ((8.0, 8.0), 0), ((0.0, 8.0), 1), ((8.0, 0.0), 1)],
+    "xor4": [((0.0, 0.0), 0), ((0.0, 1.0), 1), ((1.0, 0.0), 1), ((1.0, 1.0), 0)],  # the lab's exact points
     "blobs": [((-10.0, -4.0), 0), ((-7.0, -8.0), 1), ((-6.0, -3.0), 2), ((-2.0, 4.0), 3)],
 }
-STD = {"two_clusters": 1.0, "xor": 1.0, "blobs": 0.5}
+STD = {"two_clusters": 1.0, "xor": 1.0, "xor4": 0.0, "blobs": 0.5}
 
 
 def make_toy2d(variant: str, n_samples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,9 @@ class Toy2DDataModule(InMemoryDataModule):
     """Gaussian clusters in 2-D: the data set on which deep sigmoid MLPs stall.
 
     Variants: ``two_clusters`` (class 1 around (0, 8), class 0 around (8, 0), std 1: the source
-    experiment), ``xor`` (four clusters, opposite corners share a class) and ``blobs`` (four
+    experiment), ``xor`` (four clusters, opposite corners share a class), ``xor4`` (the source lab's
+    exact XOR: the points (0,0), (0,1), (1,0), (1,1) with labels 0, 1, 1, 0 and no noise; with
+    ``n_samples: 4`` each point once, and validation and test are the same four) and ``blobs`` (four
     classes around (-10,-4), (-7,-8), (-6,-3), (-2,4), std 0.5). Train, validation and test sets
     are independent draws from one seeded generator, so the same ``seed`` gives the same data.
 
