@@ -64,3 +64,11 @@ def test_mini_batches_come_from_tensor_indexing():
 def test_too_few_samples_for_the_clusters_is_rejected():
     with pytest.raises(ValueError, match="n_samples"):
         setup_data(variant="blobs", n_samples=3)
+
+
+def test_xor4_is_the_labs_four_points_without_noise():
+    dm = Toy2DDataModule(variant="xor4", n_samples=4, val_samples=4)
+    dm.setup("fit")
+    x, y = dm.train_set.tensors[:2]
+    assert x.tolist() == [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]] and y.tolist() == [0, 1, 1, 0]
+    assert torch.equal(dm.val_set.tensors[0], x) and dm.num_classes == 2
