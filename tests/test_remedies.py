@@ -223,11 +223,26 @@ class AdamNet(MLPClassifier):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def test_layer_wise_steps_on_adam_fail_at_fit_start(tmp_path):
-    escape = PlateauEscape(actions={"vanishing": [{"trust_ratio": 0.01}]})
-    trainer = quiet_trainer(max_epochs=1, callbacks=[PlateauDetector(), escape], default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match="layer-wise steps of 0.01 x |W|' needs an optimizer with 'momentum'"):
-        trainer.fit(AdamNet(depth=2), datamodule=Toy2DDataModule())
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.RMSprop])
+def test_layer_wise_steps_rescale_the_step_any_optimizer_took(optimizer):
+    from src.callbacks.escape_actions import trust_update_
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 1))
+    opt = optimizer(net.parameters(), lr=1e-3)
+    layers = parameter_layers(net)
+    net(torch.randn(8, 3)).pow(2).mean().backward()
+    before = {id(p): p.detach().clone() for p in net.parameters()}
+    opt.step()
+    optimizers_own = [p.detach().clone() for p in layers["2"]]
+    trust_update_(layers, before, 0.01)
+    for name, params in layers.items():
+        old = torch.cat([before[id(p)].flatten() for p in params])
+        step = torch.cat([p.detach().flatten() for p in params]) - old
+        if name == "2":  # the LayerNorm: no weight matrix, its step stays the optimizer's own
+            assert all(torch.equal(p, q) for p, q in zip(layers["2"], optimizers_own, strict=True))
+        else:
+            assert step.norm().item() == pytest.approx(0.01 * old.norm().item(), rel=1e-4)
 
 
 def deep_sigmoid_run(tmp_path, epochs: int, **kwargs):

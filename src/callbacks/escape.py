@@ -13,7 +13,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from .escape_actions import DEFAULT_ACTIONS, EscapeAction, apply_action, as_action, check_applicable, trust_ratio_
+from .escape_actions import (
+    DEFAULT_ACTIONS,
+    EscapeAction,
+    adapted,
+    apply_action,
+    as_action,
+    check_applicable,
+    steps_on_gradients,
+    trust_ratio_,
+    trust_update_,
+)
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
 from .names import OPTIM_LR, OPTIM_MOMENTUM, PLATEAU_ACTIONS_TEXT
@@ -86,6 +96,8 @@ class PlateauEscape(Callback):
                 f"PlateauEscape: unknown diagnosis {sorted(unknown)} in actions; use {', '.join(DIAGNOSES)} or any"
             )
         self.actions = {key: [self._as_action(a) for a in listed] for key, listed in policy.items()}
+        self._configured = {key: list(listed) for key, listed in self.actions.items()}
+        self._default_policy = actions is None
         if not any(self.actions.values()):
             raise ValueError("PlateauEscape: actions is empty; give at least one, or leave it out for the defaults")
         if restore_lr_below is not None and not 0 < restore_lr_below < 1:
@@ -102,6 +114,7 @@ class PlateauEscape(Callback):
         self.rollback_on_divergence = rollback_on_divergence
         self._snapshot: dict[str, Any] | None = None  # the state before the last action, in memory
         self._detector: PlateauDetector | None = None
+        self._before: dict[int, torch.Tensor] | None = None  # the parameters before a non-SGD step
         self._layers: dict[str, list[Any]] = {}
 
     @staticmethod
@@ -119,9 +132,10 @@ class PlateauEscape(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # Lightning asks for it around every hook call; the actions are fixed at construction.
+        # Lightning asks for it around every hook call: the configured actions, fixed at construction
+        # (not the ones adapted to the optimizer at fit start, which a resume restores before).
         if getattr(self, "_state_key", None) is None:
-            described = {key: [a.describe() for a in listed] for key, listed in self.actions.items()}
+            described = {key: [a.describe() for a in listed] for key, listed in self._configured.items()}
             self._state_key = self._generate_state_key(
                 actions=described["any"] if list(described) == ["any"] else described
             )
@@ -139,10 +153,24 @@ class PlateauEscape(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A policy given by the user must apply to the optimizer as it is (one line otherwise); the
+        default policy serves any optimizer: the parts it has no setting for are left out (momentum
+        on Adam), and layer-wise steps act on the step it takes."""
+        self.actions = {key: list(listed) for key, listed in self._configured.items()}
         for optimizer in trainer.optimizers:
-            for listed in self.actions.values():
-                for action in listed:
-                    check_applicable(optimizer, action)
+            if not self._default_policy:
+                for listed in self.actions.values():
+                    for action in listed:
+                        check_applicable(optimizer, action)
+                continue
+            for key, listed in self.actions.items():
+                self.actions[key] = [kept for a in listed if (kept := adapted(a, optimizer)) is not None]
+        before = [a.describe() for listed in self._configured.values() for a in listed]
+        if before != [a.describe() for listed in self.actions.values() for a in listed]:
+            names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
+            rank_zero_info(
+                f"PlateauEscape: the default policy for {names} leaves out the momentum settings it has none of"
+            )
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -152,8 +180,18 @@ class PlateauEscape(Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.trust_ratio is not None:
+        if self.trust_ratio is None:
+            return
+        if steps_on_gradients(optimizer):
             trust_ratio_(self._layers, optimizer, self.trust_ratio)
+        elif self._before is None:  # any other optimizer: the step it takes is rescaled after it
+            self._before = {id(p): p.detach().clone() for params in self._layers.values() for p in params}
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._before is not None:
+            trust_update_(self._layers, self._before, self.trust_ratio or 0.0)
+            self._before = None
 
     def next_action(self, diagnosis: str | None) -> tuple[str, EscapeAction] | None:
         """The action the next stall with this diagnosis gets, and the list it comes from: the

@@ -89,7 +89,8 @@ REPLACE_UNITS = (EscapeAction(replace_units=True, trust_ratio=0.01, momentum=0.0
 # The default policy, per diagnosis; "any" serves the other diagnoses, and a diagnosis whose own
 # list is spent. Vanishing gradients get layer-wise steps; idle ReLU units are re-placed (with
 # layer-wise steps); a flat region gets the source study's remedy (momentum, then larger steps),
-# then layer-wise steps. All for SGD: with Adam, give a policy of your own (configs/dnnex.yaml).
+# then layer-wise steps. Measured with SGD; with an optimizer that has no momentum setting (Adam,
+# AdamW) the momentum parts are left out (see `adapted`) and layer-wise steps act on its update.
 DEFAULT_ACTIONS: dict[str, tuple[EscapeAction, ...]] = {
     "vanishing": (LAYER_WISE_STEPS,),
     "dead_units": REPLACE_UNITS,
@@ -100,15 +101,39 @@ DEFAULT_ACTIONS: dict[str, tuple[EscapeAction, ...]] = {
 
 
 def check_applicable(optimizer: torch.optim.Optimizer, action: EscapeAction) -> None:
-    """Raise ``ValueError`` naming the optimizer when ``action`` cannot apply to it (momentum on Adam)."""
-    needs_sgd = True if action.trust_ratio is not None else None
-    for key, wanted in (("momentum", action.momentum), ("nesterov", action.nesterov), ("momentum", needs_sgd)):
+    """Raise ``ValueError`` naming the optimizer when ``action`` cannot apply to it (momentum on Adam).
+    Layer-wise steps apply to any optimizer (see :func:`steps_on_gradients`)."""
+    for key, wanted in (("momentum", action.momentum), ("nesterov", action.nesterov)):
         if wanted is not None and any(key not in group for group in optimizer.param_groups):
             raise ValueError(
                 f"PlateauEscape action '{action.describe()}' needs an optimizer with '{key}' (such as "
                 f"torch.optim.SGD), but the optimizer is {type(optimizer).__name__}: remove the action or change "
                 "the optimizer"
             )
+
+
+def adapted(action: EscapeAction, optimizer: torch.optim.Optimizer) -> EscapeAction | None:
+    """``action`` without the parts ``optimizer`` has no setting for (momentum and nesterov on Adam),
+    or ``None`` if nothing is left: how the default policy serves any optimizer.
+
+    >>> adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    >>> adapted(EscapeAction(trust_ratio=0.01, momentum=0.0), adam).describe()
+    'layer-wise steps of 0.01 x |W|'
+    >>> adapted(EscapeAction(momentum=0.9), adam) is None
+    True
+    """
+    has = {key: all(key in group for group in optimizer.param_groups) for key in ("momentum", "nesterov")}
+    momentum = action.momentum if has["momentum"] else None
+    nesterov = action.nesterov if has["nesterov"] else None
+    if (momentum, nesterov, action.lr_factor, action.trust_ratio) == (None,) * 4 and not action.replace_units:
+        return None
+    return dataclasses.replace(action, momentum=momentum, nesterov=nesterov)
+
+
+def steps_on_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether layer-wise steps can be set through the gradients (plain SGD: the step is ``lr * grad``);
+    for any other optimizer they are set on the step it took (:func:`trust_update_`)."""
+    return type(optimizer) is torch.optim.SGD
 
 
 def _schedulers_of(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]) -> list[Any]:
@@ -145,15 +170,19 @@ def apply_action(
                     if isinstance(getattr(scheduler, key, None), list):
                         getattr(scheduler, key)[index] = action.momentum
             for param in group["params"]:
-                optimizer.state.get(param, {}).pop("momentum_buffer", None)
+                state = optimizer.state.get(param, {})
+                state.pop("momentum_buffer", None)
+                if state and isinstance(optimizer, torch.optim.RMSprop) and action.momentum > 0:
+                    # RMSprop creates its buffer at the first step only when momentum > 0 then
+                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if action.nesterov is not None:
             group["nesterov"] = action.nesterov
         if action.lr_factor is not None:
             factor *= action.lr_factor
         if factor != 1.0 and float(group["lr"]) > 0:  # an lr of 0 (a warm-up's first step) stays 0
             new_lr = float(group["lr"]) * factor
-            if action.max_lr is not None:
-                new_lr = min(new_lr, action.max_lr)
+            if action.max_lr is not None:  # a cap: a raise never lowers an lr already above it
+                new_lr = max(min(new_lr, action.max_lr), min(float(group["lr"]), new_lr))
             factor = new_lr / float(group["lr"])
             group["lr"] = new_lr if not isinstance(group["lr"], torch.Tensor) else group["lr"].fill_(new_lr)
             for key in ("initial_lr", "max_lr", "min_lr"):  # max_lr, min_lr: OneCycleLR's
@@ -187,6 +216,27 @@ def trust_ratio_(layers: dict[str, list[torch.nn.Parameter]], optimizer: torch.o
             by_device.setdefault(params[0].device, []).append((params, lrs[id(params[0])]))
     for kept in by_device.values():
         _scale_layers(kept, ratio)
+
+
+@torch.no_grad()
+def trust_update_(layers: dict[str, list[torch.nn.Parameter]], before: dict[int, torch.Tensor], ratio: float) -> None:
+    """After any optimizer's step: rescale each layer's step ``W - W_before`` (weight and bias
+    together) to the norm ``ratio * |[W_before, b_before]|``, the LAMB-style trust ratio on the
+    update the optimizer actually took (Adam's step does not scale with the gradient, so scaling
+    the gradient, as :func:`trust_ratio_` does for SGD, would change nothing). ``before`` holds each
+    parameter's value before the step, by ``id``. Layers without a weight matrix, or with a zero
+    norm or step, are left alone."""
+    for params in layers.values():
+        params = [p for p in params if id(p) in before]
+        if not any(p.ndim >= 2 for p in params):
+            continue
+        old = [before[id(p)] for p in params]
+        steps = torch._foreach_sub([p.detach() for p in params], old)
+        size = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
+        step = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(steps)))
+        scale = torch.where((size > 0) & (step > 0), ratio * size / step, torch.ones_like(step))
+        for param, start, delta in zip(params, old, steps, strict=True):
+            param.copy_(start + scale.to(delta.dtype) * delta)
 
 
 def _scale_layers(kept: list[tuple[list[torch.nn.Parameter], float]], ratio: float) -> None:
