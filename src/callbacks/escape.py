@@ -29,7 +29,7 @@ from .grad_flow import parameter_layers
 from .names import OPTIM_LR, OPTIM_MOMENTUM, PLATEAU_ACTIONS_TEXT
 from .plateau import PlateauDetector
 from .plateau_rule import DIAGNOSES
-from .units import next_linear, replace_units
+from .units import replace_idle_units
 
 
 class PlateauEscape(Callback):
@@ -296,29 +296,13 @@ class PlateauEscape(Callback):
         self._record(trainer, event, what, lr_from=lrs_before[0])
 
     def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent) -> str:
-        """Re-place the units the event names, layer by layer from the input: a layer's new kinks go on
-        the points its (already mended) predecessor now gives it, so a run of dead layers comes back
-        in one action. The same new weights on every rank (rank 0's)."""
-        recorder = self._detector.units
+        """Re-place the units the event names (:func:`~.units.replace_idle_units`); the same new weights
+        on every rank (rank 0's: each rank put the kinks on its own data)."""
+        broadcast = (lambda t: trainer.strategy.broadcast(t, src=0)) if trainer.world_size > 1 else None
         generator = torch.Generator().manual_seed(trainer.global_step)
-        found_units = event.units or {}
-        replaced, inputs = [], None
-        for name, layer in recorder.layers.items():
-            if inputs is None:
-                inputs = recorder.inputs.get(name)
-            if inputs is None:
-                break
-            found = found_units.get(name)
-            units = sorted({*found["dead"], *found["always_on"], *(p[1] for p in found["redundant"])}) if found else []
-            if units:
-                replace_units(layer, next_linear(pl_module, name), units, inputs, trainer.optimizers, generator)
-                if trainer.world_size > 1:  # each rank put the kinks on its own data: take rank 0's
-                    for param in (layer.weight, layer.bias):
-                        if param is not None:
-                            param.data.copy_(trainer.strategy.broadcast(param.data, src=0))
-                replaced.append(f"{name} {units}")
-            with torch.no_grad():  # what the next unit layer reads (the Linear-ReLU layout of unit_layers)
-                inputs = torch.relu(layer(inputs))
+        replaced = replace_idle_units(
+            self._detector.units, pl_module, event.units or {}, trainer.optimizers, generator, broadcast
+        )
         return f": {', '.join(replaced)}" if replaced else ": none found"
 
     @staticmethod

@@ -168,3 +168,36 @@ def replace_units(
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
                     value[index] = 0
+
+
+def replace_idle_units(
+    recorder: UnitRecorder,
+    module: nn.Module,
+    found_units: dict[str, dict[str, list]],
+    optimizers: Sequence[torch.optim.Optimizer],
+    generator: torch.Generator,
+    broadcast=None,
+) -> list[str]:
+    """Re-place the units ``found_units`` names (per layer: ``dead``, ``always_on``, ``redundant``
+    pairs), layer by layer from the input: a layer's new kinks go on the points its (already mended)
+    predecessor now gives it, so a run of dead layers comes back in one action. ``broadcast`` (a
+    tensor -> tensor from rank 0, under DDP) makes every rank take the same new weights. Returns
+    ``"<layer> [units]"`` for each layer changed."""
+    replaced, inputs = [], None
+    for name, layer in recorder.layers.items():
+        if inputs is None:
+            inputs = recorder.inputs.get(name)
+        if inputs is None:
+            break
+        found = found_units.get(name)
+        units = sorted({*found["dead"], *found["always_on"], *(p[1] for p in found["redundant"])}) if found else []
+        if units:
+            replace_units(layer, next_linear(module, name), units, inputs, optimizers, generator)
+            if broadcast is not None:
+                for param in (layer.weight, layer.bias):
+                    if param is not None:
+                        param.data.copy_(broadcast(param.data))
+            replaced.append(f"{name} {units}")
+        with torch.no_grad():  # what the next unit layer reads (the Linear-ReLU layout of unit_layers)
+            inputs = torch.relu(layer(inputs))
+    return replaced
