@@ -402,3 +402,20 @@ def test_an_lr_raise_never_lowers_an_lr_above_its_cap():
         optimizer = sgd(lr=lr)
         settings = apply_action(optimizer, EscapeAction(lr_factor=5, max_lr=0.5))
         assert settings["lr"] == [pytest.approx(expected)]
+
+
+def test_the_escape_acts_when_a_real_early_stopping_follows_the_detector(tmp_path):
+    """The detector moves itself after a real EarlyStopping at setup; the callback after it (here the
+    escape) must still be set up: a list changed while Lightning loops over it skipped it."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    class Frozen(MLPClassifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    detector, escape = PlateauDetector(patience=2), PlateauEscape(actions=[{"lr_factor": 2}])
+    stop = EarlyStopping("train/loss", patience=1000)
+    trainer = quiet_trainer(max_epochs=6, limit_val_batches=0, callbacks=[detector, escape, stop])
+    trainer.fit(Frozen(depth=2, width=4), datamodule=Toy2DDataModule())
+    assert trainer.early_stopping_callback is stop
+    assert detector.events and detector.events[0].actions[0].action == "lr x2"

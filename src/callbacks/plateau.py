@@ -203,13 +203,16 @@ class PlateauDetector(EarlyStopping):
         self.gradients = shared_pass(trainer)
         self.layer_stats = shared_statistics(trainer)
         # A real EarlyStopping stays trainer.early_stopping_callback (the first EarlyStopping listed).
-        callbacks = trainer.callbacks
+        # A new list: Lightning is iterating over the old one to call this hook, and an element moved
+        # in it would make the loop skip the next callback's setup.
+        callbacks = list(trainer.callbacks)
         real = [
             i for i, cb in enumerate(callbacks) if isinstance(cb, EarlyStopping) and not isinstance(cb, PlateauDetector)
         ]
         if real and callbacks.index(self) < real[-1]:
             callbacks.remove(self)
             callbacks.insert(real[-1], self)
+            trainer.callbacks = callbacks
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
