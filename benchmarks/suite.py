@@ -118,7 +118,7 @@ def monitor_parts(root: str, calls: int, repeats: int) -> tuple[dict[str, list[f
 
     net = toy_net()
     net(torch.randn(20, 2)).sum().backward()
-    recorder = GradNormRecorder(every_n_steps=1).bind(net)
+    recorder = GradNormRecorder().bind(net)
     profile = recorder.record(0)
     norms = list(zip(profile.names, profile.norms, strict=True))
     metrics = {f"{GRAD_NORM}{name}": value for name, value in norms}  # what the monitor logs by default

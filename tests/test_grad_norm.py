@@ -94,7 +94,7 @@ def test_inf_norm_and_per_parameter_norms():
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     layers = parameter_layers(model)
-    recorder = GradNormRecorder(every_n_steps=1, norm_type=math.inf).bind(model)
+    recorder = GradNormRecorder(norm_type=math.inf).bind(model)
     profile = recorder.record(step=0)
     expected = [max(p.grad.abs().max().item() for p in ps) for ps in layers.values()]
     assert list(profile.norms) == pytest.approx(expected)
@@ -106,7 +106,7 @@ def test_layer_and_total_norms_equal_torchs_norm_of_the_gradients_together(norm_
     model = TinyNet()
     for p in model.parameters():
         p.grad = torch.randn_like(p, dtype=torch.float64).float()
-    recorder = GradNormRecorder(every_n_steps=1, norm_type=norm_type).bind(model)
+    recorder = GradNormRecorder(norm_type=norm_type).bind(model)
     profile = recorder.record(step=0)
     layers = [model.body[i] for i in (0, 1, 3)]
     expected = [
@@ -373,7 +373,7 @@ def test_a_shared_parameter_counts_once_and_layers_made_in_configure_model_are_s
     tied = Tied()
     tied.training_step(next(iter(loader())), 0).backward()
     hand = torch.cat([tied.encoder.weight.grad.flatten(), tied.encoder.bias.grad.flatten()]).norm().item()
-    profile = GradNormRecorder(every_n_steps=1).bind(tied).record(0)
+    profile = GradNormRecorder().bind(tied).record(0)
     assert dict(zip(profile.names, profile.norms, strict=True))["encoder"] == pytest.approx(hand, rel=1e-5)
 
     class LastLayerGrad(L.Callback):

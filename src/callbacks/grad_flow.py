@@ -154,7 +154,8 @@ class GradProfile:
 
 
 class GradNormRecorder:
-    """Computes a module's per-layer gradient norms every ``every_n_steps`` steps and keeps the latest.
+    """Computes a module's per-layer gradient norms when asked (:meth:`record`) and keeps the latest
+    ``history_size`` (which steps: :class:`GradientPass`).
 
     Call :meth:`bind` once the module's parameters exist, then :meth:`record` where the gradients are
     final for the step (Lightning: ``on_before_optimizer_step``). Steps whose gradients are not finite
@@ -162,19 +163,16 @@ class GradNormRecorder:
 
     >>> net = nn.Linear(2, 1)
     >>> net(torch.ones(4, 2)).sum().backward()
-    >>> recorder = GradNormRecorder(every_n_steps=1).bind(net)
+    >>> recorder = GradNormRecorder().bind(net)
     >>> recorder.record(step=0).names
     ('(root)',)
     """
 
-    def __init__(self, every_n_steps: int = 1, norm_type: float = 2.0, history_size: int = 1000) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+    def __init__(self, norm_type: float = 2.0, history_size: int = 1000) -> None:
         if not float(norm_type) > 0:
             raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
         if history_size < 1:
             raise ValueError(f"history_size must be >= 1, got {history_size}")
-        self.every_n_steps = every_n_steps
         self.norm_type = float(norm_type)
         self.history: deque[GradProfile] = deque(maxlen=history_size)
         self._values: list[float] = []  # the latest per-parameter norms
@@ -207,9 +205,6 @@ class GradNormRecorder:
     def param_norms(self) -> dict[str, float]:
         """The latest recorded step's norm of each parameter, by ``<layer>.<weight|bias>``."""
         return dict(zip(self._param_names, self._values, strict=True))
-
-    def due(self, step: int) -> bool:
-        return bool(self._layers) and step % self.every_n_steps == 0
 
     def record(self, step: int) -> GradProfile | None:
         """The profile of this step's gradients (also appended to ``history``); ``None`` if not finite."""
@@ -254,7 +249,7 @@ class GradientPass:
     """
 
     def __init__(self, norm_type: float = 2.0, history_size: int = 1000) -> None:
-        self.recorder = GradNormRecorder(1, norm_type, history_size)
+        self.recorder = GradNormRecorder(norm_type, history_size)
         self.per_optimizer: list[GradNormRecorder] = []  # with several optimizers: one recorder each
         self.layer_order: list[str] = []
         self._trainable = TrainableParameters()
@@ -278,7 +273,7 @@ class GradientPass:
             self.per_optimizer = []
         else:
             self.per_optimizer = [
-                GradNormRecorder(1, self.norm_type, size).bind(
+                GradNormRecorder(self.norm_type, size).bind(
                     module, only={id(p) for g in opt.param_groups for p in g["params"]}
                 )
                 for opt in optimizers

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +134,7 @@ class LayerStatistics:
     Per recorded step: :meth:`arm` before the forward, :meth:`before_step` once the gradients are
     final (before the optimizer step), :meth:`finish` after the step; each does its work once a step,
     however many readers call it (:func:`shared_statistics`). ``latest`` holds the last
-    step's statistics by layer, ``history`` the recent steps', ``samples`` (with ``keep_samples``)
+    step's statistics by layer, ``samples`` (with ``keep_samples``)
     value samples of each layer's activations, gradients and weights for histograms.
 
     >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
@@ -148,12 +147,11 @@ class LayerStatistics:
     ['0', '2']
     """
 
-    def __init__(self, margin: float = 0.03, history_size: int = 1000) -> None:
+    def __init__(self, margin: float = 0.03) -> None:
         if not 0 < margin < 1:
             raise ValueError(f"margin must be in (0, 1), got {margin}")
         self.margin = margin
         self.latest: dict[str, LayerStats] = {}
-        self.history: deque[tuple[int, dict[str, LayerStats]]] = deque(maxlen=history_size)
         self.samples: dict[str, dict[str, torch.Tensor]] = {}
         self.keep_samples = False
         self.step: int | None = None  # the step armed, until it is finished
@@ -239,7 +237,7 @@ class LayerStatistics:
                     entry["gradient"] = sample(w.grad)
 
     def finish(self, module: nn.Module, reduce=None) -> dict[str, LayerStats]:
-        """After the optimizer step: the step's statistics by layer (also ``latest`` and in ``history``).
+        """After the optimizer step: the step's statistics by layer (also ``latest``).
 
         ``reduce`` (a tensor -> tensor mean over processes, under DDP) averages the activation
         statistics over the ranks; it is called once, on every rank alike."""
@@ -267,10 +265,9 @@ class LayerStatistics:
         stats = {}
         for name, (mean, std, saturated, dead, update, grad) in zip(names, table.tolist(), strict=True):
             stats[name] = LayerStats(mean, std, _value(saturated), _value(dead), _value(update), _value(grad))
-        step, self.step, self.finished_step = self.step, None, self.step
+        self.step, self.finished_step = None, self.step
         self._found, self._before, self._outputs = {}, {}, {}
         self.latest = stats
-        self.history.append((step, stats))
         return stats
 
 
