@@ -32,6 +32,11 @@ from .names import (
 DEFAULT_MARGIN = 0.03
 
 
+def mean_over_ranks(trainer: L.Trainer):
+    """A tensor's mean over the processes under DDP (``None`` with one: nothing to reduce)."""
+    return (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
+
+
 @runtime_checkable
 class HistogramLogger(Protocol):
     """A logger that writes several histograms at once (the template's ``BatchedTensorBoardLogger``:
@@ -135,18 +140,14 @@ class LayerStatsMonitor(Callback):
         if self._step != trainer.global_step:
             return
         reading = shared_pass(trainer).read(pl_module, trainer.optimizers, optimizer, self._step, self._every(trainer))
-        norms = None
-        if reading is not None and reading.profile is not None and reading.index is None:
-            norms = {name.removesuffix(".weight"): v for name, v in reading.recorder.param_norms.items()}
-        self.stats.before_step(pl_module, norms)
+        self.stats.before_step(pl_module, reading)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step, self._step = self._step, None
         if step is None:
             return
-        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
-        stats = self.stats.finish(pl_module, reduce)
+        stats = self.stats.finish(pl_module, mean_over_ranks(trainer))
         if stats and trainer.loggers:
             metrics = self.metrics(stats)
             for logger in trainer.loggers:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .grad_flow import layer_modules
+from .grad_flow import Reading, layer_modules
 
 LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 RELU_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.PReLU, nn.RReLU)
@@ -214,11 +214,15 @@ class LayerStatistics:
             handle.remove()
         self._handles = []
 
-    def before_step(self, module: nn.Module, grad_norms: dict[str, float] | None = None) -> None:
+    def before_step(self, module: nn.Module, reading: Reading | None = None) -> None:
         """Once the gradients are final: keep each layer's weight (to measure the step) and its gradient
-        norm (``grad_norms``: by layer name, when another reader computed them; else computed here)."""
+        norm, from ``reading`` (this step's :class:`~.grad_flow.GradientPass` reading, with one
+        optimizer) or, without one, computed here."""
         if self.step is None or self._before:
             return
+        grad_norms = None
+        if reading is not None and reading.profile is not None and reading.index is None:
+            grad_norms = {name.removesuffix(".weight"): v for name, v in reading.recorder.param_norms.items()}
         self._flush_last()
         self.disarm()
         weights = [m.weight for m in self._layers.values()]

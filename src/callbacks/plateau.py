@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from .events import EventKind, StallEvent, save_events
 from .grad_flow import GradientPass, shared_pass
+from .layer_monitor import mean_over_ranks
 from .layer_stats import LayerStatistics, shared_statistics
 from .names import EVENTS_FILE, PLATEAU, PLATEAU_EVENTS_TEXT
 from .plateau_rule import PlateauTracker, Status, describe_event, diagnose
@@ -62,7 +63,10 @@ class PlateauDetector(EarlyStopping):
     a resumed run knows them. A NaN or infinite value, or one worse than ``divergence_threshold``,
     is recorded as a ``divergence`` event instead, and stops training when ``stop_on_divergence`` is set.
 
-    The gradient norms come from the trainer's one :class:`~.grad_flow.GradientPass` (shared with a
+    Every ``norms_every_n_steps`` steps it also records what each layer's activations do (the
+    trainer's one :class:`~.layer_stats.LayerStatistics`, shared with a ``LayerStatsMonitor``;
+    forward hooks during those steps only), for the event's ``layers`` and the ``saturated_units``
+    diagnosis. The gradient norms come from the trainer's one :class:`~.grad_flow.GradientPass` (shared with a
     ``GradNormMonitor``: one pass over the gradients per logged step), read every
     ``norms_every_n_steps`` steps; with several optimizers (manual optimization, a GAN) each
     optimizer's step reads its own parameters, every n of its own steps, and the diagnosis sees each
@@ -233,10 +237,7 @@ class PlateauDetector(EarlyStopping):
         every = self.norms_every_n_steps or trainer.log_every_n_steps
         reading = self.gradients.read(pl_module, trainer.optimizers, optimizer, trainer.global_step, every)
         if self.layer_stats.step == trainer.global_step:
-            norms = None
-            if reading is not None and reading.profile is not None and reading.index is None:
-                norms = {name.removesuffix(".weight"): v for name, v in reading.recorder.param_norms.items()}
-            self.layer_stats.before_step(pl_module, norms)
+            self.layer_stats.before_step(pl_module, reading)
 
     @override
     def on_train_batch_start(
@@ -248,8 +249,7 @@ class PlateauDetector(EarlyStopping):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.layer_stats.step is not None:
-            reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
-            self.layer_stats.finish(pl_module, reduce)
+            self.layer_stats.finish(pl_module, mean_over_ranks(trainer))
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
