@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,6 +89,29 @@ class UnitRecorder:
 
     def reset(self) -> None:
         self.active, self.samples = {}, {}
+
+    def idle(self, trainer: Any, same_kink: float = 0.999) -> dict[str, dict[str, list]]:
+        """Per layer, its dead, always-on and redundant units (:func:`idle_units`) since the last
+        :meth:`reset` (layers with none left out). Counts are summed over the processes of
+        ``trainer`` (a Lightning Trainer), so every rank finds the same units."""
+        found = {}
+        for name, layer in self.layers.items():
+            if name not in self.active:
+                continue
+            active = self.active[name].float()
+            samples = torch.tensor(float(self.samples[name]), device=active.device)
+            if trainer.world_size > 1:
+                active = trainer.strategy.reduce(active, reduce_op="sum")
+                samples = trainer.strategy.reduce(samples, reduce_op="sum")
+            rows = layer.weight.detach()
+            if layer.bias is not None:
+                rows = torch.cat([rows, layer.bias.detach()[:, None]], dim=1)
+            units = idle_units(
+                [int(n) for n in active.tolist()], int(samples.item()), rows.tolist(), same_kink=same_kink
+            )
+            if any(units.values()):
+                found[name] = units
+        return found
 
     def close(self) -> None:
         for handle in self._handles:

@@ -1,0 +1,148 @@
+"""PlateauDetector's step rule: a stall judged on the training steps' losses (mini-batches, streams)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from src.callbacks import PlateauDetector
+from src.callbacks.loss_trend import LossTrend, fit_trend
+from src.data import Toy2DDataModule
+from src.models import MLPClassifier
+from tests.helpers import quiet_trainer
+
+
+def noisy(means: list[float], relative_noise: float, seed: int = 0) -> list[float]:
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(means), generator=generator, dtype=torch.float64)
+    return [m * (1 + relative_noise * float(n)) for m, n in zip(means, noise, strict=True)]
+
+
+def stalls(values: list[float], window: int = 500) -> list[int]:
+    """The steps at which the rule reports a stall over ``values`` (one per step)."""
+    rule, found = LossTrend(window=window), []
+    for step in range(1, len(values) + 1):
+        if rule.due(step) and rule.check(step, fit_trend(values[step - window : step])):
+            found.append(step)
+            rule.restart(step)
+    return found
+
+
+def test_flat_and_drifting_losses_stall_but_a_noisy_healthy_one_does_not():
+    # Fashion-MNIST's shapes: a stuck net at chance (2.30, 0.4% noise), one drifting 0.1% over
+    # 5000 steps, and a healthy one falling 6% an epoch under 25% batch noise.
+    flat = noisy([2.3] * 2000, 0.004)
+    drift = noisy([2.3 * (1 - 0.001 * t / 5000) for t in range(5000)], 0.005)
+    healthy = noisy([0.3 * 0.94 ** (t / 550) for t in range(5000)], 0.25)
+    assert stalls(flat) == [500, 1000, 1500, 2000]
+    assert stalls(drift)[:2] == [500, 1000]
+    assert stalls(healthy) == []
+
+
+def test_a_window_that_rises_but_beats_an_earlier_window_is_no_stall():
+    # Within an epoch a learning net's loss can rise (samples seen longer ago come later): the
+    # line through the window points up, but its mean is below the earlier window's.
+    rule = LossTrend(window=10, every=10)
+    assert rule.check(10, fit_trend([1.0] * 10)) is True  # flat, no earlier window
+    rule.restart(10)
+    rising = [0.90 + 0.005 * t for t in range(10)]
+    assert fit_trend(rising).optimistic < 0
+    assert rule.check(20, fit_trend(rising)) is False
+    assert rule.check(30, fit_trend([1.2] * 10)) is True  # flat and worse than the best window
+
+
+class Frozen(MLPClassifier):
+    """A scripted plateau: with lr 0 the loss never moves."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_minibatch_stall_is_reported_within_the_epoch():
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(step_window=50)  # patience 100 epochs: the epoch rule cannot fire
+    trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[detector])
+    # batches of 1000: the frozen net's loss varies ~0.5% from batch to batch (~1.5% with batches
+    # of 100: the line's bound is then wider, and a short window is seldom sure of a stall)
+    trainer.fit(Frozen(depth=3, width=8), datamodule=Toy2DDataModule(n_samples=100_000, batch_size=1000))
+    assert [(e.epoch, e.step) for e in detector.events][:3] == [(0, 50), (0, 100), (1, 150)]
+    assert detector.events[0].diagnosis is not None
+    assert abs(detector.events[0].value - float(trainer.callback_metrics["train/loss"])) < 0.05
+
+
+def test_a_learning_minibatch_run_is_not_a_stall():
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(step_window=50)
+    model = MLPClassifier(depth=2, width=8, activation="relu")
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.002)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[detector])
+    trainer.fit(model, datamodule=Toy2DDataModule(n_samples=2000, batch_size=10))
+    assert detector.events == []
+
+
+def test_full_batch_runs_keep_the_epoch_rule_only():
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=30, step_window=5)
+    trainer = quiet_trainer(max_epochs=40, limit_val_batches=0, callbacks=[detector])
+    trainer.fit(Frozen(depth=2, width=4), datamodule=Toy2DDataModule())
+    assert [e.epoch for e in detector.events] == [30]  # the epoch rule's; the step rule would say 5
+
+
+class Stream(IterableDataset):
+    """Endless batches of two-cluster points: a data set with no length."""
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            y = torch.randint(0, 2, (1000,), generator=generator)
+            x = torch.randn(1000, 2, generator=generator) + 4.0 * torch.stack([y, 1 - y], dim=1)
+            yield x, y
+
+
+class FrozenOnAStream(Frozen):
+    def train_dataloader(self):
+        return DataLoader(Stream(), batch_size=None)
+
+
+def test_a_stream_under_max_steps_is_watched():
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(step_window=40)
+    trainer = quiet_trainer(max_steps=130, limit_val_batches=0, callbacks=[detector])
+    trainer.fit(FrozenOnAStream(depth=3, width=8))
+    assert [e.step for e in detector.events] == [40, 80, 120]
+
+
+def test_step_state_is_checkpointed():
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(step_window=50)
+    trainer = quiet_trainer(max_steps=70, limit_val_batches=0, callbacks=[detector])
+    trainer.fit(Frozen(depth=3, width=8), datamodule=Toy2DDataModule(n_samples=100_000, batch_size=1000))
+    restored = PlateauDetector(step_window=50)
+    restored.load_state_dict(detector.state_dict())
+    assert restored.steps.rule.start == detector.steps.rule.start == 50
+    assert restored.steps.rule.recent == detector.steps.rule.recent
+    assert restored.steps.losses.read(trainer) == pytest.approx(detector.steps.losses.read(trainer))
+    assert len(restored.steps.losses.values) == 50
+
+
+@pytest.mark.parametrize("monitor", ["val/loss", "train/acc"])
+def test_the_step_rule_watches_a_training_loss_only(monitor):
+    detector = PlateauDetector(monitor=monitor, mode="min", step_window=20)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[detector])
+    trainer.fit(Frozen(depth=2, width=4), datamodule=Toy2DDataModule(n_samples=500, batch_size=10))
+    assert detector.events == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"step_window": 2}, "PlateauDetector: step_window must be >= 3, got 2"),
+        ({"step_min_delta": 1.5}, "PlateauDetector: step_min_delta must be in (0, 1), got 1.5"),
+    ],
+)
+def test_bad_step_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        PlateauDetector(**kwargs)
+    assert str(err.value) == message
