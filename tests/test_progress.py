@@ -72,7 +72,9 @@ def test_the_bar_and_the_escape_agree_when_the_run_is_out_of_the_stall():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     detector = PlateauDetector()
     detector.save_events = lambda trainer: None  # no run directory here
-    escape = PlateauEscape(actions=[{"lr_factor": 5}], restore_lr_below=0.2, rollback_on_divergence=False)
+    escape = PlateauEscape(
+        actions=[{"lr_factor": 5}], restore_lr_below=0.2, rollback_on_divergence=False, probation=None
+    )
     escape._detector = detector
     stall = StallEvent(EventKind.STALL, 5, 5, "train/loss", 0.69)
     detector.events = [stall]

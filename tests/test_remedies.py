@@ -352,7 +352,8 @@ def test_resume_after_re_placements_matches_an_uninterrupted_run(tmp_path):
             model.net.layers[0].weight.copy_(torch.tensor([[1.0], [1.0], [1.0], [1.0]]))
             model.net.layers[0].bias.copy_(torch.tensor([-3.0, -2.0, 2.0, 0.0]))
         detector = PlateauDetector(patience=3, min_delta=0.5)  # a scripted stall: no epoch improves by half
-        escape = PlateauEscape(actions={"any": [{"replace_units": True, "repeat": True}]})
+        # the scripted stalls bring no gain: without probation=None the second re-placement is withdrawn
+        escape = PlateauEscape(actions={"any": [{"replace_units": True, "repeat": True}]}, probation=None)
         trainer = quiet_trainer(
             max_epochs=max_epochs, callbacks=[detector, escape, *callbacks], default_root_dir=root,
             limit_val_batches=0, deterministic=True, enable_checkpointing=bool(callbacks),

@@ -42,7 +42,7 @@ def custom_scalars_layout(layer_names: list[str]) -> dict[str, dict[str, list[An
         "Why is it not learning?": {
             "gradient norm of every layer (log10)": ["Multiline", [rf"^{exact(GRAD_NORM_LOG10)}({layers})$"]],
             "loss, with stall / divergence markers": ["Multiline", [r"^(train|val)/loss$", rf"^{exact(PLATEAU)}"]],
-            "lr and momentum": ["Multiline", [rf"^({exact(OPTIM_LR)}|{exact(OPTIM_MOMENTUM)})$"]],
+            "lr and momentum": ["Multiline", [rf"^({exact(OPTIM_LR)}|{exact(OPTIM_MOMENTUM)})(_pg\d+)?$"]],
             "first-to-last layer gradient ratio": ["Multiline", [rf"^{exact(GRAD_NORM_FIRST_TO_LAST)}$"]],
         },
         "What each layer does": {
@@ -117,12 +117,14 @@ class TensorBoardDashboard(Callback):
         step = trainer.global_step
         if not trainer.optimizers or (step - 1) % every or not trainer.is_global_zero:
             return
-        group = trainer.optimizers[0].param_groups[0]
-        metrics = {OPTIM_LR: float(group["lr"])}
-        if "momentum" in group:
-            metrics[OPTIM_MOMENTUM] = float(group["momentum"])
-        elif "betas" in group:
-            metrics[OPTIM_MOMENTUM] = float(group["betas"][0])
+        metrics = {}
+        for i, group in enumerate(trainer.optimizers[0].param_groups):
+            suffix = f"_pg{i}" if i else ""  # every param group's: group 0 under the plain names
+            metrics[f"{OPTIM_LR}{suffix}"] = float(group["lr"])
+            if "momentum" in group:
+                metrics[f"{OPTIM_MOMENTUM}{suffix}"] = float(group["momentum"])
+            elif "betas" in group:
+                metrics[f"{OPTIM_MOMENTUM}{suffix}"] = float(group["betas"][0])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 

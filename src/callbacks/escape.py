@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -16,19 +15,19 @@ from typing_extensions import override
 from .escape_actions import (
     DEFAULT_ACTIONS,
     EscapeAction,
-    adapted,
     apply_action,
-    as_action,
-    check_applicable,
+    next_in_policy,
+    parse_policy,
+    policy_for,
     steps_on_gradients,
     trust_ratio_,
     trust_update_,
 )
+from .escape_snapshot import restore_snapshot, take_snapshot
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
 from .names import OPTIM_LR, OPTIM_MOMENTUM, PLATEAU_ACTIONS_TEXT
 from .plateau import PlateauDetector
-from .plateau_rule import DIAGNOSES
 from .units import replace_idle_units
 
 
@@ -42,15 +41,21 @@ class PlateauEscape(Callback):
     - ``dead_units``, ``always_on_units``, ``redundant_units``: re-place those ReLU units and take
       layer-wise steps (at the full lr, re-placed units of a deep net die again), on every such
       stall (``repeat``);
+    - ``saturated_units``: re-place the units pinned at a bound of a bounded activation, their
+      outgoing weights set to 0 and what they gave moved into the next layer's bias (ReDo's rule,
+      :mod:`.saturated`), on every such stall;
     - ``any`` (``flat``, ``unclear``): the source study's remedy for a sigmoid net on a plateau:
-      momentum 0.9, then 0.99, then the lr times 5 (at most 0.5), then times 2 (at most 1.0).
+      momentum 0.9, then 0.99, then with the lr times 5 (at most 0.5), then times 10 (at most
+      1.0); then layer-wise steps.
 
-    Each action changes the optimizer's ``param_groups`` or the model in place, is logged
-    (``optim/lr`` and ``optim/momentum`` scalars and a text entry) and is recorded in
-    ``stall_events.json`` next to the stall that caused it. Divergence events are never acted on.
-
-    What is spent and what is in force is part of the checkpoint, so a resumed run continues the
-    policy; the optimizer's own state (the switched momentum and lr) is restored by Lightning.
+    Each action gets a probation: at the next stall it is rolled back (weights, optimizer state,
+    settings) if the best monitored value since it was taken is not ``probation`` better than at
+    the stall it answered, or if the run diverged or stalls at twice that value; the next action is
+    then tried, and one that repeats is not repeated. Once every action is spent the run says so
+    once. Each action is logged (``optim/lr``, ``optim/momentum`` and a text entry) and recorded in
+    ``stall_events.json`` next to its stall, with each lr before and after; divergence events are
+    never acted on. What is spent, in force and on probation is part of the checkpoint, so a resumed
+    run continues the policy exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -60,13 +65,13 @@ class PlateauEscape(Callback):
             or ``stop`` it with the reason stated.
         restore_lr_below: lr raises and layer-wise steps are a kick, not a new setting: once the
             monitored value has fallen below this fraction of its value at the stall that caused the
-            last kick (above its inverse with ``mode: max``), the run is out of the stall and they are
-            undone (momentum changes stay). The lr that got a net off a plateau tends to blow it up
-            after. ``null`` keeps them. Where undoing them is what blows the run up (a divergence,
-            or a stall at twice the loss, before the loss halves again), the run is rolled back to
-            where they were undone and they stay in force for the rest of the fit.
-        rollback_on_divergence: Keep the state from before each action (in memory) and go back to
-            it when the run diverges, or stalls at twice the loss, after that action.
+            last kick (above its inverse with ``mode: max``), they are undone (momentum changes
+            stay); ``null`` keeps them. Where undoing them blows the run up (a divergence, or a
+            stall at twice the loss), the run is rolled back and they stay in force.
+        rollback_on_divergence: Go back to the state from before an action when the run diverges,
+            or stalls at twice the loss, after it.
+        probation: The least gain (a share of the value at its stall) an action must bring before
+            the next stall to be kept; ``null``: every action is kept, and they add up.
 
     Raises:
         ValueError: At construction for a malformed action; at fit start when an action cannot apply
@@ -84,22 +89,17 @@ class PlateauEscape(Callback):
         on_exhausted: Literal["continue", "stop"] = "continue",
         restore_lr_below: float | None = 0.5,
         rollback_on_divergence: bool = True,
+        probation: float | None = 0.01,
     ) -> None:
         super().__init__()
         if on_exhausted not in ("continue", "stop"):
             raise ValueError(f"PlateauEscape: on_exhausted must be 'continue' or 'stop', got {on_exhausted!r}")
-        policy = DEFAULT_ACTIONS if actions is None else actions
-        policy = {"any": policy} if isinstance(policy, (list, tuple)) else dict(policy)
-        unknown = set(policy) - {*DIAGNOSES, "any"}
-        if unknown:
-            raise ValueError(
-                f"PlateauEscape: unknown diagnosis {sorted(unknown)} in actions; use {', '.join(DIAGNOSES)} or any"
-            )
-        self.actions = {key: [self._as_action(a) for a in listed] for key, listed in policy.items()}
+        try:
+            self.actions = parse_policy(DEFAULT_ACTIONS if actions is None else actions)
+        except ValueError as err:
+            raise ValueError(f"PlateauEscape: {err}") from None
         self._configured = {key: list(listed) for key, listed in self.actions.items()}
         self._default_policy = actions is None
-        if not any(self.actions.values()):
-            raise ValueError("PlateauEscape: actions is empty; give at least one, or leave it out for the defaults")
         if restore_lr_below is not None and not 0 < restore_lr_below < 1:
             raise ValueError(f"PlateauEscape: restore_lr_below must be in (0, 1) or null, got {restore_lr_below}")
         self.on_exhausted = on_exhausted
@@ -112,17 +112,14 @@ class PlateauEscape(Callback):
         self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
         self.keep_kicks = False  # undoing them blew the run up once: they stay
         self.rollback_on_divergence = rollback_on_divergence
+        if probation is not None and not 0 < probation < 1:
+            raise ValueError(f"PlateauEscape: probation must be in (0, 1) or null, got {probation}")
+        self.probation = probation
+        self.said_spent = False
         self._snapshot: dict[str, Any] | None = None  # the state before the last action, in memory
         self._detector: PlateauDetector | None = None
         self._before: dict[int, torch.Tensor] | None = None  # the parameters before a non-SGD step
         self._layers: dict[str, list[Any]] = {}
-
-    @staticmethod
-    def _as_action(action: EscapeAction | dict[str, Any]) -> EscapeAction:
-        try:
-            return as_action(action)
-        except ValueError as err:
-            raise ValueError(f"PlateauEscape: {err}") from None
 
     @property
     def spent(self) -> int:
@@ -156,15 +153,7 @@ class PlateauEscape(Callback):
         """A policy given by the user must apply to the optimizer as it is (one line otherwise); the
         default policy serves any optimizer: the parts it has no setting for are left out (momentum
         on Adam), and layer-wise steps act on the step it takes."""
-        self.actions = {key: list(listed) for key, listed in self._configured.items()}
-        for optimizer in trainer.optimizers:
-            if not self._default_policy:
-                for listed in self.actions.values():
-                    for action in listed:
-                        check_applicable(optimizer, action)
-                continue
-            for key, listed in self.actions.items():
-                self.actions[key] = [kept for a in listed if (kept := adapted(a, optimizer)) is not None]
+        self.actions = policy_for(self._configured, trainer.optimizers, adapt=self._default_policy)
         before = [a.describe() for listed in self._configured.values() for a in listed]
         if before != [a.describe() for listed in self.actions.values() for a in listed]:
             names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
@@ -194,18 +183,8 @@ class PlateauEscape(Callback):
             self._before = None
 
     def next_action(self, diagnosis: str | None) -> tuple[str, EscapeAction] | None:
-        """The action the next stall with this diagnosis gets, and the list it comes from: the
-        diagnosis's own list, then ``any``; a spent list's last action again if it repeats."""
-        for key in (diagnosis, "any"):
-            listed = self.actions.get(key) or []
-            if not listed or key in self.failed:
-                continue
-            spent = self.spent_by.get(key, 0)
-            if spent < len(listed):
-                return key, listed[spent]
-            if listed[-1].repeat:
-                return key, listed[-1]
-        return None
+        """The action the next stall with this diagnosis gets, and its list (see ``next_in_policy``)."""
+        return next_in_policy(self.actions, self.spent_by, self.failed, diagnosis)
 
     def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent) -> None:
         """Apply the next action for a stall event (called by the PlateauDetector)."""
@@ -219,27 +198,34 @@ class PlateauEscape(Callback):
             event.actions.append(Action(note, event.epoch, event.step))
         if event.kind is not EventKind.STALL:
             return
-        if self._snapshot is not None and self._worse(event.value, self._snapshot["value"]):
-            # the last action left the run stalled at a worse loss than the stall it answered
+        why, harmed = self._failed_why(event.value)
+        momenta = self._settings(trainer)["momentum"]  # what built the buffers, if the settings are withdrawn
+        if why is not None:
             undo = self._snapshot["list"] is None
-            self._roll_back(trainer, pl_module, event, why=f"{self._detector.monitor} rose to {event.value:.4g}")
+            self._roll_back(trainer, pl_module, event, why=why, weights=harmed)
             if undo:  # back to where the kicks were getting the run out: nothing more to do
                 return
         chosen = self.next_action(event.diagnosis)
         if chosen is None:
             if self.on_exhausted == "stop":
                 trainer.should_stop = True
-                event.actions.append(Action("stop: every escape action is spent"))
+                event.actions.append(Action("stop: every escape action is spent", event.epoch, event.step))
                 rank_zero_info("PlateauEscape: still stalled after every action; stopping")
+            elif not self.said_spent:  # once: later stalls are recorded without an action
+                self.said_spent = True
+                event.actions.append(Action("none: every escape action is spent", event.epoch, event.step))
+                rank_zero_info("PlateauEscape: still stalled after every action; no more actions in this fit")
             return
         key, action = chosen
-        if self.rollback_on_divergence:
-            self._snapshot = self._take_snapshot(trainer, pl_module, event.value, action.describe(), key)
+        if self.rollback_on_divergence or self.probation is not None:
+            self._snapshot = self._snapshot_now(trainer, pl_module, event.value, action.describe(), key)
         self.spent_by[key] = self.spent_by.get(key, 0) + 1
         lrs_before = self._settings(trainer)["lr"]
         what = action.describe()
         if action.momentum is not None or action.nesterov is not None or action.lr_factor is not None:
-            self._apply(trainer, action)
+            # a momentum withdrawn for bringing nothing and set again keeps the velocity it built
+            same = why is not None and not harmed and all(m == action.momentum for m in momenta)
+            self._apply(trainer, action, keep_buffers=same)
         lr_before, lr_after = lrs_before[0], float(trainer.optimizers[0].param_groups[0]["lr"])
         if action.lr_factor is not None and lr_before > 0:
             self.lr_scale *= lr_after / lr_before
@@ -251,58 +237,56 @@ class PlateauEscape(Callback):
             event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
         if action.replace_units:
             what += self._replace_units(trainer, pl_module, event)
+            if action.trust_ratio is None and self.trust_ratio is not None:
+                # new units start from outgoing weights of ~0: steps scaled to |W| would not move them
+                self.trust_ratio = None
+                what += "; layer-wise steps off"
         self._record(trainer, event, what, lr_raise=action.lr_factor is not None, lr_from=lrs_before)
 
-    def _take_snapshot(
+    def _snapshot_now(
         self, trainer: L.Trainer, pl_module: L.LightningModule, value: float, action: str, key: str | None
     ) -> dict[str, Any]:
-        """The state to go back to if ``action`` (from list ``key``; None: undoing the kicks) makes things worse."""
-        return {
-            "epoch": trainer.current_epoch, "value": value, "action": action, "list": key,
-            "model": copy.deepcopy(pl_module.state_dict()),
-            "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
-            "kicks": (self.lr_scale, self.trust_ratio, self.raised_at),
-        }  # fmt: skip
+        """The state to go back to if ``action`` (from list ``key``; None: undoing the kicks) fails."""
+        kicks = (self.lr_scale, self.trust_ratio, self.raised_at)
+        info = {"epoch": trainer.current_epoch, "value": value, "best": value, "action": action, "list": key}
+        return take_snapshot(trainer, pl_module, **info, kicks=kicks)
 
     def _roll_back(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str = "diverged"
-    ) -> None:
-        """An action made things worse (a divergence, or a stall at twice the loss it answered): go
-        back to the weights, optimizer and kicks from before it, mark the event ``recovered`` (the
-        detector then does not stop the run) and go on. The list that action came from is not used
-        again: the next stall gets the next list (``any``). Where what made things worse was undoing
-        the kicks (a snapshot without a list), the kicks come back and stay (``keep_kicks``)."""
+        self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str = "diverged",
+        weights: bool = True,
+    ) -> None:  # fmt: skip
+        """Undo the action on probation: its weights, optimizer state and kicks (it did harm), or
+        only its settings and kicks (``weights=False``: it brought nothing). A divergence event is
+        marked ``recovered`` (the run goes on); the next stall gets the next action, and a
+        repeating one is not repeated (its list is ``failed``). Where the harm came from undoing
+        the kicks (a snapshot without a list), they come back and stay (``keep_kicks``)."""
         snapshot, self._snapshot = self._snapshot, None
-        lrs_before = [[float(g["lr"]) for g in o.param_groups] for o in trainer.optimizers]
-        pl_module.load_state_dict(snapshot["model"])
-        for optimizer, state in zip(trainer.optimizers, snapshot["optimizers"], strict=True):
-            optimizer.load_state_dict(state)
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        for optimizer, before in zip(trainer.optimizers, lrs_before, strict=True):
-            for index, (group, lr) in enumerate(zip(optimizer.param_groups, before, strict=True)):
-                for scheduler in schedulers:  # an lr raise also scaled the schedulers' base_lrs
-                    if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs") and lr > 0:
-                        scheduler.base_lrs[index] *= float(group["lr"]) / lr
+        lrs_before = restore_snapshot(trainer, pl_module, snapshot, weights=weights)
         self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
-        if snapshot["list"] is None:  # the kicks were undone: keep them from now on
+        key = snapshot["list"]
+        if key is None:  # the kicks were undone: keep them from now on
             self.keep_kicks = True
-        elif snapshot["list"] not in self.failed:
-            self.failed.append(snapshot["list"])
+        elif self.spent_by.get(key, 0) >= len(self.actions.get(key, ())) and key not in self.failed:
+            self.failed.append(key)  # its last action (a repeating one) is not tried again
         if event.kind is EventKind.DIVERGENCE:
             event.recovered = True
         what = f"{why}: rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
-        if snapshot["list"] is None:
+        if not weights:
+            what = f"{why}: '{snapshot['action']}' withdrawn (settings of epoch {snapshot['epoch']})"
+        if key is None:
             what += "; they stay in force"
-        self._record(trainer, event, what, lr_from=lrs_before[0])
+        self._record(trainer, event, what, lr_from=lrs_before)
 
     def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent) -> str:
-        """Re-place the units the event names (:func:`~.units.replace_idle_units`); the same new weights
-        on every rank (rank 0's: each rank put the kinks on its own data)."""
+        """Re-place the units the event names: idle ReLU units (:func:`~.units.replace_idle_units`) and
+        pinned units of a bounded activation (:meth:`~.saturated.PinnedUnits.replace`); the same new
+        weights on every rank (rank 0's: each rank put the kinks on its own data)."""
         broadcast = (lambda t: trainer.strategy.broadcast(t, src=0)) if trainer.world_size > 1 else None
         generator = torch.Generator().manual_seed(trainer.global_step)
-        replaced = replace_idle_units(
-            self._detector.units, pl_module, event.units or {}, trainer.optimizers, generator, broadcast
-        )
+        units = event.units or {}
+        replaced = replace_idle_units(self._detector.units, pl_module, units, trainer.optimizers, generator, broadcast)
+        pinned = {name: found["saturated"] for name, found in units.items() if found.get("saturated")}
+        replaced += self._detector.pinned.replace(pinned, trainer.optimizers, generator, broadcast)
         return f": {', '.join(replaced)}" if replaced else ": none found"
 
     @staticmethod
@@ -311,17 +295,18 @@ class PlateauEscape(Callback):
         return {"lr": [float(g["lr"]) for g in groups], "momentum": [float(g.get("momentum", 0.0)) for g in groups]}
 
     @staticmethod
-    def _apply(trainer: L.Trainer, action: EscapeAction) -> dict[str, list[float]]:
+    def _apply(trainer: L.Trainer, action: EscapeAction, keep_buffers: bool = False) -> None:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        settings: dict[str, list[float]] = {}
         for optimizer in trainer.optimizers:
-            settings = apply_action(optimizer, action, schedulers)
-        return settings
+            apply_action(optimizer, action, schedulers, keep_buffers)
 
     def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
         """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall."""
         # Only the detector calls this (set up in `setup`), and only after it reported a stall.
         mode = self._detector.mode
+        if self._snapshot is not None:
+            best = self._snapshot["best"]
+            self._snapshot["best"] = max(best, value) if mode == "max" else min(best, value)
         if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
             self._snapshot = None  # out of the stall: a later divergence is not the action's
         if self.restore_lr_below is None or self.raised_at is None or self.keep_kicks:
@@ -333,8 +318,8 @@ class PlateauEscape(Callback):
         if not undone:  # a raise that changed nothing (the lr was at its cap already): nothing to undo
             self.raised_at = None
             return
-        if self.rollback_on_divergence:  # undoing a kick can blow the run up too
-            self._snapshot = self._take_snapshot(trainer, pl_module, value, ", ".join(undone), key=None)
+        if self.rollback_on_divergence or self.probation is not None:  # undoing a kick can blow the run up too
+            self._snapshot = self._snapshot_now(trainer, pl_module, value, ", ".join(undone), key=None)
         lrs_before = self._settings(trainer)["lr"]
         if self.lr_scale != 1.0:
             self._apply(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
@@ -344,20 +329,31 @@ class PlateauEscape(Callback):
         self._record(trainer, event, what, epoch=trainer.current_epoch, step=trainer.global_step, lr_from=lrs_before)
         self._detector.save_events(trainer)
 
+    def _failed_why(self, value: float) -> tuple[str | None, bool]:
+        """Why the action on probation failed, at a new stall at ``value``, and whether it did harm: it
+        left the run twice as bad as the stall it answered (harm: its weights go too), or (an action,
+        not an undo) the best value since it was taken is not ``probation`` better than at that
+        stall (its settings are withdrawn; the weights keep what they learnt, which on a plateau is
+        progress the loss does not show yet). ``(None, False)`` if it did not fail."""
+        if self._snapshot is None:
+            return None, False
+        at, best = self._snapshot["value"], self._snapshot["best"]
+        if self._worse(value, at):
+            return f"{self._detector.monitor} rose to {value:.4g}", True
+        if self._snapshot["list"] is None or self.probation is None:
+            return None, False
+        if moved_past(best, at, 1 - self.probation, self._detector.mode):
+            return None, False
+        return f"no gain on probation (best {best:.4g} vs {at:.4g})", False
+
     def _worse(self, value: float, at: float) -> bool:
         """Twice as bad as ``at`` (half as good with ``mode: max``)."""
         return value < at / 2 if self._detector.mode == "max" else value > 2 * at
 
     def _record(
-        self,
-        trainer: L.Trainer,
-        event: StallEvent,
-        what: str,
-        epoch: int | None = None,
-        step: int | None = None,
-        lr_raise: bool = False,
-        lr_from: list[float] | None = None,
-    ) -> None:
+        self, trainer: L.Trainer, event: StallEvent, what: str, epoch: int | None = None, step: int | None = None,
+        lr_raise: bool = False, lr_from: list[float] | None = None,
+    ) -> None:  # fmt: skip
         """Add what was done to the event and the history, with the settings the next step will use."""
         settings = self._settings(trainer)
         epoch = event.epoch if epoch is None else epoch
@@ -368,8 +364,12 @@ class PlateauEscape(Callback):
         self.history.append(record)
         lr_text = f"lr {lr_from} -> {settings['lr']}" if changed else f"lr {settings['lr']}"
         rank_zero_info(f"PlateauEscape: epoch {epoch}: {what} -> {lr_text}")
+        scalars = {}
+        for i, (lr, momentum) in enumerate(zip(settings["lr"], settings["momentum"], strict=True)):
+            suffix = f"_pg{i}" if i else ""  # each param group's: group 0 under the plain names
+            scalars.update({f"{OPTIM_LR}{suffix}": lr, f"{OPTIM_MOMENTUM}{suffix}": momentum})
         for logger in trainer.loggers:
-            logger.log_metrics({OPTIM_LR: settings["lr"][0], OPTIM_MOMENTUM: settings["momentum"][0]}, step)
+            logger.log_metrics(scalars, step)
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.add_text(PLATEAU_ACTIONS_TEXT, f"epoch {epoch}: {what}", step)
 
@@ -379,7 +379,8 @@ class PlateauEscape(Callback):
             "spent": self.spent, "spent_by": self.spent_by, "history": [asdict(a) for a in self.history],
             "lr_scale": self.lr_scale,
             "trust_ratio": self.trust_ratio, "raised_at": self.raised_at, "failed": self.failed,
-            "keep_kicks": self.keep_kicks,
+            "keep_kicks": self.keep_kicks, "said_spent": self.said_spent,
+            "snapshot": self._snapshot,  # an action on probation can still be rolled back after a resume
         }  # fmt: skip
 
     @override
@@ -391,3 +392,5 @@ class PlateauEscape(Callback):
         self.raised_at = state_dict.get("raised_at")
         self.failed = list(state_dict.get("failed", []))
         self.keep_kicks = state_dict.get("keep_kicks", False)
+        self.said_spent = state_dict.get("said_spent", False)
+        self._snapshot = state_dict.get("snapshot")

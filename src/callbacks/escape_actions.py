@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .plateau_rule import DIAGNOSES
+
 
 @dataclass
 class EscapeAction:
@@ -29,9 +31,11 @@ class EscapeAction:
             so that its SGD step is this fraction of the layer's weight norm (LARS's trust ratio; see
             :func:`trust_ratio_`): the first layers of a net whose gradients vanish move as fast as
             the last. The remedy for ``vanishing``; needs SGD.
-        replace_units: Re-place the ReLU units the stall's diagnosis names (dead, always on, or the
-            second of a redundant pair) with new ones whose kink is on a training point (see
-            :func:`~.units.replace_units`). The remedy for the unit diagnoses.
+        replace_units: Re-place the units the stall names: ReLU units dead, always on, or the second
+            of a redundant pair, with new ones whose kink is on a training point (see
+            :func:`~.units.replace_units`); units of a bounded activation pinned at a bound, with new
+            ones centred on a training point (see :class:`~.saturated.PinnedUnits`). The remedy for
+            the unit diagnoses and ``saturated_units``.
         repeat: Once reached, apply this action again on every later stall it is chosen for, instead
             of moving on (re-placing units may take a few rounds).
     """
@@ -75,17 +79,22 @@ class EscapeAction:
 # Layer-wise steps of 0.01 x |W| with no momentum (so the step is exactly that): measured to free
 # stalled sigmoid, tanh and ReLU nets of depth 7-18 within 70-270 epochs, longer than one patience.
 LAYER_WISE_STEPS = EscapeAction(trust_ratio=0.01, momentum=0.0, repeat=True)
+# Each a whole setting, not a step on the last: an action that brings nothing is rolled back
+# before the next is tried (PlateauEscape's probation), so the raises carry the momentum with them.
 FLAT_ACTIONS = (
     EscapeAction(momentum=0.9),
     EscapeAction(momentum=0.99),
-    EscapeAction(lr_factor=5, max_lr=0.5),
-    EscapeAction(lr_factor=2, max_lr=1.0),
+    EscapeAction(momentum=0.99, lr_factor=5, max_lr=0.5),
+    EscapeAction(momentum=0.99, lr_factor=10, max_lr=1.0),
     LAYER_WISE_STEPS,
 )
 # Idle ReLU units re-placed, then layer-wise steps: at lr 0.1 a deep ReLU net's re-placed units die
 # again within one patience (ReLU 14 seed 1 of the study: 20 re-placements, never out); with the
 # steps, every ReLU depth 12-14 study run got out (median epoch 376-403 vs 988-1464).
 REPLACE_UNITS = (EscapeAction(replace_units=True, trust_ratio=0.01, momentum=0.0, repeat=True),)
+# Pinned units of a sigmoid or tanh net re-placed, the outgoing weights zeroed (ReDo), on every
+# such stall.
+REPLACE_PINNED = (EscapeAction(replace_units=True, repeat=True),)
 # The default policy, per diagnosis; "any" serves the other diagnoses, and a diagnosis whose own
 # list is spent. Vanishing gradients get layer-wise steps; idle ReLU units are re-placed (with
 # layer-wise steps); a flat region gets the source study's remedy (momentum, then larger steps),
@@ -96,6 +105,7 @@ DEFAULT_ACTIONS: dict[str, tuple[EscapeAction, ...]] = {
     "dead_units": REPLACE_UNITS,
     "always_on_units": REPLACE_UNITS,
     "redundant_units": REPLACE_UNITS,
+    "saturated_units": REPLACE_PINNED,
     "any": FLAT_ACTIONS,
 }
 
@@ -141,7 +151,7 @@ def _schedulers_of(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]) 
 
 
 def apply_action(
-    optimizer: torch.optim.Optimizer, action: EscapeAction, schedulers: Sequence[Any] = ()
+    optimizer: torch.optim.Optimizer, action: EscapeAction, schedulers: Sequence[Any] = (), keep_buffers: bool = False
 ) -> dict[str, list[float]]:
     """Change ``optimizer.param_groups`` in place and return the new ``lr`` and ``momentum`` per group.
 
@@ -154,6 +164,7 @@ def apply_action(
     scales ``initial_lr``, OneCycleLR's ``max_lr`` / ``min_lr`` and each scheduler's ``base_lrs``
     (and CyclicLR's ``max_lrs``); a new momentum replaces OneCycleLR's ``base_momentum`` /
     ``max_momentum`` and CyclicLR's ``base_momentums`` / ``max_momentums`` (the cycle stops there).
+    A new momentum clears the momentum buffers, unless ``keep_buffers`` (they were built with it).
     """
     check_applicable(optimizer, action)
     for index, group in enumerate(optimizer.param_groups):
@@ -171,8 +182,9 @@ def apply_action(
                         getattr(scheduler, key)[index] = action.momentum
             for param in group["params"]:
                 state = optimizer.state.get(param, {})
-                state.pop("momentum_buffer", None)
-                if state and isinstance(optimizer, torch.optim.RMSprop) and action.momentum > 0:
+                if not keep_buffers:
+                    state.pop("momentum_buffer", None)
+                if state and isinstance(optimizer, torch.optim.RMSprop) and action.momentum > 0 and not keep_buffers:
                     # RMSprop creates its buffer at the first step only when momentum > 0 then
                     state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if action.nesterov is not None:
@@ -264,6 +276,60 @@ def _scale_layers(kept: list[tuple[list[torch.nn.Parameter], float]], ratio: flo
     repeats = torch.tensor(sizes, device=scale.device) if ragged else width
     scales = scale.repeat_interleave(repeats, output_size=len(params)).unbind()
     torch._foreach_mul_(grads, [s if s.dtype == g.dtype else s.to(g.dtype) for s, g in zip(scales, grads, strict=True)])
+
+
+def parse_policy(actions: Any) -> dict[str, list[EscapeAction]]:
+    """A policy, per diagnosis (or ``any``), from a mapping of lists of actions (or their YAML
+    mappings) or a plain list (``{any: [...]}``); ``ValueError`` naming what is wrong."""
+    policy = {"any": actions} if isinstance(actions, (list, tuple)) else dict(actions)
+    unknown = set(policy) - {*DIAGNOSES, "any"}
+    if unknown:
+        raise ValueError(f"unknown diagnosis {sorted(unknown)} in actions; use {', '.join(DIAGNOSES)} or any")
+    parsed = {key: [as_action(a) for a in listed] for key, listed in policy.items()}
+    if not any(parsed.values()):
+        raise ValueError("actions is empty; give at least one, or leave it out for the defaults")
+    return parsed
+
+
+def next_in_policy(
+    policy: dict[str, list[EscapeAction]], spent_by: dict[str, int], failed: Sequence[str], diagnosis: str | None
+) -> tuple[str, EscapeAction] | None:
+    """The action the next stall with ``diagnosis`` gets, and the list it comes from: the diagnosis's
+    own list, then ``any``; a spent list's last action again if it repeats (unless the list
+    ``failed``: its repeating action was rolled back).
+
+    >>> policy = {"vanishing": [EscapeAction(trust_ratio=0.01, repeat=True)], "any": [EscapeAction(momentum=0.9)]}
+    >>> next_in_policy(policy, {"vanishing": 3}, [], "vanishing")[0]  # spent, and it repeats
+    'vanishing'
+    >>> next_in_policy(policy, {"vanishing": 3}, ["vanishing"], "vanishing")[0]  # its repeat was rolled back
+    'any'
+    """
+    for key in (diagnosis, "any"):
+        listed = policy.get(key) or []
+        if not listed or key in failed:
+            continue
+        spent = spent_by.get(key, 0)
+        if spent < len(listed):
+            return key, listed[spent]
+        if listed[-1].repeat:
+            return key, listed[-1]
+    return None
+
+
+def policy_for(
+    policy: dict[str, list[EscapeAction]], optimizers: Sequence[torch.optim.Optimizer], adapt: bool
+) -> dict[str, list[EscapeAction]]:
+    """``policy`` as it applies to ``optimizers``: each action :func:`adapted` to them (``adapt``:
+    the default policy), or checked against them (:func:`check_applicable`: a user's policy)."""
+    policy = {key: list(listed) for key, listed in policy.items()}
+    for optimizer in optimizers:
+        for key, listed in policy.items():
+            if not adapt:
+                for action in listed:
+                    check_applicable(optimizer, action)
+            else:
+                policy[key] = [kept for a in listed if (kept := adapted(a, optimizer)) is not None]
+    return policy
 
 
 def as_action(action: EscapeAction | dict[str, Any]) -> EscapeAction:

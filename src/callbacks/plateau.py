@@ -25,6 +25,7 @@ from .layer_stats import LayerStatistics, shared_statistics
 from .loss_trend import StepWatch
 from .names import EVENTS_FILE, PLATEAU, PLATEAU_EVENTS_TEXT
 from .plateau_rule import PlateauTracker, Status, describe_event, diagnose
+from .saturated import PinnedUnits
 from .units import UnitRecorder
 
 StallListener = Callable[[L.Trainer, L.LightningModule, StallEvent], None]
@@ -163,6 +164,7 @@ class PlateauDetector(EarlyStopping):
         self.gradients = GradientPass()  # until setup shares the trainer's
         self.layer_stats = LayerStatistics()  # likewise
         self.units = UnitRecorder()
+        self.pinned = PinnedUnits()
         self._check_steps: deque[int] = deque(maxlen=patience + 1)
         self._listeners: list[StallListener] = []
         self._check_listeners: list[CheckListener] = []
@@ -222,6 +224,7 @@ class PlateauDetector(EarlyStopping):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.units.bind(pl_module)
+        self.pinned.bind(pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -230,6 +233,7 @@ class PlateauDetector(EarlyStopping):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.units.close()
+        self.pinned.close()
 
     @override
     def on_before_optimizer_step(
@@ -349,6 +353,8 @@ class PlateauDetector(EarlyStopping):
         if status is Status.PLATEAU:
             window = self.gradients.since(since)
             units = self.units.idle(trainer, self.same_kink)
+            for name, pinned in self.pinned.find(mean_over_ranks(trainer)).items():
+                units.setdefault(name, {})["saturated"] = pinned
             event.units = units or None
             layers = {name: asdict(stats) for name, stats in self.layer_stats.latest.items()}
             event.layers = {name: {k: v for k, v in s.items() if v is not None} for name, s in layers.items()} or None

@@ -174,6 +174,10 @@ def diagnose(
     - ``flat``: every layer's gradient is below ``flat_norm`` and the largest is within
       ``flat_spread`` times the smallest: an even, tiny profile, so the loss itself is flat there
       (a saddle, plateau or local minimum).
+    - ``saturated_units`` again, last: none of the above, and some unit of a bounded activation is
+      pinned at a bound on (nearly) every sample (``units``' ``saturated`` lists, from
+      :class:`~.saturated.PinnedUnits`): the lab's XOR 2-2-1 net in its local minimum, one of its two
+      hidden units at 1 on all four points.
     - ``unclear``: neither, or no gradients were seen.
 
     >>> from src.callbacks.grad_flow import GradProfile
@@ -187,6 +191,9 @@ def diagnose(
     >>> pinned = GradProfile(0, ("a", "b", "c"), (0.0, 0.0, 1e-2), (True, True, True))
     >>> diagnose([pinned], layers={"a": LayerStats(1.0, 0.0, saturated=1.0)}), diagnose([pinned])
     ('saturated_units', 'vanishing')
+    >>> lab = GradProfile(0, ("a", "b"), (0.02, 0.03), (True, True))  # XOR 2-2-1 at its local minimum
+    >>> diagnose([lab]), diagnose([lab], units={"a": {"saturated": [1]}})
+    ('unclear', 'saturated_units')
     """
     unit_diagnosis = next(
         (d for d, key in UNIT_DIAGNOSES.items() if any(found.get(key) for found in (units or {}).values())), None
@@ -213,6 +220,8 @@ def diagnose(
         return unit_diagnosis
     if max(log_norm) < math.log10(flat_norm) and max(log_norm) - min(log_norm) < math.log10(flat_spread):
         return "flat"
+    if any(found.get("saturated") for found in (units or {}).values()):
+        return "saturated_units"
     return "unclear"
 
 
@@ -240,7 +249,7 @@ def describe_units(units: Mapping[str, Mapping[str, list]]) -> str:
     """
     parts = []
     for layer, found in units.items():
-        kinds = [f"{kind.replace('_', ' ')} {found[kind]}" for kind in ("dead", "always_on", "redundant")
-                 if found[kind]]  # fmt: skip
+        kinds = [f"{kind.replace('_', ' ')} {found[kind]}" for kind in ("dead", "always_on", "redundant", "saturated")
+                 if found.get(kind)]  # fmt: skip
         parts.append(f"{layer} {', '.join(kinds)}")
     return "; ".join(parts)

@@ -1,0 +1,49 @@
+"""The state a remedy can be rolled back to: the weights, every optimizer's state and the policy's kicks.
+
+:class:`~.escape.PlateauEscape` takes one before each action and, when the action makes the run
+worse or brings nothing within its probation, restores it. It is part of the escape's checkpoint
+while an action is on probation, so a resumed run can still roll back.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning as L
+
+
+def take_snapshot(trainer: L.Trainer, pl_module: L.LightningModule, **info: Any) -> dict[str, Any]:
+    """The model's and optimizers' state now (copies), with ``info`` (what the snapshot is for)."""
+    return {
+        **info,
+        "model": copy.deepcopy(pl_module.state_dict()),
+        "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
+        "settings": [
+            [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in trainer.optimizers
+        ],
+    }
+
+
+def restore_snapshot(
+    trainer: L.Trainer, pl_module: L.LightningModule, snapshot: dict[str, Any], weights: bool = True
+) -> list[float]:
+    """Load ``snapshot``'s weights and optimizer states (``weights=False``: only each param group's
+    settings, lr and momentum...); each scheduler's ``base_lrs`` follow the lr back (an lr raise
+    scaled them too). Returns the first optimizer's lrs before the restore."""
+    lrs_before = [[float(g["lr"]) for g in o.param_groups] for o in trainer.optimizers]
+    if weights:
+        pl_module.load_state_dict(snapshot["model"])
+        for optimizer, state in zip(trainer.optimizers, snapshot["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+    else:
+        for optimizer, groups in zip(trainer.optimizers, snapshot["settings"], strict=True):
+            for group, settings in zip(optimizer.param_groups, groups, strict=True):
+                group.update(copy.deepcopy(settings))
+    schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+    for optimizer, before in zip(trainer.optimizers, lrs_before, strict=True):
+        for index, (group, lr) in enumerate(zip(optimizer.param_groups, before, strict=True)):
+            for scheduler in schedulers:
+                if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs") and lr > 0:
+                    scheduler.base_lrs[index] *= float(group["lr"]) / lr
+    return lrs_before[0]

@@ -1,0 +1,167 @@
+"""Units of a bounded activation (sigmoid, tanh...) pinned at a bound, found and re-placed: torch only.
+
+A sigmoid unit whose pre-activation is large on every sample outputs a constant (~0 or ~1) with a
+derivative of ~0: it neither learns nor tells the next layer anything, it is a bias. The source
+lab's XOR net (2-2-1 sigmoid, SGD lr 1.0) ends in its local minimum (loss 0.347) with one of its two
+hidden units pinned at 1 on all four points; a deep sigmoid net pushed by large steps pins whole
+layers (gradients exactly 0). No step on the gradient moves such a unit; re-placing it does, as
+re-placing a dead ReLU unit does (:mod:`.units`), with ReDo's rule for the outgoing weights (Sokar et
+al. 2023): they are set to 0, and what the pinned unit gave the next layer (its mean output times
+those weights) goes into the next layer's bias, so the net computes what it did before and the new
+unit joins in as its outgoing weights grow.
+
+:class:`PinnedUnits` keeps the latest training inputs of an MLP's first layer (one forward hook);
+:meth:`~PinnedUnits.find` runs them through the net's hidden layers to find the pinned units, and
+:meth:`~PinnedUnits.replace` re-places them, layer by layer from the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .layer_stats import BOUNDED, RELU_FAMILY, bounds
+from .units import NORMS
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def bounded_mlp(module: nn.Module) -> tuple[dict[str, nn.Linear], nn.Module] | None:
+    """The hidden ``nn.Linear`` layers of an MLP with a bounded activation, and that activation: every
+    Linear but the last, in registration order, when ``module`` has one kind of bounded activation,
+    no ReLU-family one and no normalisation layer (the ``Linear, act, ..., Linear`` layout);
+    otherwise ``None``.
+
+    >>> layers, act = bounded_mlp(nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.Linear(3, 1)))
+    >>> list(layers), type(act).__name__
+    (['0'], 'Sigmoid')
+    >>> bounded_mlp(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))) is None
+    True
+    """
+    modules = list(module.named_modules())
+    activations = [m for _, m in modules if isinstance(m, BOUNDED)]
+    if not activations or len({type(m) for m in activations}) > 1:
+        return None
+    if any(isinstance(m, (*RELU_FAMILY, *NORMS)) for _, m in modules):
+        return None
+    linears = [(name, m) for name, m in modules if isinstance(m, nn.Linear)]
+    return (dict(linears[:-1]), activations[0]) if len(linears) > 1 else None
+
+
+class PinnedUnits:
+    """Finds and re-places the pinned units of a bounded-activation MLP (see the module docstring).
+
+    Args:
+        margin: A unit's output within this fraction of the half-range from a bound is saturated
+            (as in :class:`~.layer_stats.LayerStatistics`: 0.03 is ``|tanh| > 0.97``).
+        share: A unit saturated on at least this share of the kept inputs is pinned.
+        keep_inputs: How many of the latest training inputs are kept.
+    """
+
+    def __init__(self, margin: float = 0.03, share: float = 0.9, keep_inputs: int = 256) -> None:
+        self.margin, self.share, self.keep_inputs = margin, share, keep_inputs
+        self.layers: dict[str, nn.Linear] = {}
+        self.readers: dict[str, nn.Linear] = {}
+        self.activation: nn.Module | None = None
+        self.inputs: torch.Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def bind(self, module: nn.Module) -> None:
+        """Hook ``module``'s first layer, if it is a bounded-activation MLP (otherwise nothing is found)."""
+        self.close()
+        found = bounded_mlp(module)
+        if found is None:
+            return
+        self.layers, self.activation = found
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        self.readers = {name: linears[linears.index(layer) + 1] for name, layer in self.layers.items()}
+        first = next(iter(self.layers.values()))
+        self._handle = first.register_forward_pre_hook(self._keep)
+
+    def _keep(self, layer: nn.Module, args: tuple) -> None:
+        if layer.training and torch.is_grad_enabled():
+            self.inputs = args[0].detach().reshape(-1, args[0].shape[-1])[-self.keep_inputs :]
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle, self.inputs = None, None
+
+    @torch.no_grad()
+    def find(self, reduce: Reduce | None = None) -> dict[str, list[int]]:
+        """Per layer, the units saturated on at least ``share`` of the kept inputs (layers with none
+        left out). ``reduce`` (a mean over processes, under DDP) makes every rank find the same units."""
+        if self.inputs is None or self.activation is None:
+            return {}
+        low, high = bounds(self.activation)
+        edge = self.margin * (high - low) / 2
+        x, found = self.inputs, {}
+        for name, layer in self.layers.items():
+            x = self.activation(layer(x.to(layer.weight)))
+            shares = ((x - low < edge) | (high - x < edge)).float().mean(0)
+            if reduce is not None:
+                shares = reduce(shares)
+            units = [j for j, s in enumerate(shares.tolist()) if s >= self.share]
+            if units:
+                found[name] = units
+        return found
+
+    @torch.no_grad()
+    def replace(
+        self,
+        units: Mapping[str, Sequence[int]],
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        generator: torch.Generator | None = None,
+        broadcast: Reduce | None = None,
+    ) -> list[str]:
+        """Re-place ``units`` (per layer), from the input on: each new unit gets a random incoming
+        direction, scaled so that its pre-activation has std 1 over the kept inputs and centred (0)
+        on one of them, so it starts in the activation's live range; the pinned unit's mean output
+        times its outgoing weights moves into the next layer's bias, and those weights become 0.
+        The optimizer state of the changed rows and columns is zeroed. ``broadcast`` (rank 0's
+        tensor to every rank, under DDP) makes every rank take the same weights. Returns
+        ``"<layer> [units]"`` per layer changed."""
+        if self.inputs is None or self.activation is None:
+            return []
+        x, replaced = self.inputs, []
+        for name, layer in self.layers.items():
+            x = x.to(layer.weight)
+            chosen = list(units.get(name, ()))
+            if chosen:
+                self._replace_layer(layer, self.readers[name], chosen, x, optimizers, generator)
+                if broadcast is not None:
+                    for param in (layer.weight, layer.bias, self.readers[name].weight, self.readers[name].bias):
+                        if param is not None:
+                            param.data.copy_(broadcast(param.data))
+                replaced.append(f"{name} {chosen}")
+            x = self.activation(layer(x))
+        return replaced
+
+    def _replace_layer(
+        self,
+        layer: nn.Linear,
+        reader: nn.Linear,
+        units: list[int],
+        x: torch.Tensor,
+        optimizers: Sequence[torch.optim.Optimizer],
+        generator: torch.Generator | None,
+    ) -> None:
+        old = self.activation(layer(x))[:, units].mean(0)
+        direction = torch.randn(len(units), layer.weight.shape[1], generator=generator).to(layer.weight)
+        spread = (x @ direction.T).std(0) if len(x) > 1 else direction.norm(dim=1)
+        rows = direction / spread.clamp_min(1e-6)[:, None]
+        points = x[torch.randint(len(x), (len(units),), generator=generator).to(x.device)]
+        layer.weight[units] = rows
+        if layer.bias is not None:
+            layer.bias[units] = -(rows * points).sum(1)
+        if reader.bias is not None:
+            reader.bias += reader.weight[:, units] @ old
+        reader.weight[:, units] = 0
+        slices = [(layer.weight, (units,)), (layer.bias, (units,)), (reader.weight, (slice(None), units))]
+        for param, index in slices:
+            for optimizer in optimizers:
+                for value in optimizer.state.get(param, {}).values() if param is not None else ():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value[index] = 0
