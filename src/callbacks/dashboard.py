@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
-from .events import EventKind
+from .events import EventKind, StallEvent
 from .grad_flow import parameter_layers
 from .names import (
     ACT_STD,
@@ -26,11 +26,12 @@ from .names import (
     OPTIM_LR,
     OPTIM_MOMENTUM,
     PLATEAU,
+    PLATEAU_EVENTS_TEXT,
     SATURATED,
     UPDATE_RATIO_LOG10,
     UPDATE_RATIO_REFERENCE,
 )
-from .plateau_rule import StallReporter
+from .plateau_rule import StallReporter, describe_event
 
 
 def custom_scalars_layout(layer_names: list[str]) -> dict[str, dict[str, list[Any]]]:
@@ -151,3 +152,16 @@ class TensorBoardDashboard(Callback):
         metrics[FINAL_EPOCHS] = float(trainer.current_epoch)
         logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)
         logger.experiment.flush()
+
+
+def log_event(trainer: L.Trainer, event: StallEvent, divergence_threshold: float | None = None) -> None:
+    """Write a stall or divergence event to the trainer's loggers: a ``plateau/<kind>`` scalar marker
+    at the event's step and a text entry (TensorBoard, rank zero). The marker sits on the monitored
+    curve: its value is the value the event saw (a divergence's NaN/inf reads as
+    ``divergence_threshold``, or 0), so it shows on the loss chart without stretching its axis."""
+    value = event.value if math.isfinite(event.value) else (divergence_threshold or 0.0)
+    marker = {f"{PLATEAU}{event.kind.value}": float(value)}
+    for logger in trainer.loggers:
+        logger.log_metrics(marker, step=event.step)
+        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+            logger.experiment.add_text(PLATEAU_EVENTS_TEXT, describe_event(event), event.step)

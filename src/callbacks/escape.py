@@ -68,8 +68,7 @@ class PlateauEscape(Callback):
             last kick (above its inverse with ``mode: max``), they are undone (momentum changes
             stay); ``null`` keeps them. Where undoing them blows the run up (a divergence, or a
             stall at twice the loss), the run is rolled back and they stay in force.
-        rollback_on_divergence: Go back to the state from before an action when the run diverges,
-            or stalls at twice the loss, after it.
+        rollback_on_divergence: Undo an action after which the run diverges or stalls at twice the loss.
         probation: The least gain (a share of the value at its stall) an action must bring before
             the next stall to be kept; ``null``: every action is kept, and they add up.
 
@@ -77,10 +76,7 @@ class PlateauEscape(Callback):
         ValueError: At construction for a malformed action; at fit start when an action cannot apply
             to the optimizer (momentum on Adam), or when the Trainer has no ``PlateauDetector``.
 
-    Example::
-
-        from src.callbacks import GradNormMonitor, PlateauDetector, PlateauEscape
-        callbacks = [GradNormMonitor(), PlateauDetector(patience=100), PlateauEscape()]
+    Example: ``callbacks = [GradNormMonitor(), PlateauDetector(patience=100), PlateauEscape()]``
     """
 
     def __init__(
@@ -237,6 +233,9 @@ class PlateauEscape(Callback):
             event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
         if action.replace_units:
             what += self._replace_units(trainer, pl_module, event)
+            self._detector.restart(trainer.global_step)  # the loss moves from the new units' start
+            if self._snapshot is not None:
+                self._snapshot["ref"] = None  # its probation counts from the first check after it
             if action.trust_ratio is None and self.trust_ratio is not None:
                 # new units start from outgoing weights of ~0: steps scaled to |W| would not move them
                 self.trust_ratio = None
@@ -305,6 +304,8 @@ class PlateauEscape(Callback):
         # Only the detector calls this (set up in `setup`), and only after it reported a stall.
         mode = self._detector.mode
         if self._snapshot is not None:
+            if "ref" in self._snapshot and self._snapshot["ref"] is None:
+                self._snapshot["ref"] = self._snapshot["best"] = value
             best = self._snapshot["best"]
             self._snapshot["best"] = max(best, value) if mode == "max" else min(best, value)
         if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
@@ -337,7 +338,8 @@ class PlateauEscape(Callback):
         progress the loss does not show yet). ``(None, False)`` if it did not fail."""
         if self._snapshot is None:
             return None, False
-        at, best = self._snapshot["value"], self._snapshot["best"]
+        # a re-placement starts the loss afresh: it is judged from the first check after it
+        at, best = self._snapshot.get("ref") or self._snapshot["value"], self._snapshot["best"]
         if self._worse(value, at):
             return f"{self._detector.monitor} rose to {value:.4g}", True
         if self._snapshot["list"] is None or self.probation is None:

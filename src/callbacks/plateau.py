@@ -13,18 +13,18 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from .dashboard import log_event
 from .events import EventKind, StallEvent, save_events
 from .grad_flow import GradientPass, shared_pass
 from .layer_monitor import mean_over_ranks
 from .layer_stats import LayerStatistics, shared_statistics
 from .loss_trend import StepWatch
-from .names import EVENTS_FILE, PLATEAU, PLATEAU_EVENTS_TEXT
-from .plateau_rule import PlateauTracker, Status, describe_event, diagnose
+from .names import EVENTS_FILE
+from .plateau_rule import PlateauTracker, Status, diagnose
 from .saturated import PinnedUnits
 from .units import UnitRecorder
 
@@ -35,18 +35,16 @@ CheckListener = Callable[[L.Trainer, L.LightningModule, float], None]
 class PlateauDetector(EarlyStopping):
     r"""Detects that a monitored metric has stopped improving, and diagnoses why.
 
-    A check happens once per training epoch, at its end, when ``monitor`` is a training metric
-    (``train/...``) or, as ``EarlyStopping`` decides, when validation runs once per epoch (or not at
-    all: a metric logged in ``training_step`` under any name); otherwise after each validation run.
-    ``check_on_train_epoch_end`` overrides that. When ``monitor`` is a training loss (``train...loss``,
-    ``mode="min"``) and an epoch has more than one step (mini-batches, or a data set with no length
-    under ``max_steps``), the loss each ``training_step`` returns is also checked on steps: every
-    ``step_window // 10`` steps a line is fitted to the last ``step_window`` of them, and a flat line
-    whose window is no better than an earlier one is a stall (:class:`~.loss_trend.LossTrend`;
-    ``step_min_delta`` is the drop over the window that counts). The window is in steps, not epochs,
-    so a stall is reported within ``step_window`` steps (500: less than one Fashion-MNIST epoch at
-    batch 100) whatever the epoch's length; the default was measured to call no stall in healthy
-    Adam and SGD runs on Fashion-MNIST. Such an event's value is the window's mean loss.
+    A check happens at each training epoch's end for a ``train/...`` metric or when validation runs
+    every epoch (or never), otherwise after each validation run (``EarlyStopping``'s rule;
+    ``check_on_train_epoch_end`` overrides it). For a training loss (``train...loss``, ``mode="min"``)
+    in epochs of several steps (mini-batches, or a stream under ``max_steps``), the loss each
+    ``training_step`` returns is also checked every ``step_window // 10`` steps: a line through the
+    last ``step_window`` losses that is flat, in a window no better than an earlier one, is a stall
+    (:class:`~.loss_trend.LossTrend`). The window is in steps, so a stall is reported within 500
+    steps (less than a Fashion-MNIST epoch at batch 100) whatever the epoch's length; the defaults
+    call no stall in the healthy Adam and SGD Fashion-MNIST runs measured. Its event's value is the
+    window's mean loss.
 
     ``patience`` counts epoch-end checks, as in ``EarlyStopping``. Nothing is checked outside
     ``fit``, in the sanity check, or under ``fast_dev_run``. It is an ``EarlyStopping`` with its own
@@ -86,25 +84,19 @@ class PlateauDetector(EarlyStopping):
         vanishing_ratio: First-to-last layer gradient ratio below which the diagnosis is ``vanishing``.
         flat_norm: Gradient norm below which every layer must be for ``flat``.
         flat_spread: Largest-to-smallest layer ratio that still counts as an even (``flat``) profile.
-        norms_every_n_steps: How often gradient norms are sampled for the diagnosis; ``None`` takes
-            the Trainer's ``log_every_n_steps``.
+        norms_every_n_steps: Steps between gradient readings (``None``: ``log_every_n_steps``).
         stop_on_divergence: Stop training on a divergence.
         divergence_threshold: A value worse than this (above it for ``min``) is a divergence too, as
             in ``EarlyStopping``: a loss can blow up to 1e6 and stay finite. ``None``: only NaN/inf.
-        good_enough: A plateau at a value at least this good (below it for ``min``, above for
-            ``max``) is convergence, not a stall: no event. ``None``: every plateau is a stall.
+        good_enough: A plateau at a value at least this good is convergence: no event.
         same_kink: Cosine between two ReLU units' ``[w, b]`` rows above which they are redundant.
         step_window: Training steps a step check looks back over; ``None``: checks at epoch end only.
-        step_min_delta: Smallest drop of the loss over ``step_window`` steps, as a share of it, that
-            a step check counts as improvement.
+        step_min_delta: Smallest drop over ``step_window`` steps, a share of the loss, that counts.
 
     Raises:
         ValueError: On a bad argument, naming it.
 
-    Example::
-
-        from src.callbacks import GradNormMonitor, PlateauDetector
-        trainer = Trainer(callbacks=[GradNormMonitor(), PlateauDetector(monitor="train/loss", patience=50)])
+    Example: ``Trainer(callbacks=[GradNormMonitor(), PlateauDetector(monitor="train/loss", patience=50)])``
     """
 
     def __init__(
@@ -196,6 +188,13 @@ class PlateauDetector(EarlyStopping):
         """Call ``listener(trainer, pl_module, value)`` after every check, with the synced monitored value."""
         if listener not in self._check_listeners:
             self._check_listeners.append(listener)
+
+    def restart(self, step: int) -> None:
+        """A remedy changed the model (new units): judge stalls from here, not against the best so far."""
+        self.tracker.best = math.inf if self.mode == "min" else -math.inf
+        self.tracker.wait = 0
+        if self.steps is not None:
+            self.steps.rule.restart(step)
 
     @property
     def diverged(self) -> bool:
@@ -369,14 +368,7 @@ class PlateauDetector(EarlyStopping):
         rank_zero_info(
             f"PlateauDetector: {event.kind.value}{what} at epoch {event.epoch}, {self.monitor} = {event.value}"
         )
-        # The marker sits on the monitored curve: its value is the value the event saw (a divergence's
-        # NaN/inf reads as the threshold, or 0), so it shows on the loss chart without stretching its axis.
-        value = event.value if math.isfinite(event.value) else (self.tracker.divergence_threshold or 0.0)
-        marker = {f"{PLATEAU}{event.kind.value}": float(value)}
-        for logger in trainer.loggers:
-            logger.log_metrics(marker, step=event.step)
-            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                logger.experiment.add_text(PLATEAU_EVENTS_TEXT, describe_event(event), event.step)
+        log_event(trainer, event, self.tracker.divergence_threshold)
 
     def save_events(self, trainer: L.Trainer) -> None:
         """Write all events to ``stall_events.json`` in the run directory (rank zero, atomically).
