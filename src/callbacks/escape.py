@@ -232,10 +232,11 @@ class PlateauEscape(Callback):
         if self.raised_at is not None and self.restore_lr_below is not None:
             event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
         if action.replace_units:
-            what += self._replace_units(trainer, pl_module, event)
+            replaced = self._replace_units(trainer, pl_module, event)
+            what += replaced
             self._detector.restart(trainer.global_step)  # the loss moves from the new units' start
-            if self._snapshot is not None:
-                self._snapshot["ref"] = None  # its probation counts from the first check after it
+            if self._snapshot is not None:  # its probation counts from the first check after it; it did
+                self._snapshot |= {"ref": None, "replaced": replaced != ": none found"}  # something if it found units
             if action.trust_ratio is None and self.trust_ratio is not None:
                 # new units start from outgoing weights of ~0: steps scaled to |W| would not move them
                 self.trust_ratio = None
@@ -266,7 +267,8 @@ class PlateauEscape(Callback):
         if key is None:  # the kicks were undone: keep them from now on
             self.keep_kicks = True
         elif self.spent_by.get(key, 0) >= len(self.actions.get(key, ())) and key not in self.failed:
-            self.failed.append(key)  # its last action (a repeating one) is not tried again
+            # its last action (a repeating one) is not tried again; a re-placement that found units may repeat
+            self.failed += [key] if weights or not snapshot.get("replaced") else []
         if event.kind is EventKind.DIVERGENCE:
             event.recovered = True
         what = f"{why}: rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
