@@ -81,3 +81,27 @@ def test_peak_rss_is_measured_inside_the_child_not_inherited_from_the_parent(tmp
         parent_mib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
     peak = peak_rss_of_train(["--help"], tmp_path)  # answered without importing torch
     assert 1 < peak < 100 < parent_mib, (peak, parent_mib)
+
+
+def test_the_stall_zoo_table_pairs_each_run_with_and_without_the_policy_and_the_fix():
+    from benchmarks.stall_zoo import cell_facts, table
+
+    def row(variant, policy, seed, loss, epoch=""):
+        return {"variant": variant, "policy": policy, "seed": seed, "final_loss": loss, "epoch_below_0.05": epoch}
+
+    rows = [
+        row("xor_sigmoid_sgd", "none", 0, 0.69), row("xor_sigmoid_sgd", "default", 0, 0.01, 300),
+        row("xor_sigmoid_sgd", "none", 1, 0.69), row("xor_sigmoid_sgd", "default", 1, 0.70),  # stalled, not freed
+        row("xor_sigmoid_sgd_fix", "none", 0, 0.01, 40), row("xor_sigmoid_sgd_fix", "none", 1, 0.01, 60),
+        row("blobs_tanh_adam", "none", 0, 0.01, 90), row("blobs_tanh_adam", "default", 0, float("nan")),  # diverged
+    ]  # fmt: skip
+    facts = cell_facts(rows, target=0.05, stalled_above=0.3)
+    assert [(f["cell"], f["stalled"], f["reached"], f["worse"]) for f in facts] == [
+        ("blobs_tanh_adam", False, False, True),
+        ("xor_sigmoid_sgd", True, True, False),
+        ("xor_sigmoid_sgd", True, False, True),  # 0.70 > 0.69 * 1.01: made worse
+    ]
+    text = table(facts)
+    assert "| xor_sigmoid_sgd | 2/2 | 1/2 | 300 | 50 | 1/2 |" in text
+    assert "| adam | 0/0 | 1/1 |" in text and "| sgd | 1/2 | 1/2 |" in text and "| xor | 1/2 | 1/2 |" in text
+    assert text.endswith("All: 1/2 stalled runs freed, 2/3 made worse.")

@@ -44,8 +44,9 @@ from pathlib import Path
 
 from src.errors import fail, one_line_errors
 
-from .runner import run_all
-from .spec import StudyError, check_options, grid, load_study
+from .launchers import LaunchError, make_launcher
+from .runner import finished_rows, run_all
+from .spec import StudyError, check_options, grid, load_study, run_name
 from .table import write_outputs
 
 
@@ -58,22 +59,42 @@ def main(argv: list[str] | None = None) -> None:
         "--base-config", help="run the grid on this experiment config instead of the file's base_config "
         "(e.g. configs/mnist.yaml for the MNIST labs on MNIST)"
     )  # fmt: skip
+    parser.add_argument("--launcher", default="local", help="local (processes here, the default) or ray")
+    parser.add_argument("--address", help="with --launcher ray: a Ray cluster to join (host:port, or auto)")
+    parser.add_argument("--cpus-per-run", type=int, default=1, help="CPUs each run takes (and its torch threads)")
+    parser.add_argument("--gpus-per-run", type=float, default=0, help="GPUs each run takes (--launcher ray)")
+    parser.add_argument("--rerun", action="store_true", help="run every point again, finished or not")
     args = parser.parse_args(argv)
-    with one_line_errors(StudyError, status=2):
+    with one_line_errors((StudyError, LaunchError), status=2):
         study = load_study(args.study, args.base_config)
         if args.workers < 1:
             raise StudyError(f"--workers must be >= 1, got {args.workers}")
         check_options(study)
+        points = grid(study)
+        launcher = make_launcher(
+            args.launcher, min(args.workers, len(points)), args.address, args.cpus_per_run, args.gpus_per_run
+        )
+        where = launcher.start()
     out_dir = Path(args.out or study.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    points = grid(study)
-    workers = min(args.workers, len(points))
-    print(f"{len(points)} runs in {workers} processes, logs under {out_dir / 'runs'}", flush=True)
-    rows = run_all(study, points, out_dir, workers)
-    if not rows:
-        fail("every run failed; run one alone with python -m src.train to see why")
+    kept = {} if args.rerun else finished_rows(study, points, out_dir)
+    todo = [p for p in points if run_name(p, study) not in kept]
+    print(f"{len(todo)} runs on {where}, logs under {out_dir / 'runs'}"
+          + (f" ({len(kept)} finished before: kept; --rerun runs them again)" if kept else ""), flush=True)  # fmt: skip
+    rows, interrupted = [], False
+    if todo:
+        rows, interrupted = run_all(study, todo, out_dir, launcher, args.cpus_per_run)
+    else:
+        launcher.close()
+    rows = [*kept.values(), *rows]
+    if interrupted:
+        finished = len([r for r in rows if r.get("final_loss", "") != ""])
+        print(f"interrupted: {finished} of {len(points)} runs finished and kept; run the same command again "
+              "to finish the rest", file=sys.stderr)  # fmt: skip
+    if not any(r.get("final_loss", "") != "" for r in rows):
+        fail("every run failed; run one alone with python -m src.train to see why", status=130 if interrupted else 1)
     for name in study.metrics:
-        missing = [r["run"] for r in rows if r.get(name, "") == ""]
+        missing = [r["run"] for r in rows if r.get(name, "") == "" and r.get("final_loss", "") != ""]
         if missing:
             print(f"note: {len(missing)} run(s) logged no {name} ({', '.join(missing[:3])}...); "
                   f"is it logged{' (test: true runs trainer.test)' if name.startswith('test/') else ''}?")  # fmt: skip
@@ -81,3 +102,5 @@ def main(argv: list[str] | None = None) -> None:
     written = write_outputs(rows, study, out_dir, command)
     print((out_dir / "summary.md").read_text())
     print("wrote " + ", ".join(map(str, written)))
+    if interrupted:
+        sys.exit(130)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing
+import os
 import sys
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from src.names import TRAIN_LOSS
 from .spec import Study, run_args, run_name
 
 RUN_LOG = "run.log"  # beside each run's TensorBoard folder: its warnings and Lightning's messages
+RESULT = "result.json"  # a finished run's summary row: a re-run of the study skips that run
 _CAPTURED = ("py.warnings", "lightning.pytorch", "lightning.fabric")
 
 
@@ -72,15 +73,22 @@ def prepare_run(study: Study, point: dict[str, Any], out_dir: str) -> tuple[Any,
     return cli, probe
 
 
-def run_point(study: Study, point: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    """One fit (and test, with ``test: true``), in a worker process; returns its row of the summary.
-    What the run warns goes to ``runs/<name>/run.log``."""
-    from src.callbacks import PlateauDetector
+def run_point(study: Study, point: dict[str, Any], out_dir: str, threads: int = 1) -> dict[str, Any]:
+    """One fit (and test, with ``test: true``), in a worker process or a Ray task; returns its row of
+    the summary. What the run warns goes to ``runs/<name>/run.log``. A run that diverged is a row
+    marked failed (with its loss); one stopped by a signal raises (it is not finished)."""
+    import torch
+
+    from src.callbacks import GracefulStop, PlateauDetector
 
     start = time.perf_counter()
     with run_log(Path(out_dir) / "runs" / run_name(point, study) / RUN_LOG):
         cli, probe = prepare_run(study, point, out_dir)
+        torch.set_num_threads(threads)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        stop = next((cb for cb in cli.trainer.callbacks if isinstance(cb, GracefulStop)), None)
+        if stop is not None and stop.stopped_by:
+            raise RuntimeError(f"stopped by {stop.stopped_by} at epoch {cli.trainer.current_epoch}")
         final = float(cli.trainer.callback_metrics[TRAIN_LOSS])
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
         epochs = cli.trainer.current_epoch
@@ -100,32 +108,79 @@ def run_point(study: Study, point: dict[str, Any], out_dir: str) -> dict[str, An
     for name in study.metrics:
         row[name] = metrics.get(name, "")
     row |= {"epochs": epochs, "seconds": round(time.perf_counter() - start, 1), "log_dir": cli.trainer.log_dir}
+    if detector is not None and detector.diverged:
+        row |= {"status": "failed", "error": detector.stopping_reason_message or "diverged"}
     return row
 
 
-def run_all(study: Study, points: list[dict[str, Any]], out_dir: Path, workers: int) -> list[dict[str, Any]]:
-    """Every point in ``workers`` processes, with an overall bar on stderr and a line per finished run on
-    stdout; a run that fails is a line, and the others go on. Returns the finished runs' rows."""
-    start, rows = time.perf_counter(), []
-    context = multiprocessing.get_context("spawn")
-    bar = tqdm(total=len(points), desc="study", unit="run", file=sys.stderr, dynamic_ncols=True)
-    with bar, ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(run_point, study, p, str(out_dir)): p for p in points}
-        for done, future in enumerate(as_completed(futures), start=1):
-            point = futures[future]
-            bar.update(1)
-            try:
-                row = future.result()
-            except Exception as err:  # one failed run must not lose the others
-                bar.write(f"[{done}/{len(points)}] {run_name(point, study)}: FAILED ({one_line(err)})", file=sys.stdout)
-                continue
-            rows.append(row)
-            state = "" if "stalled" not in row else \
-                f", stalled ({row.get('diagnosis') or 'no event'})" if row["stalled"] else ", learned"  # fmt: skip
-            shown = "".join(f", {m} {row[m]:.4g}" for m in study.metrics if row.get(m, "") != "")
-            elapsed = time.perf_counter() - start
-            bar.write(f"[{done}/{len(points)}] {row['run']}: final loss {row['final_loss']:.4g}{shown}{state} "
-                      f"after {row['epochs']} epochs ({elapsed:.0f} s elapsed)", file=sys.stdout)  # fmt: skip
-            if "stalled" in row:
-                bar.set_postfix(learned=sum(not r["stalled"] for r in rows), stalled=sum(r["stalled"] for r in rows))
+def result_path(out_dir: Path, name: str) -> Path:
+    """Where a finished run's row is kept: what a re-run of the study reads instead of running it again."""
+    return Path(out_dir) / "runs" / name / RESULT
+
+
+def finished_rows(study: Study, points: list[dict[str, Any]], out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The rows of the runs that finished in an earlier run of this study into ``out_dir``, by name
+    (a run with no ``result.json``, or an unreadable one, is not finished)."""
+    rows = {}
+    for point in points:
+        name = run_name(point, study)
+        try:
+            row = json.loads(result_path(out_dir, name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(row, dict) and row.get("run") == name:
+            rows[name] = row
     return rows
+
+
+def run_all(
+    study: Study, points: list[dict[str, Any]], out_dir: Path, launcher: Any, threads: int = 1
+) -> tuple[list[dict[str, Any]], bool]:
+    """Every point on ``launcher`` (:mod:`.launchers`), with an overall bar on stderr and a line per
+    finished run on stdout. A finished run's row goes to ``runs/<name>/result.json``; a run that
+    fails (an error, a lost worker) is a row marked failed with its reason, and the others go on.
+    Ctrl+C cancels the runs not finished. Returns the rows and whether the study was interrupted."""
+    start, rows, interrupted = time.perf_counter(), [], False
+    by_name = {run_name(p, study): p for p in points}
+    bar = tqdm(total=len(points), desc="study", unit="run", file=sys.stderr, dynamic_ncols=True)
+    jobs = [(name, (study, point, str(out_dir), threads)) for name, point in by_name.items()]
+    try:
+        with bar:
+            for done, (name, result) in enumerate(launcher.run(run_point, jobs), start=1):
+                bar.update(1)
+                if isinstance(result, BaseException):
+                    result = {**by_name[name], "run": name, "status": "failed", "error": one_line(result)}
+                else:
+                    _write_json(result_path(out_dir, name), result)
+                rows.append(result)
+                bar.write(f"[{done}/{len(points)}] {describe_row(result, study)} "
+                          f"({time.perf_counter() - start:.0f} s elapsed)", file=sys.stdout)  # fmt: skip
+                if "stalled" in result:
+                    finished = [r for r in rows if "stalled" in r]
+                    bar.set_postfix(learned=sum(not r["stalled"] for r in finished),
+                                    stalled=sum(r["stalled"] for r in finished))  # fmt: skip
+    except KeyboardInterrupt:
+        launcher.cancel()
+        interrupted = True
+    finally:
+        launcher.close()
+    return rows, interrupted
+
+
+def describe_row(row: dict[str, Any], study: Study) -> str:
+    """A finished run in one line: its name, final loss, metrics and verdict (or why it failed)."""
+    if row.get("final_loss", "") == "":
+        return f"{row['run']}: FAILED ({row.get('error', '')})"
+    state = "" if "stalled" not in row else \
+        f", stalled ({row.get('diagnosis') or 'no event'})" if row["stalled"] else ", learned"  # fmt: skip
+    if row.get("status") == "failed":
+        state = f", FAILED ({row.get('error', '')})"
+    shown = "".join(f", {m} {row[m]:.4g}" for m in study.metrics if row.get(m, "") != "")
+    return f"{row['run']}: final loss {row['final_loss']:.4g}{shown}{state} after {row['epochs']} epochs"
+
+
+def _write_json(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(row))
+    os.replace(tmp, path)

@@ -26,19 +26,24 @@ def aggregate(rows: list[dict[str, Any]], study: Study) -> list[dict[str, Any]]:
     )
     groups = [[r for r in rows if tuple(r[f] for f in fields) == key] for key in keys]
     median = "median " if max(len(g) for g in groups) > 1 else ""  # the same headers on every row
+    failures = any(r.get("status") == "failed" for r in rows)
+    has = {c for r in rows for c in r}  # a failed run's row has only its axes, name and error
     table = []
     for key, group in zip(keys, groups, strict=True):
         row: dict[str, Any] = {**dict(zip(fields, key, strict=True)), "runs": len(group)}
-        row["median_final_loss" if median else "final_loss"] = statistics.median(r["final_loss"] for r in group)
-        if "stalled" in group[0]:
-            row["stalled"] = f"{sum(r['stalled'] for r in group)}/{len(group)}"
+        losses = [r["final_loss"] for r in group if r.get("final_loss", "") != ""]  # a run that failed has none
+        row["median_final_loss" if median else "final_loss"] = statistics.median(losses) if losses else "-"
+        if "stalled" in has:
+            row["stalled"] = f"{sum(bool(r.get('stalled')) for r in group)}/{len(group)}"
         escapes = [r[below] for r in group if r.get(below, "") != ""]
-        if below in group[0]:
+        if below in has:
             row[f"below_{study.solved_below}"] = f"{len(escapes)}/{len(group)}"
-        if "diagnosis" in group[0]:
-            row["diagnosis"] = ", ".join(sorted({r["diagnosis"] for r in group if r["diagnosis"]})) or "-"
-        if below in group[0]:
+        if "diagnosis" in has:
+            row["diagnosis"] = ", ".join(sorted({r["diagnosis"] for r in group if r.get("diagnosis")})) or "-"
+        if below in has:
             row[f"median_{below}"] = statistics.median(escapes) if escapes else "-"
+        if failures:
+            row["failed"] = f"{sum(r.get('status') == 'failed' for r in group)}/{len(group)}"
         for name in study.metrics:
             values = [r[name] for r in group if r.get(name, "") != ""]
             row[f"{median}{name}"] = statistics.median(values) if values else "-"

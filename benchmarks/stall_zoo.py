@@ -1,0 +1,124 @@
+"""The stall zoo (configs/study/stall_zoo.yaml): which stalls the default policy gets out of, at what
+cost, and whether it ever makes a run worse.
+
+    python -m benchmarks.stall_zoo                      # run the study (~40 min on one core), then the table
+    python -m benchmarks.stall_zoo --summary studies/stall_zoo/summary.csv   # the table of a finished study
+
+Per cell (a variant of the study, without its ``_fix`` twin) and seed it pairs the run without the
+policy with the run with it, and the hindsight fix's run with no policy. A run *stalls* when its
+final train loss is above the study's ``stalled_above``; it *reaches the target* when its loss went
+below ``solved_below`` (the epoch is the study's ``epoch_below_...`` column). It is *made worse*
+when the policy's run diverged, or ended above the run without it by more than 1% (and 1e-3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from src.study.spec import load_study
+from src.study.table import load_summary
+
+STUDY = Path(__file__).resolve().parents[1] / "configs" / "study" / "stall_zoo.yaml"
+OPTIMIZERS = ("adamw", "adam", "rmsprop", "momentum", "sgd")  # how a cell's name ends: its optimizer
+
+
+def cell_facts(rows: list[dict[str, Any]], target: float, stalled_above: float) -> list[dict[str, Any]]:
+    """One fact row per (cell, seed): stalled without the policy, reached the target with it and the
+    epochs to it, made worse, and the fix's epochs to the target."""
+    below = f"epoch_below_{target}"
+    runs = {(r["variant"], r["policy"], str(r["seed"])): r for r in rows}
+    facts = []
+    for (variant, policy, seed), none in sorted(runs.items()):
+        if policy != "none" or variant.endswith("_fix"):
+            continue
+        default, fix = runs.get((variant, "default", seed)), runs.get((f"{variant}_fix", "none", seed))
+        if default is None:
+            continue
+        loss_none, loss_default = float(none["final_loss"]), float(default["final_loss"])
+        worse = loss_default != loss_default or loss_default > max(loss_none * 1.01, loss_none + 1e-3)
+        facts.append({
+            "cell": variant, "seed": seed, "stalled": loss_none > stalled_above,
+            "reached": default.get(below, "") != "", "epochs": _int(default.get(below)),
+            "fix_epochs": _int(fix.get(below)) if fix else None, "worse": worse,
+            "loss_none": loss_none, "loss_default": loss_default,
+        })  # fmt: skip
+    return facts
+
+
+def _int(value: Any) -> int | None:
+    return None if value in (None, "") else int(float(value))
+
+
+def data_of(cell: str) -> str:
+    return cell.split("_")[0] if not cell.startswith("two_clusters") else "two_clusters"
+
+
+def optimizer_of(cell: str) -> str:
+    return next((o for o in OPTIMIZERS if cell.endswith(o) or f"_{o}_" in cell), "sgd")
+
+
+def table(facts: list[dict[str, Any]]) -> str:
+    """Markdown: a row per cell, then the share of stalled runs freed per optimizer and per data set."""
+    header = (
+        "| cell | stalled without | of those, reached with | median epochs with | fix: median epochs | made worse |"
+    )
+    lines = [header, "| --- | --- | --- | --- | --- | --- |"]
+    by_cell: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for fact in facts:
+        by_cell[fact["cell"]].append(fact)
+    for cell, group in by_cell.items():
+        stalled = [f for f in group if f["stalled"]]
+        freed = [f for f in stalled if f["reached"]]
+        epochs, fix = _median(f["epochs"] for f in freed), _median(f["fix_epochs"] for f in group)
+        lines.append(f"| {cell} | {len(stalled)}/{len(group)} | {len(freed)}/{len(stalled)} | {epochs} | {fix}"
+                     f" | {sum(f['worse'] for f in group)}/{len(group)} |")  # fmt: skip
+    for name, key in (("optimizer", optimizer_of), ("data", data_of)):
+        lines += ["", f"| {name} | stalled runs freed | made worse |", "| --- | --- | --- |"]
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for fact in facts:
+            groups[key(fact["cell"])].append(fact)
+        for label, group in sorted(groups.items()):
+            stalled = [f for f in group if f["stalled"]]
+            freed = sum(f["reached"] for f in stalled)
+            lines.append(f"| {label} | {freed}/{len(stalled)} | {sum(f['worse'] for f in group)}/{len(group)} |")
+    stalled = [f for f in facts if f["stalled"]]
+    lines += ["", f"All: {sum(f['reached'] for f in stalled)}/{len(stalled)} stalled runs freed, "
+              f"{sum(f['worse'] for f in facts)}/{len(facts)} made worse."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _median(values) -> str:
+    kept = [v for v in values if v is not None]
+    return f"{statistics.median(kept):g}" if kept else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--summary", type=Path, help="a finished study's summary.csv (default: run the study)")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    study = load_study(STUDY)
+    if args.summary is None:
+        from src.study.cli import main as study_main
+
+        try:
+            study_main([str(STUDY), "--workers", str(args.workers)])
+        except SystemExit as exit_:  # a bad study or option: it said why
+            if exit_.code:
+                return int(exit_.code) if isinstance(exit_.code, int) else 1
+        args.summary = Path(study.out_dir) / "summary.csv"
+    if not args.summary.is_file():
+        print(f"error: {args.summary} does not exist; run the study first, or give --summary", file=sys.stderr)
+        return 2
+    facts = cell_facts(load_summary(args.summary), study.solved_below, study.stalled_above)
+    print(table(facts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
