@@ -146,3 +146,25 @@ def test_bad_step_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError) as err:
         PlateauDetector(**kwargs)
     assert str(err.value) == message
+
+
+def test_two_detectors_in_one_trainer_keep_their_own_events_and_share_the_file(tmp_path):
+    from src.callbacks import PlateauEscape
+    from src.callbacks.events import load_events
+
+    L.seed_everything(0, verbose=False)
+    loss = PlateauDetector(monitor="train/loss", patience=3)
+    accuracy = PlateauDetector(monitor="train/acc", mode="max", patience=5)
+    escape = PlateauEscape(actions=[{"momentum": 0.9, "repeat": True}], probation=None)
+    trainer = quiet_trainer(
+        max_epochs=12, limit_val_batches=0, callbacks=[loss, accuracy, escape], default_root_dir=tmp_path,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+    )  # fmt: skip
+    trainer.fit(Frozen(depth=2, width=4), datamodule=Toy2DDataModule())
+    assert loss.state_key != accuracy.state_key
+    assert [e.epoch for e in loss.events] == [3, 6, 9] and [e.epoch for e in accuracy.events] == [5, 10]
+    saved = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
+    assert [(e.monitor, e.epoch) for e in saved] == [
+        ("train/loss", 3), ("train/acc", 5), ("train/loss", 6), ("train/loss", 9), ("train/acc", 10),
+    ]  # fmt: skip
+    assert all(e.actions for e in saved)  # the escape acted on both detectors' stalls

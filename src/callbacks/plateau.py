@@ -375,8 +375,9 @@ class PlateauDetector(EarlyStopping):
 
         Without a logger there is no run directory, and nothing is written."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if trainer.is_global_zero and log_dir and trainer.loggers:
-            save_events(self.events, Path(log_dir) / EVENTS_FILE)
+        if trainer.is_global_zero and log_dir and trainer.loggers:  # every detector's events, by step
+            events = [e for cb in trainer.callbacks if isinstance(cb, PlateauDetector) for e in cb.events]
+            save_events(sorted(events, key=lambda e: e.step), Path(log_dir) / EVENTS_FILE)
 
     @override
     def state_dict(self) -> dict[str, Any]:
