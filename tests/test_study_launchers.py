@@ -18,7 +18,7 @@ from tests.helpers import REPO, call_entry
 STUDY = """\
 base_config: {repo}/configs/dnnex.yaml
 variants:
-  small: {{model.width: 2}}
+  small: {small}
   {extra}
 seeds: [0, 1]
 config:
@@ -28,9 +28,11 @@ solved_below: null
 """
 
 
-def study_file(tmp_path: Path, epochs: int = 3, extra: str = "wide: {model.width: 4}") -> Path:
+def study_file(
+    tmp_path: Path, epochs: int = 3, extra: str = "wide: {model.width: 4}", small: str = "{model.width: 2}"
+) -> Path:
     path = tmp_path / "study.yaml"
-    path.write_text(STUDY.format(repo=REPO, epochs=epochs, extra=extra))
+    path.write_text(STUDY.format(repo=REPO, epochs=epochs, extra=extra, small=small))
     return path
 
 
@@ -85,8 +87,10 @@ def test_ray_gives_the_same_final_losses_as_the_process_pool(tmp_path, capsys):
     assert {k: v["final_loss"] for k, v in local.items()} == {k: v["final_loss"] for k, v in ray.items()}
 
 
-def test_ctrl_c_keeps_the_finished_runs_and_says_how_to_resume(tmp_path):
-    path = study_file(tmp_path, epochs=400, extra="wide: {model.width: 4, trainer.max_epochs: 3}")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_keeps_the_finished_runs_and_says_how_to_resume(tmp_path, signum):
+    # the small runs finish in seconds; the wide ones would take an hour: one is in flight at the signal
+    path = study_file(tmp_path, epochs=100_000, small="{model.width: 2, trainer.max_epochs: 3}")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
@@ -94,15 +98,32 @@ def test_ctrl_c_keeps_the_finished_runs_and_says_how_to_resume(tmp_path):
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while not list(out.glob("runs/*/result.json")) and time.monotonic() < deadline:
+    while len(list(out.glob("runs/*/result.json"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert list(out.glob("runs/*/result.json")), "no run finished in time"
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    assert len(list(out.glob("runs/*/result.json"))) == 2, "the small runs did not finish in time"
+    time.sleep(1)  # the first wide run is under way
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert children  # the pool's worker (and its resource tracker)
+    process.send_signal(signum)
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    finally:  # a study that hangs must not outlive the test, nor its workers
+        process.kill()
+        subprocess.run(["kill", "-9", *children], capture_output=True)
     assert process.returncode == 130, stderr
     assert "interrupted: " in stderr and "run the same command again" in stderr
     finished = {p.parent.name for p in out.glob("runs/*/result.json")}
-    assert finished and set(summary(out)) >= finished and len(finished) < 4
+    assert finished == {"small_s0", "small_s1"} and set(summary(out)) == finished
+    time.sleep(2)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+    assert alive == []  # the worker running a run was stopped with the study, not left behind
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return "Z"
 
 
 @pytest.mark.parametrize(

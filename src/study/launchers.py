@@ -50,11 +50,15 @@ class LocalLauncher:
                 yield futures[future], err
 
     def cancel(self) -> None:
+        """Drop the runs not started and kill the ones in flight (SIGKILL: a run's own SIGTERM
+        handler would finish its epoch first; an unfinished run is run again on resume anyway)."""
         if self._pool is not None:
-            running = list((getattr(self._pool, "_processes", None) or {}).values())  # the runs in flight
+            running = list((getattr(self._pool, "_processes", None) or {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
             for process in running:
-                process.terminate()
+                process.kill()
+                process.join(timeout=10)
+            self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -139,11 +140,13 @@ def run_all(
     """Every point on ``launcher`` (:mod:`.launchers`), with an overall bar on stderr and a line per
     finished run on stdout. A finished run's row goes to ``runs/<name>/result.json``; a run that
     fails (an error, a lost worker) is a row marked failed with its reason, and the others go on.
-    Ctrl+C cancels the runs not finished. Returns the rows and whether the study was interrupted."""
+    Ctrl+C (or SIGTERM) cancels the runs not finished. Returns the rows and whether the study was
+    interrupted."""
     start, rows, interrupted = time.perf_counter(), [], False
     by_name = {run_name(p, study): p for p in points}
     bar = tqdm(total=len(points), desc="study", unit="run", file=sys.stderr, dynamic_ncols=True)
     jobs = [(name, (study, point, str(out_dir), threads)) for name, point in by_name.items()]
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop: as Ctrl+C, no orphaned workers
     try:
         with bar:
             for done, (name, result) in enumerate(launcher.run(run_point, jobs), start=1):
@@ -163,8 +166,13 @@ def run_all(
         launcher.cancel()
         interrupted = True
     finally:
+        signal.signal(signal.SIGTERM, previous)
         launcher.close()
     return rows, interrupted
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def describe_row(row: dict[str, Any], study: Study) -> str:
