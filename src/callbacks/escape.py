@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from .escape_actions import (
     DEFAULT_ACTIONS,
+    PATIENT_REPEATS,
     EscapeAction,
     apply_action,
     next_in_policy,
@@ -36,26 +37,21 @@ class PlateauEscape(Callback):
 
     ``actions`` maps a diagnosis to its escalation list; each stall gets the next action of its
     diagnosis's list, or of ``any`` once that list is spent or where there is none. The default:
+    ``vanishing``: layer-wise steps of 0.01 x ``|W|`` (``trust_ratio``); ``dead_units``,
+    ``always_on_units``, ``redundant_units``: re-place those ReLU units and take layer-wise steps
+    (``repeat``: on every such stall); ``saturated_units``: re-place the pinned sigmoid/tanh units,
+    their outgoing weights 0 and what they gave moved into the next layer's bias (ReDo's rule,
+    :mod:`.saturated`); ``any`` (``flat``, ``unclear``): the source study's remedy, momentum 0.9,
+    0.99, then 0.99 with the lr x5 (max 0.5), x10 (max 1.0), then layer-wise steps.
 
-    - ``vanishing``: layer-wise steps of 0.01 x ``|W|`` (``trust_ratio``), until out of the stall;
-    - ``dead_units``, ``always_on_units``, ``redundant_units``: re-place those ReLU units and take
-      layer-wise steps (at the full lr, re-placed units of a deep net die again), on every such
-      stall (``repeat``);
-    - ``saturated_units``: re-place the units pinned at a bound of a bounded activation, their
-      outgoing weights set to 0 and what they gave moved into the next layer's bias (ReDo's rule,
-      :mod:`.saturated`), on every such stall;
-    - ``any`` (``flat``, ``unclear``): the source study's remedy for a sigmoid net on a plateau:
-      momentum 0.9, then 0.99, then with the lr times 5 (at most 0.5), then times 10 (at most
-      1.0); then layer-wise steps.
-
-    Each action gets a probation: at the next stall it is rolled back (weights, optimizer state,
-    settings) if the best monitored value since it was taken is not ``probation`` better than at
-    the stall it answered, or if the run diverged or stalls at twice that value; the next action is
-    then tried, and one that repeats is not repeated. Once every action is spent the run says so
-    once. Each action is logged (``optim/lr``, ``optim/momentum`` and a text entry) and recorded in
-    ``stall_events.json`` next to its stall, with each lr before and after; divergence events are
-    never acted on. What is spent, in force and on probation is part of the checkpoint, so a resumed
-    run continues the policy exactly.
+    Each action is on probation until the next stall: there its settings are withdrawn if the best
+    monitored value since is not ``probation`` better than at the stall it answered (a repeating
+    one gets ``PATIENT_REPEATS`` probations, then is not repeated), and it is rolled back, weights
+    too, if the run diverged or stalls at twice that value; the next action is then tried. Once
+    every action is spent the run says so once. Each action is logged (``optim/lr``,
+    ``optim/momentum``, a text entry) and recorded in ``stall_events.json`` with each lr before and
+    after; divergence events are never acted on. What is spent, in force and on probation is
+    checkpointed, so a resumed run continues the policy exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -112,6 +108,7 @@ class PlateauEscape(Callback):
             raise ValueError(f"PlateauEscape: probation must be in (0, 1) or null, got {probation}")
         self.probation = probation
         self.said_spent = False
+        self.fruitless: dict[str, int] = {}  # per list: probations in a row its repeating action had no gain
         self._snapshot: dict[str, Any] | None = None  # the state before the last action, in memory
         self._detector: PlateauDetector | None = None
         self._before: dict[int, torch.Tensor] | None = None  # the parameters before a non-SGD step
@@ -251,15 +248,11 @@ class PlateauEscape(Callback):
         info = {"epoch": trainer.current_epoch, "value": value, "best": value, "action": action, "list": key}
         return take_snapshot(trainer, pl_module, **info, kicks=kicks)
 
-    def _roll_back(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str = "diverged",
-        weights: bool = True,
-    ) -> None:  # fmt: skip
-        """Undo the action on probation: its weights, optimizer state and kicks (it did harm), or
-        only its settings and kicks (``weights=False``: it brought nothing). A divergence event is
-        marked ``recovered`` (the run goes on); the next stall gets the next action, and a
-        repeating one is not repeated (its list is ``failed``). Where the harm came from undoing
-        the kicks (a snapshot without a list), they come back and stay (``keep_kicks``)."""
+    def _roll_back(self, trainer, pl_module, event: StallEvent, why: str = "diverged", weights: bool = True) -> None:
+        """Undo the action on probation: weights, optimizer state and kicks (harm), or settings and
+        kicks (``weights=False``: no gain). A divergence event is marked ``recovered``; a repeating
+        action is not repeated (its list is ``failed``); undone kicks that did harm come back and
+        stay (``keep_kicks``)."""
         snapshot, self._snapshot = self._snapshot, None
         lrs_before = restore_snapshot(trainer, pl_module, snapshot, weights=weights)
         self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
@@ -337,17 +330,23 @@ class PlateauEscape(Callback):
         left the run twice as bad as the stall it answered (harm: its weights go too), or (an action,
         not an undo) the best value since it was taken is not ``probation`` better than at that
         stall (its settings are withdrawn; the weights keep what they learnt, which on a plateau is
-        progress the loss does not show yet). ``(None, False)`` if it did not fail."""
+        progress the loss does not show yet). A repeating action gets ``PATIENT_REPEATS``
+        probations in a row (layer-wise steps free a deep sigmoid net in 70-270 epochs: more than
+        one patience). ``(None, False)`` if it did not fail."""
         if self._snapshot is None:
             return None, False
+        key, listed = self._snapshot["list"], self.actions.get(self._snapshot["list"]) or []
         # a re-placement starts the loss afresh: it is judged from the first check after it
         at, best = self._snapshot.get("ref") or self._snapshot["value"], self._snapshot["best"]
         if self._worse(value, at):
             return f"{self._detector.monitor} rose to {value:.4g}", True
-        if self._snapshot["list"] is None or self.probation is None:
+        if key is None or self.probation is None or moved_past(best, at, 1 - self.probation, self._detector.mode):
+            self.fruitless.pop(key, None)
             return None, False
-        if moved_past(best, at, 1 - self.probation, self._detector.mode):
-            return None, False
+        if listed and listed[-1].repeat and self.spent_by.get(key, 0) >= len(listed):
+            self.fruitless[key] = self.fruitless.get(key, 0) + 1
+            if self.fruitless[key] < PATIENT_REPEATS:
+                return None, False
         return f"no gain on probation (best {best:.4g} vs {at:.4g})", False
 
     def _worse(self, value: float, at: float) -> bool:
@@ -383,7 +382,7 @@ class PlateauEscape(Callback):
             "spent": self.spent, "spent_by": self.spent_by, "history": [asdict(a) for a in self.history],
             "lr_scale": self.lr_scale,
             "trust_ratio": self.trust_ratio, "raised_at": self.raised_at, "failed": self.failed,
-            "keep_kicks": self.keep_kicks, "said_spent": self.said_spent,
+            "keep_kicks": self.keep_kicks, "said_spent": self.said_spent, "fruitless": self.fruitless,
             "snapshot": self._snapshot,  # an action on probation can still be rolled back after a resume
         }  # fmt: skip
 
@@ -397,4 +396,5 @@ class PlateauEscape(Callback):
         self.failed = list(state_dict.get("failed", []))
         self.keep_kicks = state_dict.get("keep_kicks", False)
         self.said_spent = state_dict.get("said_spent", False)
+        self.fruitless = dict(state_dict.get("fruitless", {}))
         self._snapshot = state_dict.get("snapshot")

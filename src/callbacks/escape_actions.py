@@ -76,6 +76,9 @@ class EscapeAction:
         return ", ".join(parts)
 
 
+# A repeating action (layer-wise steps, re-placed units) is given this many probations in a row
+# without gain before it is withdrawn: layer-wise steps need 70-270 epochs on a deep sigmoid net.
+PATIENT_REPEATS = 3
 # Layer-wise steps of 0.01 x |W| with no momentum (so the step is exactly that): measured to free
 # stalled sigmoid, tanh and ReLU nets of depth 7-18 within 70-270 epochs, longer than one patience.
 LAYER_WISE_STEPS = EscapeAction(trust_ratio=0.01, momentum=0.0, repeat=True)
