@@ -52,3 +52,31 @@ def test_the_escape_acts_when_a_real_early_stopping_follows_the_detector(tmp_pat
     trainer.fit(Frozen(depth=2, width=4), datamodule=Toy2DDataModule())
     assert trainer.early_stopping_callback is stop
     assert detector.events and detector.events[0].actions[0].action == "lr x2"
+
+
+def test_an_action_records_the_lr_the_next_step_uses_after_a_scheduler_and_every_group(tmp_path):
+    """ReduceLROnPlateau steps at the epoch's end after the detector's check (Lightning updates plateau
+    schedulers last): the raise's record says the lr the next optimizer step then uses, cut by the
+    scheduler, for each of two param groups (their own lrs kept)."""
+    seen = []
+
+    class TwoGroups(MLPClassifier):
+        def configure_optimizers(self):
+            layers = self.net.layers
+            groups = [{"params": layers[0].parameters(), "lr": 1e-9}, {"params": layers[1:].parameters(), "lr": 1e-10}]
+            optimizer = torch.optim.SGD(groups)  # lrs so small that the loss never improves: a cut every epoch
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0, eps=0.0)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "train/loss"}}
+
+        def on_before_optimizer_step(self, optimizer):
+            seen.append((self.trainer.global_step, [g["lr"] for g in optimizer.param_groups]))
+
+    detector = PlateauDetector(patience=2, min_delta=0.5)  # a scripted stall every 2 epochs
+    escape = PlateauEscape(actions=[{"lr_factor": 5}], probation=None)
+    trainer = quiet_trainer(max_epochs=4, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(TwoGroups(depth=2, width=4), datamodule=Toy2DDataModule())
+    record = detector.events[0].actions[0]
+    used = dict(seen)[record.step]  # the first step after the stall
+    assert record.lr == pytest.approx(used)  # not the lr just after the raise: the scheduler cut it since
+    assert used == pytest.approx([5 * 0.5 * lr for lr in record.lr_from])  # raised x5, then halved
+    assert record.lr_from[0] == pytest.approx(10 * record.lr_from[1])  # each group keeps its own lr

@@ -62,7 +62,7 @@ def test_a_second_run_skips_the_finished_runs_and_a_deleted_result_reruns_only_t
     assert "4 runs on" in rerun.stdout
 
 
-@pytest.mark.parametrize("launcher", ["local", "ray"])
+@pytest.mark.parametrize("launcher", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_a_failing_run_is_a_row_marked_failed_and_the_others_go_on(tmp_path, capsys, launcher):
     path = study_file(tmp_path, extra="broken: {data.init_args.csv_path: /nonexistent/dnnex.csv}")
     out = tmp_path / "out"

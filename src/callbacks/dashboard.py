@@ -118,16 +118,7 @@ class TensorBoardDashboard(Callback):
         step = trainer.global_step
         if not trainer.optimizers or (step - 1) % every or not trainer.is_global_zero:
             return
-        metrics = {}
-        for i, group in enumerate(trainer.optimizers[0].param_groups):
-            suffix = f"_pg{i}" if i else ""  # every param group's: group 0 under the plain names
-            metrics[f"{OPTIM_LR}{suffix}"] = float(group["lr"])
-            if "momentum" in group:
-                metrics[f"{OPTIM_MOMENTUM}{suffix}"] = float(group["momentum"])
-            elif "betas" in group:
-                metrics[f"{OPTIM_MOMENTUM}{suffix}"] = float(group["betas"][0])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        log_optimizer_settings(trainer, step)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -165,3 +156,18 @@ def log_event(trainer: L.Trainer, event: StallEvent, divergence_threshold: float
         logger.log_metrics(marker, step=event.step)
         if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
             logger.experiment.add_text(PLATEAU_EVENTS_TEXT, describe_event(event), event.step)
+
+
+def log_optimizer_settings(trainer: L.Trainer, step: int) -> None:
+    """Log the first optimizer's lr and momentum (Adam's beta1) for every param group: ``optim/lr``,
+    ``optim/momentum`` for group 0, ``optim/lr_pg1``... for the others."""
+    metrics = {}
+    for i, group in enumerate(trainer.optimizers[0].param_groups):
+        suffix = f"_pg{i}" if i else ""
+        metrics[f"{OPTIM_LR}{suffix}"] = float(group["lr"])
+        if "momentum" in group:
+            metrics[f"{OPTIM_MOMENTUM}{suffix}"] = float(group["momentum"])
+        elif "betas" in group:
+            metrics[f"{OPTIM_MOMENTUM}{suffix}"] = float(group["betas"][0])
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from .dashboard import log_optimizer_settings
 from .escape_actions import (
     DEFAULT_ACTIONS,
     PATIENT_REPEATS,
@@ -20,14 +21,15 @@ from .escape_actions import (
     next_in_policy,
     parse_policy,
     policy_for,
+    settings_of,
     steps_on_gradients,
     trust_ratio_,
     trust_update_,
 )
-from .escape_snapshot import restore_snapshot, take_snapshot
+from .escape_snapshot import note_check, restore_snapshot, take_snapshot
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
-from .names import OPTIM_LR, OPTIM_MOMENTUM, PLATEAU_ACTIONS_TEXT
+from .names import PLATEAU_ACTIONS_TEXT
 from .plateau import PlateauDetector
 from .units import replace_idle_units
 
@@ -92,8 +94,9 @@ class PlateauEscape(Callback):
             raise ValueError(f"PlateauEscape: {err}") from None
         self._configured = {key: list(listed) for key, listed in self.actions.items()}
         self._default_policy = actions is None
-        if restore_lr_below is not None and not 0 < restore_lr_below < 1:
-            raise ValueError(f"PlateauEscape: restore_lr_below must be in (0, 1) or null, got {restore_lr_below}")
+        for name, value in (("restore_lr_below", restore_lr_below), ("probation", probation)):
+            if value is not None and not 0 < value < 1:
+                raise ValueError(f"PlateauEscape: {name} must be in (0, 1) or null, got {value}")
         self.on_exhausted = on_exhausted
         self.restore_lr_below = restore_lr_below
         self.spent_by: dict[str, int] = {}
@@ -104,8 +107,6 @@ class PlateauEscape(Callback):
         self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
         self.keep_kicks = False  # undoing them blew the run up once: they stay
         self.rollback_on_divergence = rollback_on_divergence
-        if probation is not None and not 0 < probation < 1:
-            raise ValueError(f"PlateauEscape: probation must be in (0, 1) or null, got {probation}")
         self.probation = probation
         self.said_spent = False
         self.fruitless: dict[str, int] = {}  # per list: probations in a row its repeating action had no gain
@@ -113,6 +114,7 @@ class PlateauEscape(Callback):
         self._detector: PlateauDetector | None = None
         self._before: dict[int, torch.Tensor] | None = None  # the parameters before a non-SGD step
         self._layers: dict[str, list[Any]] = {}
+        self._unconfirmed: list[Action] = []  # actions whose settings the next optimizer step confirms
 
     @property
     def spent(self) -> int:
@@ -126,9 +128,8 @@ class PlateauEscape(Callback):
         # (not the ones adapted to the optimizer at fit start, which a resume restores before).
         if getattr(self, "_state_key", None) is None:
             described = {key: [a.describe() for a in listed] for key, listed in self._configured.items()}
-            self._state_key = self._generate_state_key(
-                actions=described["any"] if list(described) == ["any"] else described
-            )
+            only_any = list(described) == ["any"]
+            self._state_key = self._generate_state_key(actions=described["any"] if only_any else described)
         return self._state_key
 
     @override
@@ -147,12 +148,9 @@ class PlateauEscape(Callback):
         default policy serves any optimizer: the parts it has no setting for are left out (momentum
         on Adam), and layer-wise steps act on the step it takes."""
         self.actions = policy_for(self._configured, trainer.optimizers, adapt=self._default_policy)
-        before = [a.describe() for listed in self._configured.values() for a in listed]
-        if before != [a.describe() for listed in self.actions.values() for a in listed]:
+        if [str(a) for a in self._configured.values()] != [str(a) for a in self.actions.values()]:
             names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
-            rank_zero_info(
-                f"PlateauEscape: the default policy for {names} leaves out the momentum settings it has none of"
-            )
+            rank_zero_info(f"PlateauEscape: the default policy for {names} leaves out the momentum it has none of")
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -162,6 +160,8 @@ class PlateauEscape(Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self._unconfirmed:  # what holds now that schedulers and other callbacks have had their turn
+            self._confirm(trainer)
         if self.trust_ratio is None:
             return
         if steps_on_gradients(optimizer):
@@ -192,7 +192,9 @@ class PlateauEscape(Callback):
         if event.kind is not EventKind.STALL:
             return
         why, harmed = self._failed_why(event.value)
-        momenta = self._settings(trainer)["momentum"]  # what built the buffers, if the settings are withdrawn
+        momenta = settings_of(trainer.optimizers[0])[
+            "momentum"
+        ]  # what built the buffers, if the settings are withdrawn
         if why is not None:
             undo = self._snapshot["list"] is None
             self._roll_back(trainer, pl_module, event, why=why, weights=harmed)
@@ -213,7 +215,7 @@ class PlateauEscape(Callback):
         if self.rollback_on_divergence or self.probation is not None:
             self._snapshot = self._snapshot_now(trainer, pl_module, event.value, action.describe(), key)
         self.spent_by[key] = self.spent_by.get(key, 0) + 1
-        lrs_before = self._settings(trainer)["lr"]
+        lrs_before = settings_of(trainer.optimizers[0])["lr"]
         what = action.describe()
         if action.momentum is not None or action.nesterov is not None or action.lr_factor is not None:
             # a momentum withdrawn for bringing nothing and set again keeps the velocity it built
@@ -284,11 +286,6 @@ class PlateauEscape(Callback):
         return f": {', '.join(replaced)}" if replaced else ": none found"
 
     @staticmethod
-    def _settings(trainer: L.Trainer) -> dict[str, list[float]]:
-        groups = trainer.optimizers[0].param_groups
-        return {"lr": [float(g["lr"]) for g in groups], "momentum": [float(g.get("momentum", 0.0)) for g in groups]}
-
-    @staticmethod
     def _apply(trainer: L.Trainer, action: EscapeAction, keep_buffers: bool = False) -> None:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for optimizer in trainer.optimizers:
@@ -296,18 +293,14 @@ class PlateauEscape(Callback):
 
     def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
         """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall."""
-        # Only the detector calls this (set up in `setup`), and only after it reported a stall.
         mode = self._detector.mode
         if self._snapshot is not None:
-            if "ref" in self._snapshot and self._snapshot["ref"] is None:
-                self._snapshot["ref"] = self._snapshot["best"] = value
-            best = self._snapshot["best"]
-            self._snapshot["best"] = max(best, value) if mode == "max" else min(best, value)
+            note_check(self._snapshot, value, mode)
         if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
             self._snapshot = None  # out of the stall: a later divergence is not the action's
         if self.restore_lr_below is None or self.raised_at is None or self.keep_kicks:
             return
-        if not moved_past(value, self.raised_at, self.restore_lr_below, mode):
+        if not moved_past(value, self.raised_at, self.restore_lr_below, mode):  # not out of the stall yet
             return
         undone = ["lr restored"] if self.lr_scale != 1.0 else []
         undone += ["layer-wise steps off"] if self.trust_ratio is not None else []
@@ -316,7 +309,7 @@ class PlateauEscape(Callback):
             return
         if self.rollback_on_divergence or self.probation is not None:  # undoing a kick can blow the run up too
             self._snapshot = self._snapshot_now(trainer, pl_module, value, ", ".join(undone), key=None)
-        lrs_before = self._settings(trainer)["lr"]
+        lrs_before = settings_of(trainer.optimizers[0])["lr"]
         if self.lr_scale != 1.0:
             self._apply(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
         self.lr_scale, self.trust_ratio, self.raised_at = 1.0, None, None
@@ -358,23 +351,30 @@ class PlateauEscape(Callback):
         lr_raise: bool = False, lr_from: list[float] | None = None,
     ) -> None:  # fmt: skip
         """Add what was done to the event and the history, with the settings the next step will use."""
-        settings = self._settings(trainer)
+        settings = settings_of(trainer.optimizers[0])
         epoch = event.epoch if epoch is None else epoch
         step = event.step if step is None else step
         changed = lr_from is not None and lr_from != settings["lr"]
         record = Action(what, epoch, step, settings["lr"], settings["momentum"], lr_from if changed else None, lr_raise)
         event.actions.append(record)
         self.history.append(record)
+        self._unconfirmed.append(record)
         lr_text = f"lr {lr_from} -> {settings['lr']}" if changed else f"lr {settings['lr']}"
         rank_zero_info(f"PlateauEscape: epoch {epoch}: {what} -> {lr_text}")
-        scalars = {}
-        for i, (lr, momentum) in enumerate(zip(settings["lr"], settings["momentum"], strict=True)):
-            suffix = f"_pg{i}" if i else ""  # each param group's: group 0 under the plain names
-            scalars.update({f"{OPTIM_LR}{suffix}": lr, f"{OPTIM_MOMENTUM}{suffix}": momentum})
+        log_optimizer_settings(trainer, step)
         for logger in trainer.loggers:
-            logger.log_metrics(scalars, step)
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.add_text(PLATEAU_ACTIONS_TEXT, f"epoch {epoch}: {what}", step)
+
+    def _confirm(self, trainer: L.Trainer) -> None:
+        """Record the settings the next step uses (a scheduler stepped after an action may change them)."""
+        settings = settings_of(trainer.optimizers[0])
+        changed = [r for r in self._unconfirmed if (r.lr, r.momentum) != (settings["lr"], settings["momentum"])]
+        for record in changed:
+            record.lr, record.momentum = settings["lr"], settings["momentum"]
+        self._unconfirmed = []
+        if changed:
+            self._detector.save_events(trainer)
 
     @override
     def state_dict(self) -> dict[str, Any]:

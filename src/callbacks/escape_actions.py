@@ -149,6 +149,12 @@ def steps_on_gradients(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer) is torch.optim.SGD
 
 
+def settings_of(optimizer: torch.optim.Optimizer) -> dict[str, list[float]]:
+    """Each param group's ``lr`` and ``momentum`` (0 where it has none)."""
+    groups = optimizer.param_groups
+    return {"lr": [float(g["lr"]) for g in groups], "momentum": [float(g.get("momentum", 0.0)) for g in groups]}
+
+
 def _schedulers_of(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]) -> list[Any]:
     return [scheduler for scheduler in schedulers if getattr(scheduler, "optimizer", None) is optimizer]
 

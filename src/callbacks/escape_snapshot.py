@@ -47,3 +47,11 @@ def restore_snapshot(
                 if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs") and lr > 0:
                     scheduler.base_lrs[index] *= float(group["lr"]) / lr
     return lrs_before[0]
+
+
+def note_check(snapshot: dict[str, Any], value: float, mode: str) -> None:
+    """Keep the best monitored value since the snapshot (what its action's probation is judged on);
+    after a re-placement (``ref`` pending) the first value is the reference it is judged from."""
+    if "ref" in snapshot and snapshot["ref"] is None:
+        snapshot["ref"] = snapshot["best"] = value
+    snapshot["best"] = max(snapshot["best"], value) if mode == "max" else min(snapshot["best"], value)
