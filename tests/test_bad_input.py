@@ -37,6 +37,10 @@ FILES = {
         "{class_path: src.callbacks.PlateauDetector}",
         "{class_path: src.callbacks.PlateauEscape, init_args: {actions: [{mommentum: 0.9}]}}",
     ),
+    "momentum_policy.yaml": callbacks_yaml(
+        "{class_path: src.callbacks.PlateauDetector}",
+        "{class_path: src.callbacks.PlateauEscape, init_args: {actions: [{momentum: 0.9}]}}",
+    ),
     "norm_type0.yaml": callbacks_yaml("{class_path: src.callbacks.GradNormMonitor, init_args: {norm_type: 0}}"),
     "garbled.csv": "x,y\n0.1,1\n0.2,oops\n",
     "not_a_checkpoint.ckpt": "hello\n",
@@ -55,7 +59,18 @@ CASES = [
     ("negative lr", ["--optimizer.init_args.lr", "-1"], "Invalid learning rate"),
     ("negative weight decay", ["--optimizer.init_args.weight_decay", "-1"], "weight_decay"),
     ("unknown optimizer class", ["--optimizer.class_path", "torch.optim.Nope"], "torch.optim.Nope"),
-    ("momentum action on Adam", ["--optimizer", "torch.optim.Adam"], "momentum"),
+    (
+        "momentum action on Adam",
+        [
+            "--config",
+            str(CONFIGS / "default.yaml"),
+            "--config",
+            "momentum_policy.yaml",
+            "--optimizer",
+            "torch.optim.Adam",
+        ],
+        "momentum",
+    ),  # fmt: skip
     ("unknown data class", ["--data.class_path", "src.data.Nope"], "src.data.Nope"),
     ("unknown toy variant", ["--data.init_args.variant", "spiral"], "variant"),
     ("zero samples", ["--data.init_args.n_samples", "0"], "n_samples"),

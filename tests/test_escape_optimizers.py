@@ -80,3 +80,20 @@ def test_an_action_records_the_lr_the_next_step_uses_after_a_scheduler_and_every
     assert record.lr == pytest.approx(used)  # not the lr just after the raise: the scheduler cut it since
     assert used == pytest.approx([5 * 0.5 * lr for lr in record.lr_from])  # raised x5, then halved
     assert record.lr_from[0] == pytest.approx(10 * record.lr_from[1])  # each group keeps its own lr
+
+
+@pytest.mark.slow
+def test_the_default_config_gets_a_depth_18_sigmoid_net_out_under_adam(tmp_path):
+    """Adam's eps (1e-8) is larger than the first layers' gradients (1e-10 and less): its step there is
+    grad / eps and they do not move. The default policy's `eps 1e-16` and layer-wise steps get it out."""
+    from tests.helpers import REPO, run_cli
+
+    result = run_cli(
+        "fit", "--config", str(REPO / "configs" / "default.yaml"), "--model.depth", "18",
+        "--optimizer", "torch.optim.Adam", "--optimizer.init_args.lr", "0.001",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "diagnosis vanishing" in result.stdout and "action: eps 1e-16" in result.stdout
+    assert float(result.stdout.split("train loss ")[1].split(",")[0]) < 0.05, result.stdout[-2000:]

@@ -217,7 +217,7 @@ class PlateauEscape(Callback):
         self.spent_by[key] = self.spent_by.get(key, 0) + 1
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
         what = action.describe()
-        if action.momentum is not None or action.nesterov is not None or action.lr_factor is not None:
+        if action.sets_optimizer:
             # a momentum withdrawn for bringing nothing and set again keeps the velocity it built
             same = why is not None and not harmed and all(m == action.momentum for m in momenta)
             self._apply(trainer, action, keep_buffers=same)
