@@ -41,7 +41,7 @@ def plot_loss(run: Run):
         color = "tab:red" if event.kind is EventKind.DIVERGENCE else "tab:gray"
         ax.axvline(event.step, color=color, linestyle="--", linewidth=0.8)
         at_event = [a for a in event.actions if a.step in (None, event.step)]
-        text = " / ".join([event.diagnosis or event.kind.value, *(a.action for a in at_event)])
+        text = " / ".join([event.diagnosis or event.kind.value, *(_short(a.action) for a in at_event)])
         ax.annotate(text, (event.step, 0.02), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
                     va="bottom", ha="right", color=color)  # fmt: skip
         for action in event.actions:
@@ -161,3 +161,17 @@ def plot_update_ratio(run: Run, ax=None):
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def _short(action: str) -> str:
+    """An action as a stall line's label has room for: what was undone says so in a word.
+
+    >>> _short("no gain on probation (best 0.69 vs 0.69): 'momentum 0.9' withdrawn (settings of epoch 120)")
+    'withdrawn'
+    >>> _short("momentum 0.99, lr x5 (max 0.5)")
+    'momentum 0.99, lr x5'
+    """
+    for word in ("withdrawn", "rolled back"):
+        if word in action:
+            return word
+    return action.split(" (")[0]
