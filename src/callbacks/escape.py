@@ -150,7 +150,7 @@ class PlateauEscape(Callback):
         self.actions = policy_for(self._configured, trainer.optimizers, adapt=self._default_policy)
         if [str(a) for a in self._configured.values()] != [str(a) for a in self.actions.values()]:
             names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
-            rank_zero_info(f"PlateauEscape: the default policy for {names} leaves out the momentum it has none of")
+            rank_zero_info(f"PlateauEscape: the default policy for {names} leaves out the settings it has none of")
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -182,7 +182,7 @@ class PlateauEscape(Callback):
     def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent) -> None:
         """Apply the next action for a stall event (called by the PlateauDetector)."""
         if event.kind is EventKind.DIVERGENCE and self._snapshot is not None:
-            self._roll_back(trainer, pl_module, event)
+            self._roll_back(trainer, pl_module, event, why="diverged")
             return
         if event.kind is EventKind.DIVERGENCE and self.lr_scale != 1.0:
             # Never escape into divergence silently: say which lr raise preceded it.
@@ -192,9 +192,7 @@ class PlateauEscape(Callback):
         if event.kind is not EventKind.STALL:
             return
         why, harmed = self._failed_why(event.value)
-        momenta = settings_of(trainer.optimizers[0])[
-            "momentum"
-        ]  # what built the buffers, if the settings are withdrawn
+        momenta = settings_of(trainer.optimizers[0])["momentum"]  # what built the momentum buffers
         if why is not None:
             undo = self._snapshot["list"] is None
             self._roll_back(trainer, pl_module, event, why=why, weights=harmed)
@@ -234,8 +232,8 @@ class PlateauEscape(Callback):
             replaced = self._replace_units(trainer, pl_module, event)
             what += replaced
             self._detector.restart(trainer.global_step)  # the loss moves from the new units' start
-            if self._snapshot is not None:  # its probation counts from the first check after it; it did
-                self._snapshot |= {"ref": None, "replaced": replaced != ": none found"}  # something if it found units
+            if self._snapshot is not None:  # judged from the first check after it; it did something if it found units
+                self._snapshot |= {"ref": None, "replaced": replaced != ": none found"}
             if action.trust_ratio is None and self.trust_ratio is not None:
                 # new units start from outgoing weights of ~0: steps scaled to |W| would not move them
                 self.trust_ratio = None
@@ -250,7 +248,9 @@ class PlateauEscape(Callback):
         info = {"epoch": trainer.current_epoch, "value": value, "best": value, "action": action, "list": key}
         return take_snapshot(trainer, pl_module, **info, kicks=kicks)
 
-    def _roll_back(self, trainer, pl_module, event: StallEvent, why: str = "diverged", weights: bool = True) -> None:
+    def _roll_back(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str, weights: bool = True
+    ) -> None:
         """Undo the action on probation: weights, optimizer state and kicks (harm), or settings and
         kicks (``weights=False``: no gain). A divergence event is marked ``recovered``; a repeating
         action is not repeated (its list is ``failed``); undone kicks that did harm come back and

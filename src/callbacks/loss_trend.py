@@ -108,9 +108,12 @@ class LossTrend:
         flat = trend.optimistic < self.min_delta
         return flat and (self.best is None or trend.mean > self.best - self.min_delta * abs(self.best))
 
-    def restart(self, step: int) -> None:
-        """A stall was reported: the next needs a full window of its own."""
+    def restart(self, step: int, forget: bool = False) -> None:
+        """A stall was reported: the next needs a full window of its own (``forget``: and is not
+        compared with the windows before, as after a remedy that changed the model)."""
         self.start = step
+        if forget:
+            self.best, self.recent = None, []
 
     def state_dict(self) -> dict:
         return {"start": self.start, "best": self.best, "recent": [list(r) for r in self.recent]}

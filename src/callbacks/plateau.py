@@ -194,7 +194,7 @@ class PlateauDetector(EarlyStopping):
         self.tracker.best = math.inf if self.mode == "min" else -math.inf
         self.tracker.wait = 0
         if self.steps is not None:
-            self.steps.rule.restart(step)
+            self.steps.rule.restart(step, forget=True)
 
     @property
     def diverged(self) -> bool:
