@@ -3,11 +3,12 @@ local Ray instance or a Ray cluster (``ray``). Both yield each run's result as i
 same form, so the study's progress, summary and resume are the same on either.
 
 Ray is used as it is: each run is one task with the resources asked for (``num_cpus``,
-``num_gpus``); Ray places the tasks on the cluster's nodes. With no address the study starts a local
-instance (token authentication on, no dashboard) and shuts it down at the end; with one (``auto``
-included) it joins that cluster and leaves it running. The runs write their TensorBoard logs and
-results under the study's output folder, which on a cluster must be on a filesystem every node
-shares (as the repository must: each task imports it from the same path).
+``num_gpus``); Ray places the tasks on the cluster's nodes. With no address the study starts a
+local instance (no dashboard) and shuts it down at the end; with one (``auto`` included) it joins
+that cluster and leaves it running. A local instance keeps Ray 2.60's token authentication on: its
+processes listen on every interface (Ray's choice), and the token guards them. The runs write their
+TensorBoard logs and results under the study's output folder, which on a cluster must be on a
+filesystem every node shares (as the repository must: each task imports it from the same path).
 """
 
 from __future__ import annotations
