@@ -101,6 +101,35 @@ def test_re_placed_units_are_the_same_on_both_ranks(tmp_path):
 
 @pytest.mark.slow
 @needs_two_cores
+@pytest.mark.slow
+@needs_two_cores
+def test_re_placed_pinned_sigmoid_units_are_the_same_on_both_ranks(tmp_path):
+    """Weights drawn from N(0, 1) on inputs of ~8 pin the first sigmoid layer's units: each rank finds
+    them on its own half of the data (the shares are averaged over the ranks) and re-places them
+    from rank 0's weights, the folded bias and the zeroed optimizer state alike."""
+    (tmp_path / "policy.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        "    - {class_path: src.callbacks.PlateauDetector, init_args: {patience: 3, min_delta: 0.5}}\n"
+        "    - class_path: src.callbacks.PlateauEscape\n"
+        "      init_args: {actions: {any: [{replace_units: true, repeat: true}]}, probation: null}\n"
+        "    - tests.ddp_probe.DumpRankState\n"
+    )  # a scripted stall every 3 epochs: no epoch improves the loss by half
+    result = run_cli(
+        *DDP, "--config", "policy.yaml", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "8",
+        "--model.depth", "3", "--model.init", "normal", "--optimizer.init_args.momentum", "0.9",
+        cwd=tmp_path, env={"RANK_STATE_DIR": str(tmp_path)}, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
+    assert events[0].diagnosis and events[0].units and "saturated" in events[0].units["net.layers.0"]
+    assert events[0].actions[0].action.startswith("re-place idle units: net.layers.0 [")
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert states[0]["spent"] == states[1]["spent"] == len(events) >= 2
+    assert torch.equal(states[0]["weights"], states[1]["weights"])
+    for a, b in zip(states[0]["optimizer_state"], states[1]["optimizer_state"], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_global_batch_that_does_not_split_is_one_clear_error(tmp_path):
     result = run_cli(
         "fit", *DDP, "--trainer.accelerator", "cpu", "--data.init_args.batch_size", "5", "--trainer.max_epochs", "2",
