@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from src.callbacks import PlateauEscape
+from src.callbacks import PlateauDetector, PlateauEscape
 from src.callbacks.layer_stats import shared_statistics
 
 
@@ -20,7 +20,9 @@ class DumpRankState(L.Callback):
         groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizers[0].param_groups]
         optimizer = trainer.optimizers[0]
         stats = shared_statistics(trainer)  # the LayerStatsMonitor's and the detector's
+        detector = next(cb for cb in trainer.callbacks if isinstance(cb, PlateauDetector))
         state = {
+            "event_values": [event.value for event in detector.events],
             "layer_stats": {name: asdict(s) for name, s in stats.latest.items()},
             "layer_stats_step": stats.finished_step,
             "spent": escape.spent,

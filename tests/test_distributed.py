@@ -130,6 +130,33 @@ def test_re_placed_pinned_sigmoid_units_are_the_same_on_both_ranks(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
+@needs_two_cores
+def test_the_step_rule_decides_alike_on_both_ranks(tmp_path):
+    """Mini-batches (each rank its own half of every global batch of 1000): the step losses are
+    averaged over the ranks before the line is fitted, so both ranks report the same stalls at the
+    same steps and take the same actions."""
+    (tmp_path / "policy.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        "    - {class_path: src.callbacks.PlateauDetector, init_args: {step_window: 30}}\n"
+        "    - {class_path: src.callbacks.PlateauEscape, init_args: {actions: [{momentum: 0.5, repeat: true}]}}\n"
+        "    - tests.ddp_probe.DumpRankState\n"
+    )
+    result = run_cli(
+        *DDP, "--config", "policy.yaml", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "4",
+        "--data.init_args.n_samples", "20000", "--data.init_args.batch_size", "1000",
+        "--optimizer.init_args.lr", "1e-9", "--trainer.check_val_every_n_epoch", "10",
+        cwd=tmp_path, env={"RANK_STATE_DIR": str(tmp_path)}, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
+    assert [(e.epoch, e.step) for e in events] == [(1, 30), (2, 60)]  # mid-epoch: 20 steps an epoch
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert states[0]["spent"] == states[1]["spent"] == len(events)
+    assert states[0]["event_values"] == states[1]["event_values"]  # the window's mean over both ranks
+    assert torch.equal(states[0]["weights"], states[1]["weights"])
+
+
 def test_a_global_batch_that_does_not_split_is_one_clear_error(tmp_path):
     result = run_cli(
         "fit", *DDP, "--trainer.accelerator", "cpu", "--data.init_args.batch_size", "5", "--trainer.max_epochs", "2",
