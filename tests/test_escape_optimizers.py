@@ -97,3 +97,19 @@ def test_the_default_config_gets_a_depth_18_sigmoid_net_out_under_adam(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "diagnosis vanishing" in result.stdout and "action: eps 1e-16" in result.stdout
     assert float(result.stdout.split("train loss ")[1].split(",")[0]) < 0.05, result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "RMSprop", "SGD"])
+def test_the_eps_action_sets_eps_where_there_is_one_and_is_left_out_of_the_default_policy_elsewhere(optimizer):
+    from src.callbacks.escape_actions import adapted, check_applicable
+
+    opt = getattr(torch.optim, optimizer)([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    action = EscapeAction(eps=1e-16)
+    if optimizer == "SGD":
+        assert adapted(action, opt) is None  # the default policy leaves it out
+        with pytest.raises(ValueError, match="needs an optimizer with 'eps'"):
+            check_applicable(opt, action)  # a user's policy is refused
+        return
+    assert adapted(action, opt) == action
+    apply_action(opt, action)
+    assert opt.param_groups[0]["eps"] == 1e-16 and opt.param_groups[0]["lr"] == 0.1
