@@ -65,18 +65,24 @@ def test_lightnings_own_progress_bar_with_the_detector_under_ddp(tmp_path):
     assert "stall, diagnosis" in result.stdout and result.stdout.count("Finished after 80 epochs") == 1
 
 
+def write_replacing_policy(tmp_path: Path) -> None:
+    """``policy.yaml``: a scripted stall every 3 epochs (no epoch improves the loss by half), each
+    answered by re-placing units (on every stall: no probation), and the probe that dumps each rank's state."""
+    (tmp_path / "policy.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        "    - {class_path: src.callbacks.PlateauDetector, init_args: {patience: 3, min_delta: 0.5}}\n"
+        "    - class_path: src.callbacks.PlateauEscape\n"
+        "      init_args: {actions: {any: [{replace_units: true, repeat: true}]}, probation: null}\n"
+        "    - tests.ddp_probe.DumpRankState\n"
+    )
+
+
 @pytest.mark.slow
 @needs_two_cores
 def test_re_placed_units_are_the_same_on_both_ranks(tmp_path):
     """Each rank sees its own half of the data, so each would put a new kink on its own points:
     rank 0's weights go to every rank, and the optimizer state is reset alike."""
-    (tmp_path / "policy.yaml").write_text(
-        "trainer:\n  callbacks:\n"
-        "    - {class_path: src.callbacks.PlateauDetector, init_args: {patience: 3, min_delta: 0.5}}\n"
-        "    - class_path: src.callbacks.PlateauEscape\n"
-        "      init_args: {actions: {any: [{replace_units: true, repeat: true}]}}\n"
-        "    - tests.ddp_probe.DumpRankState\n"
-    )  # a scripted stall every 3 epochs: no epoch improves the loss by half
+    write_replacing_policy(tmp_path)
     result = run_cli(
         "fit", "--config", str(CONFIGS / "dnnex.yaml"), "--config", str(CONFIGS / "trainer" / "ddp.yaml"),
         "--config", "policy.yaml", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "10",
@@ -107,13 +113,7 @@ def test_re_placed_pinned_sigmoid_units_are_the_same_on_both_ranks(tmp_path):
     """Weights drawn from N(0, 1) on inputs of ~8 pin the first sigmoid layer's units: each rank finds
     them on its own half of the data (the shares are averaged over the ranks) and re-places them
     from rank 0's weights, the folded bias and the zeroed optimizer state alike."""
-    (tmp_path / "policy.yaml").write_text(
-        "trainer:\n  callbacks:\n"
-        "    - {class_path: src.callbacks.PlateauDetector, init_args: {patience: 3, min_delta: 0.5}}\n"
-        "    - class_path: src.callbacks.PlateauEscape\n"
-        "      init_args: {actions: {any: [{replace_units: true, repeat: true}]}, probation: null}\n"
-        "    - tests.ddp_probe.DumpRankState\n"
-    )  # a scripted stall every 3 epochs: no epoch improves the loss by half
+    write_replacing_policy(tmp_path)
     result = run_cli(
         *DDP, "--config", "policy.yaml", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "8",
         "--model.depth", "3", "--model.init", "normal", "--optimizer.init_args.momentum", "0.9",
