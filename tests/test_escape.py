@@ -124,6 +124,7 @@ def test_lr_raises_are_undone_once_the_run_is_out_of_the_stall(restore_lr_below)
         ({"lr_factor": 0}, "lr_factor"),
         ({}, "must set"),
         ({"mommentum": 0.9}, "unknown action key"),
+        ({"eps": 0.0}, "eps must be > 0, got 0.0"),
     ],
 )
 def test_malformed_actions_fail_at_construction(action, message):
@@ -131,6 +132,8 @@ def test_malformed_actions_fail_at_construction(action, message):
         PlateauEscape(actions=[action])
     with pytest.raises(ValueError, match="restore_lr_below"):
         PlateauEscape(restore_lr_below=1.5)
+    with pytest.raises(ValueError, match=r"PlateauEscape: probation must be in \(0, 1\) or null, got 1.0"):
+        PlateauEscape(probation=1.0)
 
 
 class AdamClassifier(MLPClassifier):

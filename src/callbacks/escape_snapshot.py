@@ -19,9 +19,6 @@ def take_snapshot(trainer: L.Trainer, pl_module: L.LightningModule, **info: Any)
         **info,
         "model": copy.deepcopy(pl_module.state_dict()),
         "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
-        "settings": [
-            [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in trainer.optimizers
-        ],
     }
 
 
@@ -37,9 +34,9 @@ def restore_snapshot(
         for optimizer, state in zip(trainer.optimizers, snapshot["optimizers"], strict=True):
             optimizer.load_state_dict(state)
     else:
-        for optimizer, groups in zip(trainer.optimizers, snapshot["settings"], strict=True):
-            for group, settings in zip(optimizer.param_groups, groups, strict=True):
-                group.update(copy.deepcopy(settings))
+        for optimizer, state in zip(trainer.optimizers, snapshot["optimizers"], strict=True):
+            for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
+                group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
     schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
     for optimizer, before in zip(trainer.optimizers, lrs_before, strict=True):
         for index, (group, lr) in enumerate(zip(optimizer.param_groups, before, strict=True)):
