@@ -65,14 +65,15 @@ def test_lightnings_own_progress_bar_with_the_detector_under_ddp(tmp_path):
     assert "stall, diagnosis" in result.stdout and result.stdout.count("Finished after 80 epochs") == 1
 
 
-def write_replacing_policy(tmp_path: Path) -> None:
+def write_replacing_policy(tmp_path: Path, action: str = "replace_units") -> None:
     """``policy.yaml``: a scripted stall every 3 epochs (no epoch improves the loss by half), each
-    answered by re-placing units (on every stall: no probation), and the probe that dumps each rank's state."""
+    answered by re-placing units (``action``: the idle or pinned ones, or with ``recycle`` each
+    layer's weakest; on every stall: no probation), and the probe that dumps each rank's state."""
     (tmp_path / "policy.yaml").write_text(
         "trainer:\n  callbacks:\n"
         "    - {class_path: src.callbacks.PlateauDetector, init_args: {patience: 3, min_delta: 0.5}}\n"
         "    - class_path: src.callbacks.PlateauEscape\n"
-        "      init_args: {actions: {any: [{replace_units: true, repeat: true}]}, probation: null}\n"
+        f"      init_args: {{actions: {{any: [{{{action}: true, repeat: true}}]}}, probation: null}}\n"
         "    - tests.ddp_probe.DumpRankState\n"
     )
 
@@ -107,8 +108,6 @@ def test_re_placed_units_are_the_same_on_both_ranks(tmp_path):
 
 @pytest.mark.slow
 @needs_two_cores
-@pytest.mark.slow
-@needs_two_cores
 def test_re_placed_pinned_sigmoid_units_are_the_same_on_both_ranks(tmp_path):
     """Weights drawn from N(0, 1) on inputs of ~8 pin the first sigmoid layer's units: each rank finds
     them on its own half of the data (the shares are averaged over the ranks) and re-places them
@@ -123,6 +122,28 @@ def test_re_placed_pinned_sigmoid_units_are_the_same_on_both_ranks(tmp_path):
     events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
     assert events[0].diagnosis and events[0].units and "saturated" in events[0].units["net.layers.0"]
     assert events[0].actions[0].action.startswith("re-place idle units: net.layers.0 [")
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert states[0]["spent"] == states[1]["spent"] == len(events) >= 2
+    assert torch.equal(states[0]["weights"], states[1]["weights"])
+    for a, b in zip(states[0]["optimizer_state"], states[1]["optimizer_state"], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@needs_two_cores
+def test_each_layers_weakest_unit_is_the_same_on_both_ranks(tmp_path):
+    """Each rank weighs its units on its own half of the data: the utilities are averaged over the
+    ranks, so both pick the same unit, and rank 0's new weights go to every rank."""
+    write_replacing_policy(tmp_path, action="recycle")
+    result = run_cli(
+        *DDP, "--config", "policy.yaml", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "8",
+        "--model.depth", "3", "--optimizer.init_args.momentum", "0.9",
+        cwd=tmp_path, env={"RANK_STATE_DIR": str(tmp_path)}, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
+    actions = [a.action for e in events for a in e.actions]
+    assert actions and all(a.startswith("re-place each layer's weakest unit: net.layers.0 [") for a in actions)
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert states[0]["spent"] == states[1]["spent"] == len(events) >= 2
     assert torch.equal(states[0]["weights"], states[1]["weights"])

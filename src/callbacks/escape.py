@@ -29,6 +29,7 @@ from .escape_actions import (
 from .escape_snapshot import note_check, restore_snapshot, take_snapshot
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
+from .layer_monitor import mean_over_ranks
 from .names import PLATEAU_ACTIONS_TEXT
 from .plateau import PlateauDetector
 from .units import replace_idle_units
@@ -39,12 +40,12 @@ class PlateauEscape(Callback):
 
     ``actions`` maps a diagnosis to its escalation list; each stall gets the next action of its
     diagnosis's list, or of ``any`` once that list is spent or where there is none. The default:
-    ``vanishing``: layer-wise steps of 0.01 x ``|W|`` (``trust_ratio``); ``dead_units``,
+    ``vanishing``: eps 1e-16 (Adam and the like), layer-wise steps of 0.01 x ``|W|``; ``dead_units``,
     ``always_on_units``, ``redundant_units``: re-place those ReLU units and take layer-wise steps
-    (``repeat``: on every such stall); ``saturated_units``: re-place the pinned sigmoid/tanh units,
-    their outgoing weights 0 and what they gave moved into the next layer's bias (ReDo's rule,
-    :mod:`.saturated`); ``any`` (``flat``, ``unclear``): the source study's remedy, momentum 0.9,
-    0.99, then 0.99 with the lr x5 (max 0.5), x10 (max 1.0), then layer-wise steps.
+    (``repeat``: on every such stall); ``saturated_units``: re-place the pinned sigmoid/tanh units
+    (ReDo's rule, :mod:`.saturated`); ``any`` (``flat``, ``unclear``): the source study's remedy,
+    momentum 0.9, 0.99, then 0.99 with the lr x5 (max 0.5), x10 (max 1.0), then each layer's
+    weakest unit re-placed (a local minimum) with layer-wise steps, on every later stall.
 
     Each action is on probation until the next stall: there its settings are withdrawn if the best
     monitored value since is not ``probation`` better than at the stall it answered (a repeating
@@ -228,8 +229,8 @@ class PlateauEscape(Callback):
             self.raised_at = event.value
         if self.raised_at is not None and self.restore_lr_below is not None:
             event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
-        if action.replace_units:
-            replaced = self._replace_units(trainer, pl_module, event)
+        if action.replace_units or action.recycle:
+            replaced = self._replace_units(trainer, pl_module, event, weakest=action.recycle)
             what += replaced
             self._detector.restart(trainer.global_step)  # the loss moves from the new units' start
             if self._snapshot is not None:  # judged from the first check after it; it did something if it found units
@@ -273,16 +274,20 @@ class PlateauEscape(Callback):
             what += "; they stay in force"
         self._record(trainer, event, what, lr_from=lrs_before)
 
-    def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent) -> str:
+    def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, weakest: bool) -> str:
         """Re-place the units the event names: idle ReLU units (:func:`~.units.replace_idle_units`) and
-        pinned units of a bounded activation (:meth:`~.saturated.PinnedUnits.replace`); the same new
-        weights on every rank (rank 0's: each rank put the kinks on its own data)."""
+        pinned units of a bounded activation (:meth:`~.saturated.PinnedUnits.replace`), or (``weakest``)
+        each layer's weakest unit; the same new weights on every rank (rank 0's: each rank put the
+        kinks on its own data)."""
         broadcast = (lambda t: trainer.strategy.broadcast(t, src=0)) if trainer.world_size > 1 else None
-        generator = torch.Generator().manual_seed(trainer.global_step)
-        units = event.units or {}
-        replaced = replace_idle_units(self._detector.units, pl_module, units, trainer.optimizers, generator, broadcast)
-        pinned = {name: found["saturated"] for name, found in units.items() if found.get("saturated")}
-        replaced += self._detector.pinned.replace(pinned, trainer.optimizers, generator, broadcast)
+        optimizers, generator = trainer.optimizers, torch.Generator().manual_seed(trainer.global_step)
+        units, pinned = event.units or {}, self._detector.pinned
+        if weakest:
+            replaced = pinned.replace(pinned.weakest(mean_over_ranks(trainer)), optimizers, generator, broadcast)
+        else:
+            replaced = replace_idle_units(self._detector.units, pl_module, units, optimizers, generator, broadcast)
+            saturated = {name: found["saturated"] for name, found in units.items() if found.get("saturated")}
+            replaced += pinned.replace(saturated, optimizers, generator, broadcast)
         return f": {', '.join(replaced)}" if replaced else ": none found"
 
     @staticmethod
@@ -331,7 +336,7 @@ class PlateauEscape(Callback):
         key, listed = self._snapshot["list"], self.actions.get(self._snapshot["list"]) or []
         # a re-placement starts the loss afresh: it is judged from the first check after it
         at, best = self._snapshot.get("ref") or self._snapshot["value"], self._snapshot["best"]
-        if self._worse(value, at):
+        if (value < at / 2) if self._detector.mode == "max" else (value > 2 * at):  # twice as bad
             return f"{self._detector.monitor} rose to {value:.4g}", True
         if key is None or self.probation is None or moved_past(best, at, 1 - self.probation, self._detector.mode):
             self.fruitless.pop(key, None)
@@ -341,10 +346,6 @@ class PlateauEscape(Callback):
             if self.fruitless[key] < PATIENT_REPEATS:
                 return None, False
         return f"no gain on probation (best {best:.4g} vs {at:.4g})", False
-
-    def _worse(self, value: float, at: float) -> bool:
-        """Twice as bad as ``at`` (half as good with ``mode: max``)."""
-        return value < at / 2 if self._detector.mode == "max" else value > 2 * at
 
     def _record(
         self, trainer: L.Trainer, event: StallEvent, what: str, epoch: int | None = None, step: int | None = None,
@@ -390,8 +391,7 @@ class PlateauEscape(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.spent_by = dict(state_dict.get("spent_by", {"any": state_dict["spent"]}))
         self.history = [Action(**record) for record in state_dict["history"]]
-        self.lr_scale = state_dict.get("lr_scale", 1.0)
-        self.trust_ratio = state_dict.get("trust_ratio")
+        self.lr_scale, self.trust_ratio = state_dict.get("lr_scale", 1.0), state_dict.get("trust_ratio")
         self.raised_at = state_dict.get("raised_at")
         self.failed = list(state_dict.get("failed", []))
         self.keep_kicks = state_dict.get("keep_kicks", False)
