@@ -272,7 +272,7 @@ def test_the_callbacks_folder_works_copied_into_a_project_with_its_own_src(tmp_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"from {project / 'src' / 'stall' / '__init__.py'} {project / 'src' / 'net.py'}" in result.stdout
-    assert "events [('stall', 'vanishing', ['momentum 0.0, layer-wise steps of 0.01 x |W|'])]" in result.stdout
+    assert "events [('stall', 'vanishing', ['momentum 0.9, layer-wise steps of 0.001 x |W|'])]" in result.stdout
 
 
 def test_a_layer_unfrozen_during_training_is_logged_from_then_on():

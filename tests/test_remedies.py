@@ -262,7 +262,7 @@ def test_the_default_policy_gets_a_depth_18_sigmoid_net_out_with_layer_wise_step
     trainer, model, detector, escape = deep_sigmoid_run(tmp_path, 600)
     trainer.fit(model, datamodule=Toy2DDataModule())
     assert detector.events[0].diagnosis == "vanishing"
-    assert detector.events[0].actions[0].action == "momentum 0.0, layer-wise steps of 0.01 x |W|"
+    assert detector.events[0].actions[0].action == "momentum 0.9, layer-wise steps of 0.001 x |W|"
     assert trainer.callback_metrics["train/loss"] < 0.05
     undone = [a.action for e in detector.events for a in e.actions if "layer-wise steps off" in a.action]
     assert len(undone) == 1 and escape.trust_ratio is None
@@ -275,7 +275,7 @@ def test_resume_with_layer_wise_steps_in_force_matches_an_uninterrupted_run(tmp_
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first, model, _, escape = deep_sigmoid_run(tmp_path / "b", 100, callbacks=[checkpoint], enable_checkpointing=True)
     first.fit(model, datamodule=Toy2DDataModule())
-    assert escape.trust_ratio == 0.01  # stalled at epoch 91: in force when the run stopped
+    assert escape.trust_ratio == 0.001  # stalled at epoch 91: in force when the run stopped (with momentum 0.9)
     resumed, resumed_model, _, resumed_escape = deep_sigmoid_run(tmp_path / "b", 130)
     resumed.fit(resumed_model, datamodule=Toy2DDataModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed_escape.state_dict()["spent_by"] == {"vanishing": 1}

@@ -116,6 +116,28 @@ def test_a_pinned_unit_is_found_on_the_training_inputs_only():
     assert pinned.find() == {}
 
 
+def test_a_unit_saturated_on_most_inputs_is_pinned_but_only_one_on_every_input_is_a_diagnosis_alone():
+    """Unit 1 is at 1 on 19 of 20 inputs (a feature for the 20th): found at the default share of
+    0.9, not at 1.0; where the gradients say nothing else, only a unit pinned on every input makes
+    the stall ``saturated_units``."""
+    from src.callbacks.grad_flow import GradProfile
+    from src.callbacks.plateau_rule import diagnose
+
+    model = MLPClassifier(depth=2, width=2, activation="sigmoid")
+    with torch.no_grad():
+        model.net.layers[0].weight[1] = torch.tensor([-100.0, 0.0])
+        model.net.layers[0].bias[1] = 50.0  # at 1 where x0 = 0
+    inputs = torch.cat([torch.zeros(19, 2), torch.tensor([[0.5, 0.0]])])  # the 20th at 0.5
+    pinned = PinnedUnits()
+    pinned.bind(model)
+    model(inputs)
+    assert pinned.find() == {"net.layers.0": [1]} and pinned.find(share=1.0) == {}
+    lab = GradProfile(0, ("a", "b"), (0.02, 0.03), (True, True))
+    units = {"net.layers.0": {"saturated": [1]}}
+    assert diagnose([lab], units=units, pinned_everywhere=False) == "unclear"
+    assert diagnose([lab], units=units, pinned_everywhere=True) == "saturated_units"
+
+
 def test_re_placing_keeps_what_the_net_computes_and_starts_the_unit_in_its_live_range():
     model = pinned_xor_net()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)

@@ -40,7 +40,7 @@ class PlateauEscape(Callback):
 
     ``actions`` maps a diagnosis to its escalation list; each stall gets the next action of its
     diagnosis's list, or of ``any`` once that list is spent or where there is none. The default:
-    ``vanishing``: eps 1e-16 (Adam and the like), layer-wise steps of 0.01 x ``|W|``; ``dead_units``,
+    ``vanishing``: eps 1e-16 (Adam and the like), layer-wise steps of ~0.01 x ``|W|``; ``dead_units``,
     ``always_on_units``, ``redundant_units``: re-place those ReLU units and take layer-wise steps
     (``repeat``: on every such stall); ``saturated_units``: re-place the pinned sigmoid/tanh units
     (ReDo's rule, :mod:`.saturated`); ``any`` (``flat``, ``unclear``): the source study's remedy,

@@ -352,12 +352,12 @@ class PlateauDetector(EarlyStopping):
         if status is Status.PLATEAU:
             window = self.gradients.since(since)
             units = self.units.idle(trainer, self.same_kink)
-            for name, pinned in self.pinned.find(mean_over_ranks(trainer)).items():
+            for name, pinned in self.pinned.find(reduce := mean_over_ranks(trainer)).items():
                 units.setdefault(name, {})["saturated"] = pinned
-            event.units = units or None
-            layers = {name: asdict(stats) for name, stats in self.layer_stats.latest.items()}
-            event.layers = {name: {k: v for k, v in s.items() if v is not None} for name, s in layers.items()} or None
-            event.diagnosis = diagnose(window, **self.thresholds, units=units, layers=self.layer_stats.latest)
+            event.units, stats = units or None, self.layer_stats.latest
+            event.layers = {n: {k: v for k, v in asdict(s).items() if v is not None} for n, s in stats.items()} or None
+            every = bool(self.pinned.find(reduce, share=1.0))  # pinned on every input: a bias, not a rare feature
+            event.diagnosis = diagnose(window, **self.thresholds, units=units, layers=stats, pinned_everywhere=every)
             if window:
                 event.first_to_last = window[-1].first_to_last()
                 event.grad_norms = dict(zip(window[-1].names, window[-1].norms, strict=True))

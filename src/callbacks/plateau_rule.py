@@ -149,6 +149,7 @@ def diagnose(
     flat_spread: float = 100.0,
     units: Mapping[str, Mapping[str, list]] | None = None,
     layers: Mapping[str, Any] | None = None,
+    pinned_everywhere: bool = True,
 ) -> Diagnosis:
     """Why a stall happened, from the per-layer gradient norms seen while it built up, and the
     ReLU units that did nothing over the last epoch (``units``: per layer, the lists of
@@ -175,9 +176,11 @@ def diagnose(
       ``flat_spread`` times the smallest: an even, tiny profile, so the loss itself is flat there
       (a saddle, plateau or local minimum).
     - ``saturated_units`` again, last: none of the above, and some unit of a bounded activation is
-      pinned at a bound on (nearly) every sample (``units``' ``saturated`` lists, from
-      :class:`~.saturated.PinnedUnits`): the lab's XOR 2-2-1 net in its local minimum, one of its two
-      hidden units at 1 on all four points.
+      pinned at a bound on nearly every sample (``units``' ``saturated`` lists, from
+      :class:`~.saturated.PinnedUnits`), and on every one (``pinned_everywhere``): a unit at 1 on
+      every input is a bias. Units pinned on 90% of the inputs of a net that learns are not a
+      diagnosis: in a Fashion-MNIST sigmoid net at 82% they were first-layer units that answer to
+      few images, and re-placing them took it to 45%.
     - ``unclear``: neither, or no gradients were seen.
 
     >>> from src.callbacks.grad_flow import GradProfile
@@ -220,7 +223,7 @@ def diagnose(
         return unit_diagnosis
     if max(log_norm) < math.log10(flat_norm) and max(log_norm) - min(log_norm) < math.log10(flat_spread):
         return "flat"
-    if any(found.get("saturated") for found in (units or {}).values()):
+    if pinned_everywhere and any(found.get("saturated") for found in (units or {}).values()):
         return "saturated_units"
     return "unclear"
 

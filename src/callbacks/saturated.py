@@ -107,9 +107,11 @@ class PinnedUnits:
         self._handle, self.inputs = None, None
 
     @torch.no_grad()
-    def find(self, reduce: Reduce | None = None) -> dict[str, list[int]]:
-        """Per layer, the units saturated on at least ``share`` of the kept inputs (layers with none
-        left out). ``reduce`` (a mean over processes, under DDP) makes every rank find the same units."""
+    def find(self, reduce: Reduce | None = None, share: float | None = None) -> dict[str, list[int]]:
+        """Per layer, the units saturated on at least ``share`` (by default the one given at
+        construction) of the kept inputs (layers with none left out). ``reduce`` (a mean over
+        processes, under DDP) makes every rank find the same units."""
+        share = self.share if share is None else share
         if self.inputs is None or self.activation is None or bounds(self.activation) is None:
             return {}
         low, high = bounds(self.activation)
@@ -120,7 +122,7 @@ class PinnedUnits:
             shares = ((x - low < edge) | (high - x < edge)).float().mean(0)
             if reduce is not None:
                 shares = reduce(shares)
-            units = [j for j, s in enumerate(shares.tolist()) if s >= self.share]
+            units = [j for j, s in enumerate(shares.tolist()) if s >= share]
             if units:
                 found[name] = units
         return found
