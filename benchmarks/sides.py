@@ -28,9 +28,13 @@ def timed(fn: Callable[[], float | None]) -> float:
 
 
 def interleaved(sides: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Each side ``repeats`` times, in turns; every other turn in reverse order, so that what one fit
+    leaves to the next (TensorBoard's writer still flushing, memory to reclaim) does not always fall
+    on the same side."""
     times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(repeats):
-        for name, fn in sides.items():
+    order = list(sides.items())
+    for turn in range(repeats):
+        for name, fn in order if turn % 2 == 0 else order[::-1]:
             times[name].append(timed(fn))
     return times
 

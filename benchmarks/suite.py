@@ -184,6 +184,8 @@ def monitor_rows(args: argparse.Namespace, root: str, results: dict, table: list
     table.append(("   the same without histograms", *fmt(row2c["no histograms"]),
                   overhead(row2c, "no histograms", "without", args.repeats)))  # fmt: skip
     table.append(("   without LayerStatsMonitor", *fmt(row2c["without"]), ""))
+    table.append(("   its histograms alone (default vs without them)", "", "",
+                  overhead(row2c, "default", "no histograms", args.repeats)))  # fmt: skip
 
 
 def trust_ratio_cost(depth: int, calls: int, repeats: int) -> list[float]:
