@@ -138,6 +138,29 @@ def test_a_unit_saturated_on_most_inputs_is_pinned_but_only_one_on_every_input_i
     assert diagnose([lab], units=units, pinned_everywhere=True) == "saturated_units"
 
 
+@pytest.mark.parametrize("last_input, diagnosis", [(0.0, "saturated_units"), (0.5, "unclear")])
+def test_a_stall_is_saturated_units_by_elimination_only_for_a_unit_pinned_on_every_input(
+    tmp_path, last_input, diagnosis
+):
+    """A scripted stall of a 2-2-1 sigmoid net (two weight layers: never ``vanishing``) whose unit 1
+    is at 1 on 19 of its 20 training inputs, and on the 20th too or not."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(depth=2, width=2, activation="sigmoid")
+    with torch.no_grad():
+        model.net.layers[0].weight[1] = torch.tensor([-100.0, 0.0])
+        model.net.layers[0].bias[1] = 50.0
+    inputs = torch.cat([torch.zeros(19, 2), torch.tensor([[last_input, 0.0]])])
+    data = DataLoader(TensorDataset(inputs, torch.arange(20) % 2), batch_size=20)
+    detector = PlateauDetector(patience=3, min_delta=0.5)
+    trainer = quiet_trainer(max_epochs=4, callbacks=[detector], default_root_dir=tmp_path, deterministic=True)
+    trainer.fit(model, train_dataloaders=data)
+    event = detector.events[0]
+    assert event.units == {"net.layers.0": {"saturated": [1]}}  # found on 90% of the inputs either way
+    assert event.diagnosis == diagnosis
+
+
 def test_re_placing_keeps_what_the_net_computes_and_starts_the_unit_in_its_live_range():
     model = pinned_xor_net()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
