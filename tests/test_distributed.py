@@ -78,6 +78,17 @@ def write_replacing_policy(tmp_path: Path, action: str = "replace_units") -> Non
     )
 
 
+def assert_ranks_agree(tmp_path: Path, events: list) -> list[dict]:
+    """Both ranks' dumped states (``tests.ddp_probe.DumpRankState``): the same actions taken (one per
+    event, two or more), the same weights and the same optimizer state. Returns them."""
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert states[0]["spent"] == states[1]["spent"] == len(events) >= 2
+    assert torch.equal(states[0]["weights"], states[1]["weights"])
+    for a, b in zip(states[0]["optimizer_state"], states[1]["optimizer_state"], strict=True):
+        assert torch.equal(a, b)
+    return states
+
+
 @pytest.mark.slow
 @needs_two_cores
 def test_re_placed_units_are_the_same_on_both_ranks(tmp_path):
@@ -96,14 +107,10 @@ def test_re_placed_units_are_the_same_on_both_ranks(tmp_path):
     # the first stall re-places units; a later stall may find none left idle, and says so
     assert replaced and replaced[0].startswith("re-place idle units: net.layers.0 ["), replaced
     assert all(a.startswith("re-place idle units: ") for a in replaced), replaced
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert states[0]["spent"] == states[1]["spent"] == len(events) >= 2
-    assert torch.equal(states[0]["weights"], states[1]["weights"])
+    states = assert_ranks_agree(tmp_path, events)
     # dnnex has two layers; each rank saw its own half of the data: the statistics are averaged over the ranks
     assert states[0]["layer_stats_step"] == states[1]["layer_stats_step"]
     assert len(states[0]["layer_stats"]) == 2 and states[0]["layer_stats"] == states[1]["layer_stats"]
-    for a, b in zip(states[0]["optimizer_state"], states[1]["optimizer_state"], strict=True):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.slow
@@ -122,11 +129,7 @@ def test_re_placed_pinned_sigmoid_units_are_the_same_on_both_ranks(tmp_path):
     events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
     assert events[0].diagnosis and events[0].units and "saturated" in events[0].units["net.layers.0"]
     assert events[0].actions[0].action.startswith("re-place idle units: net.layers.0 [")
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert states[0]["spent"] == states[1]["spent"] == len(events) >= 2
-    assert torch.equal(states[0]["weights"], states[1]["weights"])
-    for a, b in zip(states[0]["optimizer_state"], states[1]["optimizer_state"], strict=True):
-        assert torch.equal(a, b)
+    assert_ranks_agree(tmp_path, events)
 
 
 @pytest.mark.slow
@@ -144,11 +147,7 @@ def test_each_layers_weakest_unit_is_the_same_on_both_ranks(tmp_path):
     events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
     actions = [a.action for e in events for a in e.actions]
     assert actions and all(a.startswith("re-place each layer's weakest unit: net.layers.0 [") for a in actions)
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert states[0]["spent"] == states[1]["spent"] == len(events) >= 2
-    assert torch.equal(states[0]["weights"], states[1]["weights"])
-    for a, b in zip(states[0]["optimizer_state"], states[1]["optimizer_state"], strict=True):
-        assert torch.equal(a, b)
+    assert_ranks_agree(tmp_path, events)
 
 
 @pytest.mark.slow
