@@ -78,6 +78,17 @@ def write_replacing_policy(tmp_path: Path, action: str = "replace_units") -> Non
     )
 
 
+def fit_under_ddp(tmp_path: Path, *args: str) -> list:
+    """``fit`` of the default config with ``policy.yaml`` on two CPU processes, each dumping its state
+    into ``tmp_path``; the run's stall events."""
+    result = run_cli(
+        *DDP, "--config", "policy.yaml", "--trainer.accelerator", "cpu", *args,
+        cwd=tmp_path, env={"RANK_STATE_DIR": str(tmp_path)}, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
+
+
 def assert_ranks_agree(tmp_path: Path, events: list) -> list[dict]:
     """Both ranks' dumped states (``tests.ddp_probe.DumpRankState``): the same actions taken (one per
     event, two or more), the same weights and the same optimizer state. Returns them."""
@@ -120,13 +131,10 @@ def test_re_placed_pinned_sigmoid_units_are_the_same_on_both_ranks(tmp_path):
     them on its own half of the data (the shares are averaged over the ranks) and re-places them
     from rank 0's weights, the folded bias and the zeroed optimizer state alike."""
     write_replacing_policy(tmp_path)
-    result = run_cli(
-        *DDP, "--config", "policy.yaml", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "8",
+    events = fit_under_ddp(
+        tmp_path, "--trainer.max_epochs", "8",
         "--model.depth", "3", "--model.init", "normal", "--optimizer.init_args.momentum", "0.9",
-        cwd=tmp_path, env={"RANK_STATE_DIR": str(tmp_path)}, timeout=600,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
     assert events[0].diagnosis and events[0].units and "saturated" in events[0].units["net.layers.0"]
     assert events[0].actions[0].action.startswith("re-place idle units: net.layers.0 [")
     assert_ranks_agree(tmp_path, events)
@@ -138,13 +146,10 @@ def test_each_layers_weakest_unit_is_the_same_on_both_ranks(tmp_path):
     """Each rank weighs its units on its own half of the data: the utilities are averaged over the
     ranks, so both pick the same unit, and rank 0's new weights go to every rank."""
     write_replacing_policy(tmp_path, action="recycle")
-    result = run_cli(
-        *DDP, "--config", "policy.yaml", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "8",
+    events = fit_under_ddp(
+        tmp_path, "--trainer.max_epochs", "8",
         "--model.depth", "3", "--optimizer.init_args.momentum", "0.9",
-        cwd=tmp_path, env={"RANK_STATE_DIR": str(tmp_path)}, timeout=600,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
     actions = [a.action for e in events for a in e.actions]
     assert actions and all(a.startswith("re-place each layer's weakest unit: net.layers.0 [") for a in actions)
     assert_ranks_agree(tmp_path, events)
@@ -162,14 +167,11 @@ def test_the_step_rule_decides_alike_on_both_ranks(tmp_path):
         "    - {class_path: src.callbacks.PlateauEscape, init_args: {actions: [{momentum: 0.5, repeat: true}]}}\n"
         "    - tests.ddp_probe.DumpRankState\n"
     )
-    result = run_cli(
-        *DDP, "--config", "policy.yaml", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "4",
+    events = fit_under_ddp(
+        tmp_path, "--trainer.max_epochs", "4",
         "--data.init_args.n_samples", "20000", "--data.init_args.batch_size", "1000",
         "--optimizer.init_args.lr", "1e-9", "--trainer.check_val_every_n_epoch", "10",
-        cwd=tmp_path, env={"RANK_STATE_DIR": str(tmp_path)}, timeout=600,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
     assert [(e.epoch, e.step) for e in events] == [(1, 30), (2, 60)]  # mid-epoch: 20 steps an epoch
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert states[0]["spent"] == states[1]["spent"] == len(events)
