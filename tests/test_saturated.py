@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from src.callbacks import PlateauDetector, PlateauEscape
-from src.callbacks.saturated import PinnedUnits, bounded_mlp, plain_mlp
+from src.callbacks.saturated import PinnedUnits, plain_mlp
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 from tests.helpers import REPO, quiet_trainer, run_cli
@@ -28,17 +28,11 @@ def pinned_xor_net(seed: int = 0) -> MLPClassifier:
     return model
 
 
-def test_bounded_mlps_are_found_and_others_are_not():
-    assert list(bounded_mlp(MLPClassifier(depth=3, activation="tanh"))[0]) == ["net.layers.0", "net.layers.1"]
-    assert bounded_mlp(MLPClassifier(depth=3, activation="relu")) is None
-    assert bounded_mlp(MLPClassifier(depth=3, activation="sigmoid", batch_norm=True)) is None
-    mixed = nn.Sequential(nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
-    assert bounded_mlp(mixed) is None
-
-
 def test_plain_mlps_of_any_activation_are_found_and_a_relu_net_has_no_pinned_units():
     assert list(plain_mlp(MLPClassifier(depth=3, activation="relu"))[0]) == ["net.layers.0", "net.layers.1"]
+    assert list(plain_mlp(MLPClassifier(depth=3, activation="tanh"))[0]) == ["net.layers.0", "net.layers.1"]
     assert plain_mlp(MLPClassifier(depth=3, activation="gelu", batch_norm=True)) is None
+    assert plain_mlp(MLPClassifier(depth=3, activation="sigmoid", batch_norm=True)) is None
     mixed = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
     assert plain_mlp(mixed) is None
     model = MLPClassifier(depth=2, width=2, activation="relu")

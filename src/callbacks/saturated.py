@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .layer_stats import BOUNDED, bounds
+from .layer_stats import bounds
 from .units import NORMS
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -53,21 +53,9 @@ def plain_mlp(module: nn.Module) -> tuple[dict[str, nn.Linear], nn.Module] | Non
     return (dict(linears[:-1]), activations[0]) if len(linears) > 1 else None
 
 
-def bounded_mlp(module: nn.Module) -> tuple[dict[str, nn.Linear], nn.Module] | None:
-    """:func:`plain_mlp` when its activation is bounded (sigmoid, tanh...), otherwise ``None``.
-
-    >>> layers, act = bounded_mlp(nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.Linear(3, 1)))
-    >>> list(layers), type(act).__name__
-    (['0'], 'Sigmoid')
-    >>> bounded_mlp(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))) is None
-    True
-    """
-    found = plain_mlp(module)
-    return found if found is not None and isinstance(found[1], BOUNDED) else None
-
-
 class PinnedUnits:
-    """Finds and re-places the pinned units of a bounded-activation MLP (see the module docstring).
+    """Finds the pinned units of a bounded-activation MLP, and the weakest units of any plain MLP
+    (:func:`plain_mlp`), and re-places them (see the module docstring).
 
     Args:
         margin: A unit's output within this fraction of the half-range from a bound is saturated
