@@ -211,6 +211,7 @@ def test_policy_picks_the_diagnosis_list_then_any_and_repeats_what_repeats():
         ({"vanishin": [{"trust_ratio": 0.01}]}, "unknown diagnosis ['vanishin']"),
         ({"vanishing": [{"trust_ratio": 2}]}, "trust_ratio must be in (0, 1)"),
         ([{"repeat": True}], "must set momentum, nesterov, lr_factor, eps, trust_ratio, replace_units or recycle"),
+        ([{"recycle": "maybe"}], "escape action recycle must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_policies_are_named(actions, message):

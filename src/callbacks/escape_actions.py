@@ -59,6 +59,9 @@ class EscapeAction:
     repeat: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("compensate_lr", "replace_units", "recycle", "repeat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"escape action {name} must be true or false, got {getattr(self, name)!r}")
         if not self.sets_optimizer and self.trust_ratio is None and not (self.replace_units or self.recycle):
             raise ValueError(
                 "an escape action must set momentum, nesterov, lr_factor, eps, trust_ratio, replace_units or recycle"
