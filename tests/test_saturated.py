@@ -52,19 +52,19 @@ def test_the_weakest_unit_is_the_one_the_next_layer_gets_least_from():
         for layer in (first, second, last):
             layer.weight.fill_(0.0)
             layer.bias.fill_(0.0)
-        first.weight[:, 0] = torch.tensor([1.0, 2.0, 0.5])  # spreads of tanh(x0), tanh(2 x0), tanh(x0 / 2)
-        second.weight[:, 0] = torch.tensor([1.0, 1.0, 0.1])  # unit 2 of layer 0: widest spread, read x0.1
-        second.weight[:, 1] = torch.tensor([1.0, 1.0, 1.0])
-        second.weight[:, 2] = torch.tensor([1.0, 1.0, 1.0])
-        first.bias[1] = 30.0  # unit 1 of layer 0 is constant: no spread however it is read
-        last.weight[0] = torch.tensor([1.0, 0.01, 1.0])  # unit 1 of layer 1 is read the least
+        first.weight[:, 0] = torch.tensor([1.0, 2.0, 0.5])  # layer 0: tanh(x0), tanh(2 x0), tanh(x0 / 2)
+        second.weight[:, 0] = torch.tensor([1.0, 1.0, 0.1])  # how layer 1 reads layer 0's unit 0...
+        second.weight[:, 1] = torch.tensor([1.0, 1.0, 1.0])  # ...its unit 1...
+        second.weight[:, 2] = torch.tensor([1.0, 1.0, 1.0])  # ...and its unit 2
+        first.bias[1] = 30.0  # layer 0's unit 1 is constant: no spread, however much it is read
+        last.weight[0] = torch.tensor([1.0, 0.01, 1.0])  # layer 1's units 0 and 1 are alike; 1 is read least
     pinned = PinnedUnits()
     pinned.bind(model)
     model(XOR)
     assert pinned.weakest() == {"net.layers.0": [1], "net.layers.1": [1]}
     with torch.no_grad():
-        first.bias[1] = 0.0  # now layer 0's unit 2 gives least: spread of tanh(x0 / 2) x 1.0 vs unit 0's...
-        second.weight[:, 1] = 10.0  # ...unit 1 (tanh(2 x0), read x10) gives most
+        first.bias[1] = 0.0  # unit 1 varies again...
+        second.weight[:, 1] = 10.0  # ...and is read x10: the weakest is now the one by hand below (unit 2)
     model(XOR)
     spreads = torch.tanh(XOR[:, :1] * torch.tensor([1.0, 2.0, 0.5])).std(0, correction=0)
     reads = second.weight.norm(dim=0).detach()
