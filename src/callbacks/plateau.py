@@ -249,6 +249,7 @@ class PlateauDetector(EarlyStopping):
     ) -> None:
         if trainer.global_step % (self.norms_every_n_steps or trainer.log_every_n_steps) == 0:
             self.layer_stats.arm(pl_module, trainer.global_step)
+            self.pinned.arm()
 
     @override
     def on_train_batch_end(

@@ -71,10 +71,14 @@ class PinnedUnits:
         self.activation: nn.Module | None = None
         self.inputs: torch.Tensor | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._every_step = False
 
     def bind(self, module: nn.Module) -> None:
         """Hook ``module``'s first layer, if it is a plain MLP (:func:`plain_mlp`; otherwise nothing is
-        found). Only a bounded activation has pinned units; any has a weakest one."""
+        found). Only a bounded activation has pinned units (looked for at every stall: its inputs
+        are kept at every training step); any has a weakest one (its inputs are kept at the next
+        training step, and then at each step :meth:`arm` is called before: a hook on every step
+        would cost a small net ~3% of its step for a remedy used rarely)."""
         self.close()
         found = plain_mlp(module)
         if found is None:
@@ -82,17 +86,25 @@ class PinnedUnits:
         self.layers, self.activation = found
         linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
         self.readers = {name: linears[linears.index(layer) + 1] for name, layer in self.layers.items()}
-        first = next(iter(self.layers.values()))
-        self._handle = first.register_forward_pre_hook(self._keep)
+        self._every_step = bounds(self.activation) is not None
+        self.arm()
+
+    def arm(self) -> None:
+        """Keep the inputs of the next training step (bound to an MLP and not hooked already)."""
+        if self.layers and self._handle is None:
+            self._handle = next(iter(self.layers.values())).register_forward_pre_hook(self._keep)
 
     def _keep(self, layer: nn.Module, args: tuple) -> None:
         if layer.training and torch.is_grad_enabled():
             self.inputs = args[0].detach().reshape(-1, args[0].shape[-1])[-self.keep_inputs :]
+            if not self._every_step and self._handle is not None:
+                self._handle.remove()
+                self._handle = None
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.remove()
-        self._handle, self.inputs = None, None
+        self._handle, self.inputs, self.layers = None, None, {}
 
     @torch.no_grad()
     def find(self, reduce: Reduce | None = None, share: float | None = None) -> dict[str, list[int]]:
