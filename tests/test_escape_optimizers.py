@@ -27,7 +27,7 @@ def test_the_default_policy_serves_any_standard_optimizer(tmp_path, optimizer):
     assert len(actions) >= 3 and not any("needs" in a for a in actions)
     has_momentum = "momentum" in trainer.optimizers[0].param_groups[0]
     assert any(a.startswith("momentum") for a in actions) is has_momentum  # RMSprop has one, Adam not
-    assert len(escape._configured["any"]) == 5 and len(escape.actions["any"]) == (5 if has_momentum else 3)
+    assert len(escape._configured["any"]) == 4 and len(escape.actions["any"]) == (4 if has_momentum else 3)
 
 
 def test_an_lr_raise_never_lowers_an_lr_above_its_cap():

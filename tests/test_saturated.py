@@ -236,9 +236,9 @@ def test_resume_after_re_placing_the_weakest_units_matches_an_uninterrupted_run(
 @pytest.mark.slow
 def test_the_labs_stuck_xor_seed_learns_with_the_default_config(tmp_path):
     """Seed 5 of the lab's XOR (2-2-1 sigmoid, SGD lr 1.0) ends at 0.347 without help (see
-    configs/study/xor_seeds.yaml); with the default policy, once momentum and lr raises have brought
-    nothing, each layer's weakest unit is re-placed and it learns XOR (seeds 5, 8, 14, 19, 37 do;
-    9 falls back into the minimum)."""
+    configs/study/xor_seeds.yaml); with the default policy, once momentum 0.9 has brought nothing,
+    each layer's weakest unit is re-placed and it learns XOR (seeds 5, 8, 14, 19, 37 do; 9 falls
+    back into the minimum)."""
     result = run_cli(
         "fit", "--config", str(CONFIGS / "xor.yaml"), "--seed_everything", "5",
         "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",

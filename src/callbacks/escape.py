@@ -13,19 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from .dashboard import log_optimizer_settings
-from .escape_actions import (
-    DEFAULT_ACTIONS,
-    PATIENT_REPEATS,
-    EscapeAction,
-    apply_action,
-    next_in_policy,
-    parse_policy,
-    policy_for,
-    settings_of,
-    steps_on_gradients,
-    trust_ratio_,
-    trust_update_,
-)
+from .escape_actions import EscapeAction, apply_action, settings_of, steps_on_gradients, trust_ratio_, trust_update_
+from .escape_policy import DEFAULT_ACTIONS, PATIENT_REPEATS, next_in_policy, parse_policy, policy_for
 from .escape_snapshot import note_check, restore_snapshot, take_snapshot
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
@@ -43,14 +32,15 @@ class PlateauEscape(Callback):
     ``vanishing``: eps 1e-16 (Adam and the like), layer-wise steps of ~0.01 x ``|W|``; ``dead_units``,
     ``always_on_units``, ``redundant_units``: re-place those ReLU units and take layer-wise steps
     (``repeat``: on every such stall); ``saturated_units``: re-place the pinned sigmoid/tanh units
-    (ReDo's rule, :mod:`.saturated`); ``any`` (``flat``, ``unclear``): the source study's remedy,
-    momentum 0.9, 0.99, then 0.99 with the lr x5 (max 0.5), x10 (max 1.0), then each layer's
-    weakest unit re-placed (a local minimum) with layer-wise steps, on every later stall.
+    (ReDo's rule, :mod:`.saturated`); ``any`` (``flat``, ``unclear``): momentum 0.9 (the source
+    study's remedy), then layer-wise steps under it, then each layer's weakest unit re-placed (a
+    local minimum) with layer-wise steps, on every later stall (:mod:`.escape_policy`).
 
     Each action is on probation until the next stall: there its settings are withdrawn if the best
     monitored value since is not ``probation`` better than at the stall it answered (a repeating
-    one gets ``PATIENT_REPEATS`` probations, then is not repeated), and it is rolled back, weights
-    too, if the run diverged or stalls at twice that value; the next action is then tried. Once
+    one gets ``PATIENT_REPEATS`` probations), and it is rolled back, weights too, if the run diverged
+    or stalls at twice that value (a re-placement: above it); the next action is then tried. An
+    action withdrawn or rolled back is passed over, in every list, until one brings a gain. Once
     every action is spent the run says so once. Each action is logged (``optim/lr``,
     ``optim/momentum``, a text entry) and recorded in ``stall_events.json`` with each lr before and
     after; divergence events are never acted on. What is spent, in force and on probation is
@@ -102,6 +92,8 @@ class PlateauEscape(Callback):
         self.restore_lr_below = restore_lr_below
         self.spent_by: dict[str, int] = {}
         self.failed: list[str] = []  # lists whose action was rolled back: not tried again
+        self.withdrawn: list[str] = []  # actions that brought nothing since the last that did: passed over
+        self.applied = 0
         self.history: list[Action] = []
         self.lr_scale = 1.0  # product of the lr raises in force
         self.trust_ratio: float | None = None  # layer-wise steps in force
@@ -120,7 +112,7 @@ class PlateauEscape(Callback):
     @property
     def spent(self) -> int:
         """How many actions this fit has applied."""
-        return sum(self.spent_by.values())
+        return self.applied
 
     @property
     @override
@@ -178,7 +170,8 @@ class PlateauEscape(Callback):
 
     def next_action(self, diagnosis: str | None) -> tuple[str, EscapeAction] | None:
         """The action the next stall with this diagnosis gets, and its list (see ``next_in_policy``)."""
-        return next_in_policy(self.actions, self.spent_by, self.failed, diagnosis)
+        chosen = next_in_policy(self.actions, self.spent_by, self.failed, diagnosis, self.withdrawn)
+        return None if chosen is None else chosen[:2]
 
     def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent) -> None:
         """Apply the next action for a stall event (called by the PlateauDetector)."""
@@ -199,7 +192,7 @@ class PlateauEscape(Callback):
             self._roll_back(trainer, pl_module, event, why=why, weights=harmed)
             if undo:  # back to where the kicks were getting the run out: nothing more to do
                 return
-        chosen = self.next_action(event.diagnosis)
+        chosen = next_in_policy(self.actions, self.spent_by, self.failed, event.diagnosis, self.withdrawn)
         if chosen is None:
             if self.on_exhausted == "stop":
                 trainer.should_stop = True
@@ -210,10 +203,10 @@ class PlateauEscape(Callback):
                 event.actions.append(Action("none: every escape action is spent", event.epoch, event.step))
                 rank_zero_info("PlateauEscape: still stalled after every action; no more actions in this fit")
             return
-        key, action = chosen
+        key, action, position = chosen
+        self.spent_by[key], self.applied = position, self.applied + 1
         if self.rollback_on_divergence or self.probation is not None:
             self._snapshot = self._snapshot_now(trainer, pl_module, event.value, action.describe(), key)
-        self.spent_by[key] = self.spent_by.get(key, 0) + 1
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
         what = action.describe()
         if action.sets_optimizer:
@@ -233,7 +226,7 @@ class PlateauEscape(Callback):
             replaced = self._replace_units(trainer, pl_module, event, weakest=action.recycle)
             what += replaced
             self._detector.restart(trainer.global_step)  # the loss moves from the new units' start
-            if self._snapshot is not None:  # judged from the first check after it; it did something if it found units
+            if self._snapshot is not None:  # harm is judged from the first check after it; units found: it may repeat
                 self._snapshot |= {"ref": None, "replaced": replaced != ": none found"}
             if action.trust_ratio is None and self.trust_ratio is not None:
                 # new units start from outgoing weights of ~0: steps scaled to |W| would not move them
@@ -257,6 +250,8 @@ class PlateauEscape(Callback):
         action is not repeated (its list is ``failed``); undone kicks that did harm come back and
         stay (``keep_kicks``)."""
         snapshot, self._snapshot = self._snapshot, None
+        if not snapshot.get("replaced"):  # a re-placement that found units may repeat: new units each time
+            self.withdrawn.append(snapshot["action"])
         lrs_before = restore_snapshot(trainer, pl_module, snapshot, weights=weights)
         self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
         key = snapshot["list"]
@@ -302,7 +297,7 @@ class PlateauEscape(Callback):
         if self._snapshot is not None:
             note_check(self._snapshot, value, mode)
         if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
-            self._snapshot = None  # out of the stall: a later divergence is not the action's
+            self._snapshot, self.withdrawn = None, []  # out of the stall: a later divergence is not the action's
         if self.restore_lr_below is None or self.raised_at is None or self.keep_kicks:
             return
         if not moved_past(value, self.raised_at, self.restore_lr_below, mode):  # not out of the stall yet
@@ -325,21 +320,25 @@ class PlateauEscape(Callback):
 
     def _failed_why(self, value: float) -> tuple[str | None, bool]:
         """Why the action on probation failed, at a new stall at ``value``, and whether it did harm: it
-        left the run twice as bad as the stall it answered (harm: its weights go too), or (an action,
-        not an undo) the best value since it was taken is not ``probation`` better than at that
-        stall (its settings are withdrawn; the weights keep what they learnt, which on a plateau is
-        progress the loss does not show yet). A repeating action gets ``PATIENT_REPEATS``
-        probations in a row (layer-wise steps free a deep sigmoid net in 70-270 epochs: more than
-        one patience). ``(None, False)`` if it did not fail."""
+        left the run twice as bad as the stall it answered, or a re-placement left it worse than that
+        stall (harm: its weights go too), or (an action, not an undo) the best value since it was
+        taken is not ``probation`` better than at that stall (its settings are withdrawn; the weights
+        keep what they learnt, which on a plateau is progress the loss does not show yet). A
+        repeating action gets ``PATIENT_REPEATS`` probations in a row (layer-wise steps free a deep
+        sigmoid net in 70-270 epochs: more than one patience). ``(None, False)`` if it did not fail."""
         if self._snapshot is None:
             return None, False
         key, listed = self._snapshot["list"], self.actions.get(self._snapshot["list"]) or []
-        # a re-placement starts the loss afresh: it is judged from the first check after it
+        # twice as bad: a re-placement starts the loss afresh, from the first check after it
         at, best = self._snapshot.get("ref") or self._snapshot["value"], self._snapshot["best"]
         if (value < at / 2) if self._detector.mode == "max" else (value > 2 * at):  # twice as bad
             return f"{self._detector.monitor} rose to {value:.4g}", True
+        at, mode = self._snapshot["value"], self._detector.mode
+        if "ref" in self._snapshot and self.probation and moved_past(at, value, 1 - self.probation, mode):
+            return f"{self._detector.monitor} stalls at {value:.4g}, above {at:.4g} before the re-placement", True
         if key is None or self.probation is None or moved_past(best, at, 1 - self.probation, self._detector.mode):
             self.fruitless.pop(key, None)
+            self.withdrawn = []
             return None, False
         if listed and listed[-1].repeat and self.spent_by.get(key, 0) >= len(listed):
             self.fruitless[key] = self.fruitless.get(key, 0) + 1
@@ -380,8 +379,8 @@ class PlateauEscape(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "spent": self.spent, "spent_by": self.spent_by, "history": [asdict(a) for a in self.history],
-            "lr_scale": self.lr_scale,
+            "spent": self.applied, "spent_by": self.spent_by, "history": [asdict(a) for a in self.history],
+            "lr_scale": self.lr_scale, "withdrawn": self.withdrawn,
             "trust_ratio": self.trust_ratio, "raised_at": self.raised_at, "failed": self.failed,
             "keep_kicks": self.keep_kicks, "said_spent": self.said_spent, "fruitless": self.fruitless,
             "snapshot": self._snapshot,  # an action on probation can still be rolled back after a resume
@@ -393,7 +392,8 @@ class PlateauEscape(Callback):
         self.history = [Action(**record) for record in state_dict["history"]]
         self.lr_scale, self.trust_ratio = state_dict.get("lr_scale", 1.0), state_dict.get("trust_ratio")
         self.raised_at = state_dict.get("raised_at")
-        self.failed = list(state_dict.get("failed", []))
+        self.failed, self.withdrawn = list(state_dict.get("failed", [])), list(state_dict.get("withdrawn", []))
+        self.applied = state_dict["spent"]
         self.keep_kicks = state_dict.get("keep_kicks", False)
         self.said_spent = state_dict.get("said_spent", False)
         self.fruitless = dict(state_dict.get("fruitless", {}))

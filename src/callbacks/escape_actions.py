@@ -12,8 +12,6 @@ from typing import Any
 
 import torch
 
-from .plateau_rule import DIAGNOSES
-
 
 @dataclass
 class EscapeAction:
@@ -99,49 +97,6 @@ class EscapeAction:
         if self.recycle:
             parts.append("re-place each layer's weakest unit")
         return ", ".join(parts)
-
-
-# A repeating action (layer-wise steps, re-placed units) is given this many probations in a row
-# without gain before it is withdrawn: layer-wise steps need 70-270 epochs on a deep sigmoid net.
-PATIENT_REPEATS = 3
-# For vanishing gradients: layer-wise steps of 0.001 x |W| under momentum 0.9, which add up to
-# ~0.01 x |W| a step (0.01 x |W| without momentum where the optimizer has none: `adapted`); the
-# momentum stays once the steps are undone. Against layer-wise steps of 0.01 with no momentum, on
-# Fashion-MNIST (784-128x9-10 sigmoid, SGD lr 0.05, batch 100): val acc after 10 epochs 82-86% (72-76%).
-VANISHING_STEPS = EscapeAction(trust_ratio=0.001, momentum=0.9, repeat=True)
-# Each a whole setting, not a step on the last: an action that brings nothing is rolled back
-# before the next is tried (PlateauEscape's probation), so the raises carry the momentum with them.
-# Where no setting helps, the run may sit in a local minimum: each layer's weakest unit is re-placed,
-# with layer-wise steps, on every later stall. Measured against layer-wise steps alone there: the
-# lab's XOR 5 of 6 stuck seeds freed (3 of 6), the grid's sigmoid depth 8 in 632-674 epochs (908-947),
-# the stall zoo unchanged (8 of 15).
-FLAT_ACTIONS = (
-    EscapeAction(momentum=0.9),
-    EscapeAction(momentum=0.99),
-    EscapeAction(momentum=0.99, lr_factor=5, max_lr=0.5),
-    EscapeAction(momentum=0.99, lr_factor=10, max_lr=1.0),
-    EscapeAction(recycle=True, trust_ratio=0.01, momentum=0.0, repeat=True),
-)
-# Idle ReLU units re-placed, then layer-wise steps: at lr 0.1 a deep ReLU net's re-placed units die
-# again within one patience (ReLU 14 seed 1 of the study: 20 re-placements, never out); with the
-# steps, every ReLU depth 12-14 study run got out (median epoch 376-403 vs 988-1464).
-REPLACE_UNITS = (EscapeAction(replace_units=True, trust_ratio=0.01, momentum=0.0, repeat=True),)
-# Pinned units of a sigmoid or tanh net re-placed, the outgoing weights zeroed (ReDo), on every
-# such stall.
-REPLACE_PINNED = (EscapeAction(replace_units=True, repeat=True),)
-# The default policy, per diagnosis; "any" serves the other diagnoses, and a diagnosis whose own
-# list is spent. Vanishing gradients get layer-wise steps; idle ReLU units are re-placed (with
-# layer-wise steps); a flat region gets the source study's remedy (momentum, then larger steps),
-# then layer-wise steps. Measured with SGD; with an optimizer that has no momentum setting (Adam,
-# AdamW) the momentum parts are left out (see `adapted`) and layer-wise steps act on its update.
-DEFAULT_ACTIONS: dict[str, tuple[EscapeAction, ...]] = {
-    "vanishing": (EscapeAction(eps=1e-16), VANISHING_STEPS),  # eps: Adam and the like only (`adapted`)
-    "dead_units": REPLACE_UNITS,
-    "always_on_units": REPLACE_UNITS,
-    "redundant_units": REPLACE_UNITS,
-    "saturated_units": REPLACE_PINNED,
-    "any": FLAT_ACTIONS,
-}
 
 
 def check_applicable(optimizer: torch.optim.Optimizer, action: EscapeAction) -> None:
@@ -324,70 +279,3 @@ def _scale_layers(kept: list[tuple[list[torch.nn.Parameter], float]], ratio: flo
     repeats = torch.tensor(sizes, device=scale.device) if ragged else width
     scales = scale.repeat_interleave(repeats, output_size=len(params)).unbind()
     torch._foreach_mul_(grads, [s if s.dtype == g.dtype else s.to(g.dtype) for s, g in zip(scales, grads, strict=True)])
-
-
-def parse_policy(actions: Any) -> dict[str, list[EscapeAction]]:
-    """A policy, per diagnosis (or ``any``), from a mapping of lists of actions (or their YAML
-    mappings) or a plain list (``{any: [...]}``); ``ValueError`` naming what is wrong."""
-    policy = {"any": actions} if isinstance(actions, (list, tuple)) else dict(actions)
-    unknown = set(policy) - {*DIAGNOSES, "any"}
-    if unknown:
-        raise ValueError(f"unknown diagnosis {sorted(unknown)} in actions; use {', '.join(DIAGNOSES)} or any")
-    parsed = {key: [as_action(a) for a in listed] for key, listed in policy.items()}
-    if not any(parsed.values()):
-        raise ValueError("actions is empty; give at least one, or leave it out for the defaults")
-    return parsed
-
-
-def next_in_policy(
-    policy: dict[str, list[EscapeAction]], spent_by: dict[str, int], failed: Sequence[str], diagnosis: str | None
-) -> tuple[str, EscapeAction] | None:
-    """The action the next stall with ``diagnosis`` gets, and the list it comes from: the diagnosis's
-    own list, then ``any``; a spent list's last action again if it repeats (unless the list
-    ``failed``: its repeating action was rolled back).
-
-    >>> policy = {"vanishing": [EscapeAction(trust_ratio=0.01, repeat=True)], "any": [EscapeAction(momentum=0.9)]}
-    >>> next_in_policy(policy, {"vanishing": 3}, [], "vanishing")[0]  # spent, and it repeats
-    'vanishing'
-    >>> next_in_policy(policy, {"vanishing": 3}, ["vanishing"], "vanishing")[0]  # its repeat was rolled back
-    'any'
-    """
-    for key in (diagnosis, "any"):
-        listed = policy.get(key) or []
-        if not listed or key in failed:
-            continue
-        spent = spent_by.get(key, 0)
-        if spent < len(listed):
-            return key, listed[spent]
-        if listed[-1].repeat:
-            return key, listed[-1]
-    return None
-
-
-def policy_for(
-    policy: dict[str, list[EscapeAction]], optimizers: Sequence[torch.optim.Optimizer], adapt: bool
-) -> dict[str, list[EscapeAction]]:
-    """``policy`` as it applies to ``optimizers``: each action :func:`adapted` to them (``adapt``:
-    the default policy), or checked against them (:func:`check_applicable`: a user's policy)."""
-    policy = {key: list(listed) for key, listed in policy.items()}
-    for optimizer in optimizers:
-        for key, listed in policy.items():
-            if not adapt:
-                for action in listed:
-                    check_applicable(optimizer, action)
-            else:
-                policy[key] = [kept for a in listed if (kept := adapted(a, optimizer)) is not None]
-    return policy
-
-
-def as_action(action: EscapeAction | dict[str, Any]) -> EscapeAction:
-    """An :class:`EscapeAction` from itself or from its YAML mapping, naming an unknown key."""
-    if isinstance(action, EscapeAction):
-        return action
-    if not isinstance(action, dict):
-        raise ValueError(f"each action must be a mapping, got {action!r}")
-    unknown = set(action) - {f.name for f in dataclasses.fields(EscapeAction)}
-    if unknown:
-        known = ", ".join(f.name for f in dataclasses.fields(EscapeAction))
-        raise ValueError(f"unknown action key {sorted(unknown)}; an action takes {known}")
-    return EscapeAction(**action)

@@ -1,0 +1,133 @@
+"""The default escape policy, per diagnosis, and how a policy is read and walked: plain functions.
+
+:class:`~.escape.PlateauEscape` takes each stall's action from here; what an action does to an
+optimizer is :mod:`.escape_actions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .escape_actions import EscapeAction, adapted, check_applicable
+from .plateau_rule import DIAGNOSES
+
+# A repeating action (layer-wise steps, re-placed units) is given this many probations in a row
+# without gain before it is withdrawn: layer-wise steps need 70-270 epochs on a deep sigmoid net.
+PATIENT_REPEATS = 3
+# For vanishing gradients: layer-wise steps of 0.001 x |W| under momentum 0.9, which add up to
+# ~0.01 x |W| a step (0.01 x |W| without momentum where the optimizer has none: `adapted`); the
+# momentum stays once the steps are undone. Against layer-wise steps of 0.01 with no momentum, on
+# Fashion-MNIST (784-128x9-10 sigmoid, SGD lr 0.05, batch 100): val acc after 10 epochs 82-86% (72-76%).
+VANISHING_STEPS = EscapeAction(trust_ratio=0.001, momentum=0.9, repeat=True)
+# Each a whole setting, not a step on the last: an action that brings nothing is withdrawn before
+# the next is tried (PlateauEscape's probation). Momentum 0.9 (the source study's remedy); then, as
+# the run may sit in a local minimum, each layer's weakest unit re-placed with layer-wise steps; then
+# layer-wise steps under momentum; then the re-placement again, on every later stall. Measured
+# against the source's longer list (momentum 0.9, 0.99, then 0.99 with the lr x5 and x10, then the
+# re-placement): the stall zoo 11 of 15 freed (10), the lab's XOR 5 of 6 in 5740-7552 epochs
+# (6424-8332), the grid 81/81 with sigmoid depth 6-8 in 347-403 epochs (424-674); the lr raises
+# freed no run the rest did not, and diverged twice in the zoo. Layer-wise steps before the
+# re-placement pinned the lab's 2-2-1 net's hidden units (2 of 6 freed).
+FLAT_ACTIONS = (
+    EscapeAction(momentum=0.9),
+    EscapeAction(recycle=True, trust_ratio=0.01, momentum=0.0),
+    EscapeAction(trust_ratio=0.001, momentum=0.9),
+    EscapeAction(recycle=True, trust_ratio=0.01, momentum=0.0, repeat=True),
+)
+# Idle ReLU units re-placed, then layer-wise steps: at lr 0.1 a deep ReLU net's re-placed units die
+# again within one patience (ReLU 14 seed 1 of the study: 20 re-placements, never out); with the
+# steps, every ReLU depth 12-14 study run got out (median epoch 376-403 vs 988-1464).
+REPLACE_UNITS = (EscapeAction(replace_units=True, trust_ratio=0.01, momentum=0.0, repeat=True),)
+# Pinned units of a sigmoid or tanh net re-placed, the outgoing weights zeroed (ReDo), on every
+# such stall.
+REPLACE_PINNED = (EscapeAction(replace_units=True, repeat=True),)
+# The default policy, per diagnosis; "any" serves the other diagnoses, and a diagnosis whose own
+# list is spent. Vanishing gradients get layer-wise steps; idle ReLU units are re-placed (with
+# layer-wise steps); a flat region gets the source study's remedy (momentum, then larger steps),
+# then layer-wise steps. Measured with SGD; with an optimizer that has no momentum setting (Adam,
+# AdamW) the momentum parts are left out (see `adapted`) and layer-wise steps act on its update.
+DEFAULT_ACTIONS: dict[str, tuple[EscapeAction, ...]] = {
+    "vanishing": (EscapeAction(eps=1e-16), VANISHING_STEPS),  # eps: Adam and the like only (`adapted`)
+    "dead_units": REPLACE_UNITS,
+    "always_on_units": REPLACE_UNITS,
+    "redundant_units": REPLACE_UNITS,
+    "saturated_units": REPLACE_PINNED,
+    "any": FLAT_ACTIONS,
+}
+
+
+def parse_policy(actions: Any) -> dict[str, list[EscapeAction]]:
+    """A policy, per diagnosis (or ``any``), from a mapping of lists of actions (or their YAML
+    mappings) or a plain list (``{any: [...]}``); ``ValueError`` naming what is wrong."""
+    policy = {"any": actions} if isinstance(actions, (list, tuple)) else dict(actions)
+    unknown = set(policy) - {*DIAGNOSES, "any"}
+    if unknown:
+        raise ValueError(f"unknown diagnosis {sorted(unknown)} in actions; use {', '.join(DIAGNOSES)} or any")
+    parsed = {key: [as_action(a) for a in listed] for key, listed in policy.items()}
+    if not any(parsed.values()):
+        raise ValueError("actions is empty; give at least one, or leave it out for the defaults")
+    return parsed
+
+
+def next_in_policy(
+    policy: dict[str, list[EscapeAction]], spent_by: dict[str, int], failed: Sequence[str], diagnosis: str | None,
+    avoid: Sequence[str] = (),
+) -> tuple[str, EscapeAction, int] | None:  # fmt: skip
+    """The action the next stall with ``diagnosis`` gets, the list it comes from and how far that
+    list is then spent: the diagnosis's list, then ``any``; a spent list's last action again if it
+    repeats (unless the list ``failed``: its repeating action was rolled back). An action described
+    in ``avoid`` (it brought nothing at this stall, from any list) is passed over: spent.
+
+    >>> policy = {"vanishing": [EscapeAction(trust_ratio=0.01, repeat=True)], "any": [EscapeAction(momentum=0.9)]}
+    >>> next_in_policy(policy, {"vanishing": 3}, [], "vanishing")[::2]  # spent, and it repeats
+    ('vanishing', 4)
+    >>> next_in_policy(policy, {"vanishing": 3}, ["vanishing"], "vanishing")[0]  # its repeat was rolled back
+    'any'
+    >>> key, action, spent = next_in_policy(policy, {}, [], "vanishing", avoid=["layer-wise steps of 0.01 x |W|"])
+    >>> key, action.describe(), spent  # the steps brought nothing at this stall: momentum instead
+    ('any', 'momentum 0.9', 1)
+    """
+    for key in (diagnosis, "any"):
+        listed = policy.get(key) or []
+        if not listed or key in failed:
+            continue
+        spent = spent_by.get(key, 0)
+        for at in range(spent, len(listed)):
+            if listed[at].describe() not in avoid:
+                return key, listed[at], at + 1
+        if listed[-1].repeat and listed[-1].describe() not in avoid:
+            return key, listed[-1], max(spent, len(listed)) + 1
+    return None
+
+
+def policy_for(
+    policy: dict[str, list[EscapeAction]], optimizers: Sequence[torch.optim.Optimizer], adapt: bool
+) -> dict[str, list[EscapeAction]]:
+    """``policy`` as it applies to ``optimizers``: each action :func:`adapted` to them (``adapt``:
+    the default policy), or checked against them (:func:`check_applicable`: a user's policy)."""
+    policy = {key: list(listed) for key, listed in policy.items()}
+    for optimizer in optimizers:
+        for key, listed in policy.items():
+            if not adapt:
+                for action in listed:
+                    check_applicable(optimizer, action)
+            else:
+                policy[key] = [kept for a in listed if (kept := adapted(a, optimizer)) is not None]
+    return policy
+
+
+def as_action(action: EscapeAction | dict[str, Any]) -> EscapeAction:
+    """An :class:`EscapeAction` from itself or from its YAML mapping, naming an unknown key."""
+    if isinstance(action, EscapeAction):
+        return action
+    if not isinstance(action, dict):
+        raise ValueError(f"each action must be a mapping, got {action!r}")
+    unknown = set(action) - {f.name for f in dataclasses.fields(EscapeAction)}
+    if unknown:
+        known = ", ".join(f.name for f in dataclasses.fields(EscapeAction))
+        raise ValueError(f"unknown action key {sorted(unknown)}; an action takes {known}")
+    return EscapeAction(**action)

@@ -1,0 +1,90 @@
+"""PlateauEscape's probation: an action that brought nothing is not tried again at the same stall,
+from any list; a gain is one on the stall's value, a re-placement's too, and a re-placement that
+leaves the run stalled above that value is rolled back."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning as L
+import torch
+
+from src.callbacks import PlateauDetector, PlateauEscape
+from src.data import Toy2DDataModule
+from src.models import MLPClassifier
+from tests.helpers import quiet_trainer
+
+
+class Stuck(MLPClassifier):
+    """A scripted stall: with lr 0 the loss never moves, whatever the escape does to momentum."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_an_action_withdrawn_for_no_gain_is_passed_over_in_the_next_list(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3)
+    escape = PlateauEscape(
+        actions={"unclear": [{"momentum": 0.9}, {"momentum": 0.5}], "any": [{"momentum": 0.9}, {"momentum": 0.8}]}
+    )
+    trainer = quiet_trainer(max_epochs=20, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(Stuck(depth=3), datamodule=Toy2DDataModule())
+    assert all(e.diagnosis == "unclear" for e in detector.events)  # lr 0: the gradients tell nothing
+    actions = [a.action for e in detector.events for a in e.actions]
+    tried = [a for a in actions if not a.startswith("no gain on probation")]
+    # momentum 0.9 brought nothing from the first list: the second list's momentum 0.9 is passed over
+    assert tried == ["momentum 0.9", "momentum 0.5", "momentum 0.8", "none: every escape action is spent"], actions
+    assert escape.spent == 3 and escape.withdrawn == ["momentum 0.9", "momentum 0.5", "momentum 0.8"]
+    assert escape.spent_by == {"unclear": 2, "any": 2} and escape.next_action("unclear") is None
+
+
+def test_a_re_placement_that_found_units_may_come_again_from_another_list(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3)
+    recycle = {"recycle": True}
+    escape = PlateauEscape(actions={"unclear": [recycle], "any": [recycle, {"momentum": 0.8}]})
+    trainer = quiet_trainer(max_epochs=12, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(Stuck(depth=3, activation="tanh"), datamodule=Toy2DDataModule())
+    actions = [a.action for e in detector.events for a in e.actions if not a.action.startswith("no gain")]
+    # new units each time: the loss did not move (lr 0), yet the next list's re-placement is not passed over
+    assert [a.split(":")[0] for a in actions] == ["re-place each layer's weakest unit"] * 2 + ["momentum 0.8"], actions
+    assert escape.withdrawn == []  # nothing withdrawn: each re-placement found units
+
+
+def judged(escape: PlateauEscape, snapshot: dict, value: float) -> tuple[str | None, bool]:
+    """``escape``'s verdict at a stall at ``value`` on the action that ``snapshot`` was taken for."""
+    escape._detector = SimpleNamespace(mode="min", monitor="train/loss")
+    escape._snapshot = {"best": snapshot["value"], "action": "a", **snapshot}
+    return escape._failed_why(value)
+
+
+def test_a_re_placement_is_judged_on_the_stall_it_answered():
+    escape = PlateauEscape(actions={"saturated_units": [{"replace_units": True}], "any": [{"momentum": 0.9}]})
+    escape.spent_by = {"saturated_units": 1, "any": 1}
+    # the new units raised the loss to 1.2 at the first check; it came back down to the stall's 0.8 only
+    back_down = {"list": "saturated_units", "value": 0.8, "ref": 1.2, "best": 0.805, "replaced": True}
+    assert judged(escape, back_down, 0.805) == ("no gain on probation (best 0.805 vs 0.8)", False)
+    below = {**back_down, "best": 0.7}
+    assert judged(escape, below, 0.75) == (None, False)
+    # a re-placement that leaves the run stalled above the stall it answered did harm: rolled back
+    assert judged(escape, {**back_down, "best": 0.9}, 0.9) == (
+        "train/loss stalls at 0.9, above 0.8 before the re-placement",
+        True,
+    )
+    # any other action there only brought no gain: its settings are withdrawn, its weights kept
+    assert judged(escape, {"list": "any", "value": 0.8}, 0.9) == ("no gain on probation (best 0.8 vs 0.8)", False)
+    assert judged(escape, {"list": "any", "value": 0.8}, 1.7) == ("train/loss rose to 1.7", True)  # twice as bad
+
+
+def test_a_gain_lets_the_actions_withdrawn_before_it_be_tried_again():
+    escape = PlateauEscape(actions=[{"momentum": 0.9}, {"momentum": 0.5}])
+    escape.withdrawn, escape.spent_by = ["momentum 0.9"], {"any": 2}
+    assert judged(escape, {"list": "any", "value": 0.6}, 0.6)[0].startswith("no gain")
+    assert escape.withdrawn == ["momentum 0.9"]  # _roll_back adds the one judged; nothing cleared
+    assert judged(escape, {"list": "any", "value": 0.6, "best": 0.5}, 0.5) == (None, False)
+    assert escape.withdrawn == []
+    restored = PlateauEscape(actions=[{"momentum": 0.9}, {"momentum": 0.5}])
+    escape.withdrawn, escape._snapshot = ["momentum 0.5"], None
+    restored.load_state_dict(escape.state_dict())
+    assert restored.withdrawn == ["momentum 0.5"] and restored.state_dict() == escape.state_dict()
