@@ -47,8 +47,8 @@ REPLACE_UNITS = (EscapeAction(replace_units=True, trust_ratio=0.01, momentum=0.0
 REPLACE_PINNED = (EscapeAction(replace_units=True, repeat=True),)
 # The default policy, per diagnosis; "any" serves the other diagnoses, and a diagnosis whose own
 # list is spent. Vanishing gradients get layer-wise steps; idle ReLU units are re-placed (with
-# layer-wise steps); a flat region gets the source study's remedy (momentum, then larger steps),
-# then layer-wise steps. Measured with SGD; with an optimizer that has no momentum setting (Adam,
+# layer-wise steps); a flat region gets the source study's momentum, then the weakest units
+# re-placed and layer-wise steps. Measured with SGD; with an optimizer that has no momentum setting (Adam,
 # AdamW) the momentum parts are left out (see `adapted`) and layer-wise steps act on its update.
 DEFAULT_ACTIONS: dict[str, tuple[EscapeAction, ...]] = {
     "vanishing": (EscapeAction(eps=1e-16), VANISHING_STEPS),  # eps: Adam and the like only (`adapted`)
