@@ -33,8 +33,8 @@ class PlateauEscape(Callback):
     ``always_on_units``, ``redundant_units``: re-place those ReLU units and take layer-wise steps
     (``repeat``: on every such stall); ``saturated_units``: re-place the pinned sigmoid/tanh units
     (ReDo's rule, :mod:`.saturated`); ``any`` (``flat``, ``unclear``): momentum 0.9 (the source
-    study's remedy), then layer-wise steps under it, then each layer's weakest unit re-placed (a
-    local minimum) with layer-wise steps, on every later stall (:mod:`.escape_policy`).
+    study's remedy), each layer's weakest unit re-placed (a local minimum) with layer-wise steps,
+    layer-wise steps under momentum 0.9, then the re-placement on every later stall (:mod:`.escape_policy`).
 
     Each action is on probation until the next stall: there its settings are withdrawn if the best
     monitored value since is not ``probation`` better than at the stall it answered (a repeating
@@ -336,7 +336,7 @@ class PlateauEscape(Callback):
         at, mode = self._snapshot["value"], self._detector.mode
         if "ref" in self._snapshot and self.probation and moved_past(at, value, 1 - self.probation, mode):
             return f"{self._detector.monitor} stalls at {value:.4g}, above {at:.4g} before the re-placement", True
-        if key is None or self.probation is None or moved_past(best, at, 1 - self.probation, self._detector.mode):
+        if key is None or self.probation is None or moved_past(best, at, 1 - self.probation, mode):
             self.fruitless.pop(key, None)
             self.withdrawn = []
             return None, False
