@@ -1,4 +1,4 @@
-"""PlateauDetector's step rule: a stall judged on the training steps' losses (mini-batches, streams)."""
+"""PlateauDetector's step rule: a stall judged on the training steps' losses (mini-batches, streams, full batches)."""
 
 from __future__ import annotations
 
@@ -82,12 +82,38 @@ def test_a_learning_minibatch_run_is_not_a_stall():
     assert detector.events == []
 
 
-def test_full_batch_runs_keep_the_epoch_rule_only():
+class Drifting(Frozen):
+    """A scripted drift in a full batch: the frozen net's loss plus ``1 - w``, ``w`` taking SGD steps
+    of 4e-4 (a step an epoch). Each epoch beats the last by ~0.02%, more than the epoch rule's
+    ``min_delta`` (0.01%): only 0.7% in 30 epochs."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        return logits, loss + 1 - self.w
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([{"params": self.net.parameters(), "lr": 0.0}, {"params": [self.w], "lr": 4e-4}])
+
+
+def test_a_full_batch_drift_is_a_stall_for_the_step_rule_only():
     L.seed_everything(0, verbose=False)
-    detector = PlateauDetector(patience=30, step_window=5)
+    detector = PlateauDetector(patience=20, step_window=30)
+    trainer = quiet_trainer(max_epochs=70, limit_val_batches=0, callbacks=[detector])
+    trainer.fit(Drifting(depth=2, width=4), datamodule=Toy2DDataModule())
+    assert detector.tracker.wait == 0  # every epoch improved on the best, by the epoch rule
+    assert [e.step for e in detector.events] == [30, 60]  # a window of 30 steps each, from the start
+
+
+def test_a_flat_full_batch_is_still_reported_by_the_epoch_rule_first():
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=30, step_window=50)
     trainer = quiet_trainer(max_epochs=40, limit_val_batches=0, callbacks=[detector])
     trainer.fit(Frozen(depth=2, width=4), datamodule=Toy2DDataModule())
-    assert [e.epoch for e in detector.events] == [30]  # the epoch rule's; the step rule would say 5
+    assert [e.epoch for e in detector.events] == [30]  # patience 30; the step rule's first window ends at 50
 
 
 class Stream(IterableDataset):
