@@ -15,13 +15,12 @@ from typing_extensions import override
 from .dashboard import log_optimizer_settings
 from .escape_actions import EscapeAction, apply_action, settings_of, steps_on_gradients, trust_ratio_, trust_update_
 from .escape_policy import DEFAULT_ACTIONS, PATIENT_REPEATS, next_in_policy, parse_policy, policy_for
-from .escape_snapshot import note_check, restore_snapshot, take_snapshot
+from .escape_snapshot import back_to_safe, note_check, own_settings, restore_snapshot, take_snapshot
+from .escape_units import replace_stall_units
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
-from .layer_monitor import mean_over_ranks
 from .names import PLATEAU_ACTIONS_TEXT
 from .plateau import PlateauDetector
-from .units import replace_idle_units
 
 
 class PlateauEscape(Callback):
@@ -43,8 +42,10 @@ class PlateauEscape(Callback):
     action withdrawn or rolled back is passed over, in every list, until one brings a gain. Once
     every action is spent the run says so once. Each action is logged (``optim/lr``,
     ``optim/momentum``, a text entry) and recorded in ``stall_events.json`` with each lr before and
-    after; divergence events are never acted on. What is spent, in force and on probation is
-    checkpointed, so a resumed run continues the policy exactly.
+    after. A divergence once the run is out of a stall, under the escape's settings (momentum it
+    set, kicks), takes the run back, once, to where it was out, with the optimizer's own settings;
+    other divergences are not acted on. What is spent, in force, on probation and the point to come
+    back to are checkpointed, so a resumed run continues the policy exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -104,6 +105,8 @@ class PlateauEscape(Callback):
         self.said_spent = False
         self.fruitless: dict[str, int] = {}  # per list: probations in a row its repeating action had no gain
         self._snapshot: dict[str, Any] | None = None  # the state before the last action, in memory
+        self._safe: dict[str, Any] | None = None  # the state where the run was last out of a stall
+        self._own: list[list[dict[str, Any]]] | None = None  # the optimizers' settings before any action
         self._detector: PlateauDetector | None = None
         self._before: dict[int, torch.Tensor] | None = None  # the parameters before a non-SGD step
         self._layers: dict[str, list[Any]] = {}
@@ -178,6 +181,14 @@ class PlateauEscape(Callback):
         if event.kind is EventKind.DIVERGENCE and self._snapshot is not None:
             self._roll_back(trainer, pl_module, event, why="diverged")
             return
+        in_force = self.lr_scale != 1.0 or self.trust_ratio is not None or own_settings(trainer) != self._own
+        if event.kind is EventKind.DIVERGENCE and self._safe is not None and in_force:  # once: the last point out
+            safe, self._safe = self._safe, None
+            lrs_before = back_to_safe(trainer, pl_module, safe, self._own)
+            self.lr_scale, self.trust_ratio, self.raised_at, event.recovered = 1.0, None, None, True
+            what = f"diverged: rolled back to epoch {safe['epoch']} (out of the stall), its own settings back"
+            self._record(trainer, event, what, lr_from=lrs_before)
+            return
         if event.kind is EventKind.DIVERGENCE and self.lr_scale != 1.0:
             # Never escape into divergence silently: say which lr raise preceded it.
             last = next(r for r in reversed(self.history) if r.lr_raise)
@@ -205,6 +216,7 @@ class PlateauEscape(Callback):
             return
         key, action, position = chosen
         self.spent_by[key], self.applied = position, self.applied + 1
+        self._own = own_settings(trainer) if self._own is None else self._own
         if self.rollback_on_divergence or self.probation is not None:
             self._snapshot = self._snapshot_now(trainer, pl_module, event.value, action.describe(), key)
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
@@ -223,7 +235,7 @@ class PlateauEscape(Callback):
         if self.raised_at is not None and self.restore_lr_below is not None:
             event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
         if action.replace_units or action.recycle:
-            replaced = self._replace_units(trainer, pl_module, event, weakest=action.recycle)
+            replaced = replace_stall_units(trainer, pl_module, self._detector, event.units, weakest=action.recycle)
             what += replaced
             self._detector.restart(trainer.global_step)  # the loss moves from the new units' start
             if self._snapshot is not None:  # harm is judged from the first check after it; units found: it may repeat
@@ -269,22 +281,6 @@ class PlateauEscape(Callback):
             what += "; they stay in force"
         self._record(trainer, event, what, lr_from=lrs_before)
 
-    def _replace_units(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, weakest: bool) -> str:
-        """Re-place the units the event names: idle ReLU units (:func:`~.units.replace_idle_units`) and
-        pinned units of a bounded activation (:meth:`~.saturated.PinnedUnits.replace`), or (``weakest``)
-        each layer's weakest unit; the same new weights on every rank (rank 0's: each rank put the
-        kinks on its own data)."""
-        broadcast = (lambda t: trainer.strategy.broadcast(t, src=0)) if trainer.world_size > 1 else None
-        optimizers, generator = trainer.optimizers, torch.Generator().manual_seed(trainer.global_step)
-        units, pinned = event.units or {}, self._detector.pinned
-        if weakest:
-            replaced = pinned.replace(pinned.weakest(mean_over_ranks(trainer)), optimizers, generator, broadcast)
-        else:
-            replaced = replace_idle_units(self._detector.units, pl_module, units, optimizers, generator, broadcast)
-            saturated = {name: found["saturated"] for name, found in units.items() if found.get("saturated")}
-            replaced += pinned.replace(saturated, optimizers, generator, broadcast)
-        return f": {', '.join(replaced)}" if replaced else ": none found"
-
     @staticmethod
     def _apply(trainer: L.Trainer, action: EscapeAction, keep_buffers: bool = False) -> None:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
@@ -297,7 +293,9 @@ class PlateauEscape(Callback):
         if self._snapshot is not None:
             note_check(self._snapshot, value, mode)
         if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
-            self._snapshot, self.withdrawn = None, []  # out of the stall: a later divergence is not the action's
+            self._snapshot, self.withdrawn = None, []  # out of the stall: the point to come back to
+            if self.rollback_on_divergence:
+                self._safe = self._snapshot_now(trainer, pl_module, value, "", None)
         if self.restore_lr_below is None or self.raised_at is None or self.keep_kicks:
             return
         if not moved_past(value, self.raised_at, self.restore_lr_below, mode):  # not out of the stall yet
@@ -384,6 +382,7 @@ class PlateauEscape(Callback):
             "trust_ratio": self.trust_ratio, "raised_at": self.raised_at, "failed": self.failed,
             "keep_kicks": self.keep_kicks, "said_spent": self.said_spent, "fruitless": self.fruitless,
             "snapshot": self._snapshot,  # an action on probation can still be rolled back after a resume
+            "safe": self._safe, "own": self._own,
         }  # fmt: skip
 
     @override
@@ -398,3 +397,4 @@ class PlateauEscape(Callback):
         self.said_spent = state_dict.get("said_spent", False)
         self.fruitless = dict(state_dict.get("fruitless", {}))
         self._snapshot = state_dict.get("snapshot")
+        self._safe, self._own = state_dict.get("safe"), state_dict.get("own")

@@ -1,0 +1,32 @@
+"""Re-placing the units a stall names, as :class:`~.escape.PlateauEscape` does it on a Lightning run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from .layer_monitor import mean_over_ranks
+from .units import replace_idle_units
+
+
+def replace_stall_units(
+    trainer: L.Trainer, pl_module: L.LightningModule, detector: Any, units: dict[str, dict[str, list]] | None,
+    weakest: bool,
+) -> str:  # fmt: skip
+    """Re-place the units a stall event names (``units``, as the ``detector`` found them): idle
+    ReLU units (:func:`~.units.replace_idle_units`) and pinned units of a bounded activation
+    (:meth:`~.saturated.PinnedUnits.replace`), or (``weakest``) each layer's weakest unit; the same
+    new weights on every rank (rank 0's: each rank put the kinks on its own data). Returns what was
+    re-placed, as the event records it (``": none found"`` when nothing was)."""
+    broadcast = (lambda t: trainer.strategy.broadcast(t, src=0)) if trainer.world_size > 1 else None
+    optimizers, generator = trainer.optimizers, torch.Generator().manual_seed(trainer.global_step)
+    units, pinned = units or {}, detector.pinned
+    if weakest:
+        replaced = pinned.replace(pinned.weakest(mean_over_ranks(trainer)), optimizers, generator, broadcast)
+    else:
+        replaced = replace_idle_units(detector.units, pl_module, units, optimizers, generator, broadcast)
+        saturated = {name: found["saturated"] for name, found in units.items() if found.get("saturated")}
+        replaced += pinned.replace(saturated, optimizers, generator, broadcast)
+    return f": {', '.join(replaced)}" if replaced else ": none found"

@@ -1,0 +1,91 @@
+"""PlateauEscape's safe point: a run that got out of a stall and then diverges under the escape's
+settings goes back, once, to where it was out, with the optimizer's own settings."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+
+from src.callbacks import PlateauDetector, PlateauEscape
+from src.callbacks.events import EventKind
+from src.data import Toy2DDataModule
+from src.models import MLPClassifier
+from tests.helpers import quiet_trainer
+
+
+class Scripted(MLPClassifier):
+    """The loss's value is scripted per epoch (1.0 flat to epoch 3, then out of the stall and
+    falling, 100 where ``script`` says it diverges); its gradient is the net's real one, so the
+    weights move every step."""
+
+    def __init__(self, script: dict[int, float], **kwargs):
+        super().__init__(**kwargs)
+        self.script = script
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        value = self.script.get(self.current_epoch, 1.0 if self.current_epoch < 4 else 0.35 - 0.01 * self.current_epoch)
+        return logits, loss - loss.detach() + value
+
+
+class Weights(L.Callback):
+    """The model's weights at each epoch's end, and at each epoch's start."""
+
+    def __init__(self):
+        self.at_end, self.at_start = {}, {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.at_start[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.at_end[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
+
+
+def fit(
+    script: dict[int, float], action: dict, epochs: int
+) -> tuple[PlateauDetector, PlateauEscape, Weights, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    weights = Weights()
+    detector = PlateauDetector(patience=3, divergence_threshold=10.0)
+    escape = PlateauEscape(actions=[action])
+    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[weights, detector, escape])
+    model = Scripted(script, depth=3, width=4)
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    return detector, escape, weights, trainer
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_divergence_under_the_escapes_momentum_goes_back_to_where_the_run_was_out():
+    # stall at epoch 3 (patience 3) -> momentum 0.9; out at epoch 4 (0.31 < 0.5 x 1.0); 100 at epochs 8 and 10
+    detector, escape, weights, trainer = fit({8: 100.0, 10: 100.0}, {"momentum": 0.9}, epochs=12)
+    kinds = [(e.kind, e.epoch) for e in detector.events]
+    assert kinds == [(EventKind.STALL, 3), (EventKind.DIVERGENCE, 8), (EventKind.DIVERGENCE, 10)]
+    back = detector.events[1]
+    assert back.recovered and [a.action for a in back.actions] == [
+        "diverged: rolled back to epoch 4 (out of the stall), its own settings back"
+    ]
+    assert back.actions[0].momentum == [0.0]
+    assert same(weights.at_start[9], weights.at_end[4])  # the weights of the point out of the stall
+    assert not same(weights.at_end[8], weights.at_end[4])
+    # once: the second divergence finds no point to go back to, and stops the run
+    assert escape._safe is None and detector.events[2].actions == [] and not detector.events[2].recovered
+    assert trainer.current_epoch == 11 and trainer.optimizers[0].param_groups[0]["momentum"] == 0.0
+
+
+def test_a_divergence_under_the_runs_own_settings_is_not_the_escapes():
+    # the action left the settings as they were (momentum 0): the divergence is the run's own
+    detector, escape, weights, trainer = fit({8: 100.0}, {"momentum": 0.0}, epochs=12)
+    assert [(e.kind, e.epoch) for e in detector.events] == [(EventKind.STALL, 3), (EventKind.DIVERGENCE, 8)]
+    assert detector.events[1].actions == [] and not detector.events[1].recovered
+    assert trainer.current_epoch == 9  # stopped at the divergence
+    # the point out of the stall stays, and is checkpointed with the run's own settings
+    restored = PlateauEscape(actions=[{"momentum": 0.0}])
+    restored.load_state_dict(escape.state_dict())
+    assert restored._safe["epoch"] == 4 and same(restored._safe["model"], weights.at_end[4])
+    assert restored._own[0][0]["momentum"] == 0.0
