@@ -44,12 +44,12 @@ class Weights(L.Callback):
 
 
 def fit(
-    script: dict[int, float], action: dict, epochs: int
+    script: dict[int, float], action: dict, epochs: int, **escape_args
 ) -> tuple[PlateauDetector, PlateauEscape, Weights, L.Trainer]:
     L.seed_everything(0, verbose=False)
     weights = Weights()
     detector = PlateauDetector(patience=3, divergence_threshold=10.0)
-    escape = PlateauEscape(actions=[action])
+    escape = PlateauEscape(actions=[action], **escape_args)
     trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[weights, detector, escape])
     model = Scripted(script, depth=3, width=4)
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.1)
@@ -89,3 +89,12 @@ def test_a_divergence_under_the_runs_own_settings_is_not_the_escapes():
     restored.load_state_dict(escape.state_dict())
     assert restored._safe["epoch"] == 4 and same(restored._safe["model"], weights.at_end[4])
     assert restored._own[0][0]["momentum"] == 0.0
+
+
+def test_an_lr_raise_in_force_at_the_point_is_undone_there():
+    # the raise is kept (restore_lr_below null): at the point out of the stall the lr is 0.2
+    detector, escape, weights, trainer = fit({8: 100.0}, {"lr_factor": 2.0}, epochs=10, restore_lr_below=None)
+    back = detector.events[1]
+    assert back.recovered and back.actions[0].action.startswith("diverged: rolled back to epoch 4")
+    assert (back.actions[0].lr_from, back.actions[0].lr) == ([0.2], [0.1])
+    assert escape.lr_scale == 1.0 and trainer.optimizers[0].param_groups[0]["lr"] == 0.1
