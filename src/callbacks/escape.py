@@ -15,7 +15,7 @@ from typing_extensions import override
 from .dashboard import log_optimizer_settings
 from .escape_actions import EscapeAction, apply_action, settings_of, steps_on_gradients, trust_ratio_, trust_update_
 from .escape_policy import DEFAULT_ACTIONS, PATIENT_REPEATS, next_in_policy, parse_policy, policy_for
-from .escape_snapshot import back_to_safe, note_check, own_settings, restore_snapshot, take_snapshot
+from .escape_snapshot import back_to_safe, group_settings, note_check, restore_snapshot, take_snapshot
 from .escape_units import replace_stall_units
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
@@ -181,7 +181,7 @@ class PlateauEscape(Callback):
         if event.kind is EventKind.DIVERGENCE and self._snapshot is not None:
             self._roll_back(trainer, pl_module, event, why="diverged")
             return
-        in_force = self.lr_scale != 1.0 or self.trust_ratio is not None or own_settings(trainer) != self._own
+        in_force = self.lr_scale != 1.0 or self.trust_ratio is not None or group_settings(trainer) != self._own
         if event.kind is EventKind.DIVERGENCE and self._safe is not None and in_force:  # once: the last point out
             safe, self._safe = self._safe, None
             lrs_before = back_to_safe(trainer, pl_module, safe, self._own)
@@ -216,7 +216,7 @@ class PlateauEscape(Callback):
             return
         key, action, position = chosen
         self.spent_by[key], self.applied = position, self.applied + 1
-        self._own = own_settings(trainer) if self._own is None else self._own
+        self._own = group_settings(trainer) if self._own is None else self._own
         if self.rollback_on_divergence or self.probation is not None:
             self._snapshot = self._snapshot_now(trainer, pl_module, event.value, action.describe(), key)
         lrs_before = settings_of(trainer.optimizers[0])["lr"]

@@ -2,7 +2,7 @@
 
 :class:`~.escape.PlateauEscape` takes one before each action and, when the action makes the run
 worse or brings nothing within its probation, restores it; and one where the run is out of a stall,
-to come back to, with the optimizer's own settings (:func:`own_settings`), if the escape's settings
+to come back to, with the optimizer's own settings (:func:`group_settings`), if the escape's settings
 blow the run up later. Both are part of the escape's checkpoint, so a resumed run can still roll back.
 """
 
@@ -57,16 +57,16 @@ def note_check(snapshot: dict[str, Any], value: float, mode: str) -> None:
     snapshot["best"] = max(snapshot["best"], value) if mode == "max" else min(snapshot["best"], value)
 
 
-def own_settings(trainer: L.Trainer) -> list[list[dict[str, Any]]]:
-    """Each optimizer's param-group settings but the lr (momentum, betas, eps...), copied: the
-    ones the run had before the escape acted (the lr is the scheduler's and the kicks' business)."""
+def group_settings(trainer: L.Trainer) -> list[list[dict[str, Any]]]:
+    """Each optimizer's param-group settings but the lr (momentum, betas, eps...), copied; taken
+    before the escape's first action, they are the run's own (the lr is the scheduler's and the kicks')."""
     skip = ("params", "lr", "initial_lr")
     groups = [o.param_groups for o in trainer.optimizers]
     return [[{k: copy.deepcopy(v) for k, v in g.items() if k not in skip} for g in listed] for listed in groups]
 
 
 def put_settings(trainer: L.Trainer, settings: list[list[dict[str, Any]]]) -> None:
-    """Set each param group's settings back to ``settings`` (from :func:`own_settings`)."""
+    """Set each param group's settings back to ``settings`` (from :func:`group_settings`)."""
     for optimizer, groups in zip(trainer.optimizers, settings, strict=True):
         for group, saved in zip(optimizer.param_groups, groups, strict=True):
             group.update(copy.deepcopy(saved))
@@ -76,7 +76,7 @@ def back_to_safe(
     trainer: L.Trainer, pl_module: L.LightningModule, safe: dict[str, Any], own: list[list[dict[str, Any]]]
 ) -> list[float]:
     """Load ``safe`` (a snapshot), undo the lr raise in force when it was taken, and put the
-    optimizers' ``own`` settings back (:func:`own_settings`). Returns the first optimizer's lrs before."""
+    optimizers' ``own`` settings back (:func:`group_settings`). Returns the first optimizer's lrs before."""
     lrs_before = restore_snapshot(trainer, pl_module, safe)
     if safe["kicks"][0] != 1.0:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
