@@ -237,8 +237,9 @@ def test_resume_after_re_placing_the_weakest_units_matches_an_uninterrupted_run(
 @pytest.mark.slow
 def test_the_labs_stuck_xor_seed_learns_with_the_default_config(tmp_path):
     """Seed 5 of the lab's XOR (2-2-1 sigmoid, SGD lr 1.0) ends at 0.347 without help (see
-    configs/study/xor_seeds.yaml). The detector's step rule sees its slow approach to that minimum
-    (the epoch rule counts it as improvement until epoch ~4600); with the default policy, once
+    configs/study/xor_seeds.yaml). The detector's step rule, over 2 x patience epochs, sees its slow
+    approach to that minimum at epoch 1219 (the epoch rule counts it as improvement until epoch
+    ~4600; a 500-epoch window saw it at 1899); with the default policy, once
     momentum 0.9 has brought nothing, each layer's weakest unit is re-placed and it learns XOR (all
     six stuck seeds do)."""
     result = run_cli(
@@ -251,4 +252,4 @@ def test_the_labs_stuck_xor_seed_learns_with_the_default_config(tmp_path):
     loss = float(result.stdout.split("train loss ")[1].split(",")[0])
     assert loss < 0.05, result.stdout[-2000:]
     events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
-    assert 1000 < events[0].epoch < 2500, [(e.epoch, e.diagnosis) for e in events]
+    assert 1000 < events[0].epoch < 1500, [(e.epoch, e.diagnosis) for e in events]

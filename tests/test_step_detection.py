@@ -108,12 +108,30 @@ def test_a_full_batch_drift_is_a_stall_for_the_step_rule_only():
     assert [e.step for e in detector.events] == [30, 60]  # a window of 30 steps each, from the start
 
 
+def test_a_full_batch_step_window_spans_twice_the_patience():
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=10)  # step_window 500: 500 epochs of a full batch
+    trainer = quiet_trainer(max_epochs=70, limit_val_batches=0, callbacks=[detector])
+    trainer.fit(Drifting(depth=2, width=4), datamodule=Toy2DDataModule())
+    assert detector.steps.rule.window == 21 and detector.tracker.wait == 0  # 2 x 10 epochs of one step
+    assert [e.step for e in detector.events] == [22, 44, 66]  # checked every 2 steps, from a full window
+
+
 def test_a_flat_full_batch_is_still_reported_by_the_epoch_rule_first():
     L.seed_everything(0, verbose=False)
     detector = PlateauDetector(patience=30, step_window=50)
     trainer = quiet_trainer(max_epochs=40, limit_val_batches=0, callbacks=[detector])
     trainer.fit(Frozen(depth=2, width=4), datamodule=Toy2DDataModule())
     assert [e.epoch for e in detector.events] == [30]  # patience 30; the step rule's first window ends at 50
+
+
+def test_at_an_epochs_end_the_epoch_rule_goes_first():
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3, step_window=4)  # both due at the end of epoch 3
+    trainer = quiet_trainer(max_epochs=10, limit_val_batches=0, callbacks=[detector])
+    trainer.fit(Frozen(depth=2, width=4), datamodule=Toy2DDataModule())
+    # the epoch rule's stall restarts the step window: the step rule would have called epochs 3 and 5
+    assert [e.epoch for e in detector.events] == [3, 6, 9]
 
 
 class Stream(IterableDataset):
@@ -181,7 +199,7 @@ def test_two_detectors_in_one_trainer_keep_their_own_events_and_share_the_file(t
     L.seed_everything(0, verbose=False)
     loss = PlateauDetector(monitor="train/loss", patience=3)
     accuracy = PlateauDetector(monitor="train/acc", mode="max", patience=5)
-    escape = PlateauEscape(actions=[{"momentum": 0.9, "repeat": True}], probation=None)
+    escape = PlateauEscape(actions=[{"lr_factor": 2.0, "repeat": True}], probation=None, restore_lr_below=None)
     trainer = quiet_trainer(
         max_epochs=12, limit_val_batches=0, callbacks=[loss, accuracy, escape], default_root_dir=tmp_path,
         logger=L.pytorch.loggers.CSVLogger(tmp_path),

@@ -186,6 +186,15 @@ class StepWatch:
         trend = fit_trend(values)
         return (Status.PLATEAU if self.rule.check(step, trend) else Status.WAITING), trend.mean, step - self.rule.window
 
+    def fit_within(self, epochs: int, trainer: Any) -> None:
+        """Look back over no more steps than ``epochs`` epochs of ``trainer`` hold, and one (in a full
+        batch, a step an epoch: 500 steps would be 500 epochs); a stream is left as it is."""
+        batches = trainer.num_training_batches
+        steps = epochs * math.ceil(batches / trainer.accumulate_grad_batches) + 1 if math.isfinite(batches) else 0
+        if 3 <= steps < self.rule.window:
+            self.rule.window, self.rule.every = steps, max(1, steps // 10)
+            self.losses.values = deque(self.losses.values, maxlen=steps)
+
     def state_dict(self) -> dict:
         return {**self.rule.state_dict(), "losses": self.losses.state_dict()}
 

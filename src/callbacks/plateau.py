@@ -13,7 +13,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -26,13 +25,14 @@ from .loss_trend import StepWatch
 from .names import EVENTS_FILE
 from .plateau_rule import PlateauTracker, Status, diagnose
 from .saturated import PinnedUnits
+from .tracked import TrackedEarlyStopping
 from .units import UnitRecorder
 
 StallListener = Callable[[L.Trainer, L.LightningModule, StallEvent], None]
 CheckListener = Callable[[L.Trainer, L.LightningModule, float], None]
 
 
-class PlateauDetector(EarlyStopping):
+class PlateauDetector(TrackedEarlyStopping):
     r"""Detects that a monitored metric has stopped improving, and diagnoses why.
 
     A check happens at each training epoch's end for a ``train/...`` metric or when validation runs
@@ -43,16 +43,17 @@ class PlateauDetector(EarlyStopping):
     window no better than an earlier one, is a stall (:class:`~.loss_trend.LossTrend`). The window
     is in steps, so a stall is reported within 500 steps (less than a Fashion-MNIST epoch at batch
     100) whatever the epoch's length, a stream under ``max_steps`` too; the defaults call no stall
-    in the healthy Adam and SGD Fashion-MNIST runs measured. In a full batch (a step an epoch) it
-    sees the drift the epoch rule counts as improvement: the lab's XOR nearing its local minimum
-    (0.3525 -> 0.3506 in 500 epochs). Its event's value is the window's mean loss.
+    in the healthy Adam and SGD Fashion-MNIST runs measured. It spans at most ``2 * patience``
+    epochs: in a full batch (a step an epoch) it sees, within twice the patience, the drift the
+    epoch rule counts as improvement (the lab's XOR nearing its local minimum: 0.3525 -> 0.3506 in
+    500 epochs). At an epoch's end the epoch rule goes first. Its event's value is the window's mean.
 
     ``patience`` counts epoch-end checks, as in ``EarlyStopping``. Nothing is checked outside
     ``fit``, in the sanity check, or under ``fast_dev_run``. It is an ``EarlyStopping`` with its own
     rule so that Lightning runs its epoch-end check after the LightningModule's own (a metric logged
-    in ``on_train_epoch_end`` is checked in that epoch); ``wait_count``, ``best_score``,
-    ``min_delta`` (signed as ``EarlyStopping`` signs it), ``stopped_epoch`` and ``stopping_reason``
-    tell the truth about its rule, and a real ``EarlyStopping`` beside it stays
+    in ``on_train_epoch_end`` is checked in that epoch); its attributes
+    (:class:`~.tracked.TrackedEarlyStopping`), ``stopped_epoch`` and ``stopping_reason`` tell the
+    truth about its rule, and a real ``EarlyStopping`` beside it stays
     ``trainer.early_stopping_callback`` (the detector moves itself after it).
 
     On a stall it records a :class:`~.events.StallEvent` with a diagnosis (:func:`~.plateau_rule.diagnose`)
@@ -159,21 +160,10 @@ class PlateauDetector(EarlyStopping):
         self.units = UnitRecorder()
         self.pinned = PinnedUnits()
         self._check_steps: deque[int] = deque(maxlen=patience + 1)
+        self._step_due = False  # a step check due at the epoch's last batch, made after the epoch rule
         self._listeners: list[StallListener] = []
         self._check_listeners: list[CheckListener] = []
         self._warned_missing = False
-
-    # EarlyStopping's attributes, read from (and written to) the tracker that decides; min_delta is
-    # signed as EarlyStopping signs it (negative for mode "min").
-    wait_count = property(lambda self: self.tracker.wait, lambda self, v: setattr(self.tracker, "wait", int(v)))
-    best_score = property(
-        lambda self: torch.tensor(self.tracker.best), lambda self, v: setattr(self.tracker, "best", float(v))
-    )
-    min_delta = property(
-        lambda self: self.tracker.min_delta * (1.0 if self.tracker.mode == "max" else -1.0),
-        lambda self, v: setattr(self.tracker, "min_delta", abs(float(v))),
-    )
-    patience = property(lambda self: self.tracker.patience, lambda self, v: setattr(self.tracker, "patience", int(v)))
 
     @property
     @override
@@ -223,6 +213,8 @@ class PlateauDetector(EarlyStopping):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.steps is not None:
+            self.steps.fit_within(2 * self.patience, trainer)
         self.units.bind(pl_module)
         self.pinned.bind(pl_module)
 
@@ -259,12 +251,18 @@ class PlateauDetector(EarlyStopping):
         if self.layer_stats.step is not None:
             self.layer_stats.finish(pl_module, mean_over_ranks(trainer))
         due = self._watches_steps() and self.steps.add(outputs, trainer.global_step)
-        if due and not self._should_skip_check(trainer):
-            status, value, since = self.steps.check(trainer, self.tracker.diverged)
-            events = len(self.events)
-            self._decide(trainer, pl_module, status, value, since)
-            if len(self.events) > events:
-                self.tracker.wait = 0  # one event per stall, whichever rule saw it first
+        self._step_due = due and batch_idx + 1 == trainer.num_training_batches  # after the epoch rule, at its end
+        if due and not self._step_due:
+            self._step_check(trainer, pl_module)
+
+    def _step_check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._should_skip_check(trainer):
+            return
+        status, value, since = self.steps.check(trainer, self.tracker.diverged)
+        events = len(self.events)
+        self._decide(trainer, pl_module, status, value, since)
+        if len(self.events) > events:
+            self.tracker.wait = 0  # one event per stall, whichever rule saw it first
 
     def _watches_steps(self) -> bool:
         """Whether the step rule applies: a training loss, checked at train epoch end."""
@@ -273,18 +271,16 @@ class PlateauDetector(EarlyStopping):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        events = len(self.events)
         if self.check_on_train_epoch_end and not self._should_skip_check(trainer):
             self._check(trainer, pl_module)
+        if self._step_due and len(self.events) == events:  # the step rule, where the epoch rule saw nothing
+            self._step_check(trainer, pl_module)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.check_on_train_epoch_end and not self._should_skip_check(trainer):
             self._check(trainer, pl_module)
-
-    @staticmethod
-    def _should_skip_check(trainer: L.Trainer) -> bool:
-        # EarlyStopping's guard: only a real fit counts.
-        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
 
     def _synced_value(self, trainer: L.Trainer) -> float | None:
         value = trainer.callback_metrics.get(self.monitor)
