@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import lightning as L
 import torch
 
-from src.callbacks import PlateauDetector, PlateauEscape
+from src.callbacks import EscapeAction, PlateauDetector, PlateauEscape
+from src.callbacks.escape_actions import changes_nothing
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 from tests.helpers import quiet_trainer
@@ -50,6 +51,41 @@ def test_a_re_placement_that_found_units_may_come_again_from_another_list(tmp_pa
     # new units each time: the loss did not move (lr 0), yet the next list's re-placement is not passed over
     assert [a.split(":")[0] for a in actions] == ["re-place each layer's weakest unit"] * 2 + ["momentum 0.8"], actions
     assert escape.withdrawn == []  # nothing withdrawn: each re-placement found units
+
+
+class StuckWithMomentum(MLPClassifier):
+    """A scripted stall whose optimizer already has momentum 0.9."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0, momentum=0.9)
+
+
+def test_an_action_whose_settings_already_hold_is_passed_over(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3)
+    escape = PlateauEscape(actions=[{"momentum": 0.9}, {"momentum": 0.5}, {"momentum": 0.9, "nesterov": True}])
+    trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(StuckWithMomentum(depth=3), datamodule=Toy2DDataModule())
+    actions = [a.action for e in detector.events for a in e.actions if not a.action.startswith("no gain")]
+    # momentum 0.9 is what the run has: the first stall gets momentum 0.5 (withdrawn for no gain:
+    # back to 0.9), the second nesterov, which 0.9 alone lacks
+    assert actions == ["momentum 0.5", "momentum 0.9, nesterov on"], actions
+    assert escape.spent_by == {"any": 3} and trainer.optimizers[0].param_groups[0]["nesterov"] is True
+
+
+def test_changes_nothing_reads_every_group_of_every_optimizer():
+    def sgd(*momenta):
+        return torch.optim.SGD(
+            [{"params": [torch.nn.Parameter(torch.zeros(1))], "momentum": m} for m in momenta], lr=0.1
+        )
+
+    momentum = EscapeAction(momentum=0.9)
+    assert changes_nothing(momentum, [sgd(0.9)]) and changes_nothing(momentum, [sgd(0.9, 0.9), sgd(0.9)])
+    assert not changes_nothing(momentum, [sgd(0.9, 0.0)]) and not changes_nothing(momentum, [sgd(0.9), sgd(0.5)])
+    for acts in ({"lr_factor": 1.0}, {"trust_ratio": 0.01}, {"recycle": True}, {"replace_units": True}):
+        assert not changes_nothing(EscapeAction(momentum=0.9, **acts), [sgd(0.9)])  # these act on every stall
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], eps=1e-8)
+    assert changes_nothing(EscapeAction(eps=1e-8), [adam]) and not changes_nothing(EscapeAction(eps=1e-16), [adam])
 
 
 def judged(escape: PlateauEscape, snapshot: dict, value: float) -> tuple[str | None, bool]:

@@ -79,13 +79,13 @@ def test_a_divergence_under_the_escapes_momentum_goes_back_to_where_the_run_was_
 
 
 def test_a_divergence_under_the_runs_own_settings_is_not_the_escapes():
-    # the action left the settings as they were (momentum 0): the divergence is the run's own
-    detector, escape, weights, trainer = fit({8: 100.0}, {"momentum": 0.0}, epochs=12)
+    # the action left the settings as they were (lr x1): the divergence is the run's own
+    detector, escape, weights, trainer = fit({8: 100.0}, {"lr_factor": 1.0}, epochs=12)
     assert [(e.kind, e.epoch) for e in detector.events] == [(EventKind.STALL, 3), (EventKind.DIVERGENCE, 8)]
     assert detector.events[1].actions == [] and not detector.events[1].recovered
     assert trainer.current_epoch == 9  # stopped at the divergence
     # the point out of the stall stays, and is checkpointed with the run's own settings
-    restored = PlateauEscape(actions=[{"momentum": 0.0}])
+    restored = PlateauEscape(actions=[{"lr_factor": 1.0}])
     restored.load_state_dict(escape.state_dict())
     assert restored._safe["epoch"] == 4 and same(restored._safe["model"], weights.at_end[4])
     assert restored._own[0][0]["momentum"] == 0.0

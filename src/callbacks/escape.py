@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from .dashboard import log_optimizer_settings
 from .escape_actions import EscapeAction, apply_action, settings_of, steps_on_gradients, trust_ratio_, trust_update_
-from .escape_policy import DEFAULT_ACTIONS, PATIENT_REPEATS, next_in_policy, parse_policy, policy_for
+from .escape_policy import DEFAULT_ACTIONS, PATIENT_REPEATS, idle_actions, next_in_policy, parse_policy, policy_for
 from .escape_snapshot import back_to_safe, group_settings, note_check, restore_snapshot, take_snapshot
 from .escape_units import replace_stall_units
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
@@ -39,13 +39,14 @@ class PlateauEscape(Callback):
     monitored value since is not ``probation`` better than at the stall it answered (a repeating
     one gets ``PATIENT_REPEATS`` probations), and it is rolled back, weights too, if the run diverged
     or stalls at twice that value (a re-placement: above it); the next action is then tried. An
-    action withdrawn or rolled back is passed over, in every list, until one brings a gain. Once
-    every action is spent the run says so once. Each action is logged (``optim/lr``,
-    ``optim/momentum``, a text entry) and recorded in ``stall_events.json`` with each lr before and
-    after. A divergence once the run is out of a stall, under the escape's settings (momentum it
-    set, kicks), takes the run back, once, to where it was out, with the optimizer's own settings;
-    other divergences are not acted on. What is spent, in force, on probation and the point to come
-    back to are checkpointed, so a resumed run continues the policy exactly.
+    action withdrawn or rolled back is passed over, in every list, until one brings a gain, and so
+    is one whose settings hold already (momentum 0.9 where it is 0.9). Once every action is spent
+    the run says so once. Each action is logged (``optim/lr``, ``optim/momentum``, a text entry) and
+    recorded in ``stall_events.json`` with each lr before and after. A divergence once the run is
+    out of a stall, under the escape's settings (momentum it set, kicks), takes the run back, once,
+    to where it was out, with the optimizer's own settings; other divergences are not acted on.
+    What is spent, in force, on probation and the point to come back to are checkpointed, so a
+    resumed run continues the policy exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -112,10 +113,7 @@ class PlateauEscape(Callback):
         self._layers: dict[str, list[Any]] = {}
         self._unconfirmed: list[Action] = []  # actions whose settings the next optimizer step confirms
 
-    @property
-    def spent(self) -> int:
-        """How many actions this fit has applied."""
-        return self.applied
+    spent = property(lambda self: self.applied, doc="How many actions this fit has applied.")
 
     @property
     @override
@@ -203,7 +201,8 @@ class PlateauEscape(Callback):
             self._roll_back(trainer, pl_module, event, why=why, weights=harmed)
             if undo:  # back to where the kicks were getting the run out: nothing more to do
                 return
-        chosen = next_in_policy(self.actions, self.spent_by, self.failed, event.diagnosis, self.withdrawn)
+        avoid = self.withdrawn + idle_actions(self.actions, trainer.optimizers)  # in vain, or changing nothing
+        chosen = next_in_policy(self.actions, self.spent_by, self.failed, event.diagnosis, avoid)
         if chosen is None:
             if self.on_exhausted == "stop":
                 trainer.should_stop = True

@@ -147,6 +147,16 @@ def settings_of(optimizer: torch.optim.Optimizer) -> dict[str, list[float]]:
     return {"lr": [float(g["lr"]) for g in groups], "momentum": [float(g.get("momentum", 0.0)) for g in groups]}
 
 
+def changes_nothing(action: EscapeAction, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    """Whether ``action`` only sets settings that every param group already has (momentum 0.9
+    where it is 0.9 already): applying it would change nothing."""
+    if action.lr_factor is not None or action.trust_ratio is not None or action.replace_units or action.recycle:
+        return False
+    wanted = {"momentum": action.momentum, "nesterov": action.nesterov, "eps": action.eps}
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+    return all(group.get(key) == value for key, value in wanted.items() if value is not None for group in groups)
+
+
 def _schedulers_of(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]) -> list[Any]:
     return [scheduler for scheduler in schedulers if getattr(scheduler, "optimizer", None) is optimizer]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .escape_actions import EscapeAction, adapted, check_applicable
+from .escape_actions import EscapeAction, adapted, changes_nothing, check_applicable
 from .plateau_rule import DIAGNOSES
 
 # A repeating action (layer-wise steps, re-placed units) is given this many probations in a row
@@ -33,7 +33,7 @@ VANISHING_STEPS = EscapeAction(trust_ratio=0.001, momentum=0.9, repeat=True)
 # (6424-8332), the grid 81/81 with sigmoid depth 6-8 in 347-403 epochs (424-674); the lr raises
 # freed no run the rest did not, and diverged twice in the zoo. Layer-wise steps before the
 # re-placement pinned the lab's 2-2-1 net's hidden units (2 of 6 freed). (Measured with the
-# detector's epoch rule alone; with its step rule on full batches, the lab's XOR 6 of 6 in 1771-2954.)
+# detector's epoch rule alone; with its step rule over 2 x patience, the lab's XOR 6 of 6 in 860-1826.)
 FLAT_ACTIONS = (
     EscapeAction(momentum=0.9),
     EscapeAction(recycle=True, trust_ratio=0.01, momentum=0.0),
@@ -104,6 +104,12 @@ def next_in_policy(
         if listed[-1].repeat and listed[-1].describe() not in avoid:
             return key, listed[-1], max(spent, len(listed)) + 1
     return None
+
+
+def idle_actions(policy: dict[str, list[EscapeAction]], optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
+    """The actions of ``policy`` that would change nothing in ``optimizers`` (:func:`changes_nothing`),
+    described: a stall is not spent on them (momentum 0.9 where the layer-wise steps left it on)."""
+    return [action.describe() for listed in policy.values() for action in listed if changes_nothing(action, optimizers)]
 
 
 def policy_for(
