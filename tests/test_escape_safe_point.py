@@ -66,16 +66,28 @@ def test_a_divergence_under_the_escapes_momentum_goes_back_to_where_the_run_was_
     detector, escape, weights, trainer = fit({8: 100.0, 10: 100.0}, {"momentum": 0.9}, epochs=12)
     kinds = [(e.kind, e.epoch) for e in detector.events]
     assert kinds == [(EventKind.STALL, 3), (EventKind.DIVERGENCE, 8), (EventKind.DIVERGENCE, 10)]
-    back = detector.events[1]
+    back, again = detector.events[1], detector.events[2]
     assert back.recovered and [a.action for a in back.actions] == [
         "diverged: rolled back to epoch 4 (out of the stall), its own settings back"
     ]
-    assert back.actions[0].momentum == [0.0]
+    assert back.actions[0].momentum == [0.0] and back.actions[0].lr == [0.1]
     assert same(weights.at_start[9], weights.at_end[4])  # the weights of the point out of the stall
     assert not same(weights.at_end[8], weights.at_end[4])
-    # once: the second divergence finds no point to go back to, and stops the run
-    assert escape._safe is None and detector.events[2].actions == [] and not detector.events[2].recovered
-    assert trainer.current_epoch == 11 and trainer.optimizers[0].param_groups[0]["momentum"] == 0.0
+    # diverged from that point again, under its own settings: back there with half the lr
+    assert again.recovered and again.actions[0].action.endswith("its own settings back, lr x0.5")
+    assert (again.actions[0].lr_from, again.actions[0].lr) == ([0.1], [0.05])
+    assert same(weights.at_start[11], weights.at_end[4]) and escape._safe["tries"] == 2
+    assert trainer.current_epoch == 12 and trainer.optimizers[0].param_groups[0]["lr"] == 0.05
+
+
+def test_each_divergence_from_the_point_halves_the_lr_until_the_retries_are_spent():
+    script = dict.fromkeys(range(6, 11), 100.0)  # diverges at every epoch from 6 on
+    detector, escape, weights, trainer = fit(script, {"momentum": 0.9}, epochs=14)
+    divergences = [e for e in detector.events if e.kind is EventKind.DIVERGENCE]
+    assert [e.epoch for e in divergences] == [6, 7, 8, 9, 10]
+    assert [e.actions[0].lr if e.actions else None for e in divergences] == [[0.1], [0.05], [0.025], [0.0125], None]
+    assert [e.recovered for e in divergences] == [True] * 4 + [False]  # the fifth: no point left, the run stops
+    assert escape._safe is None and trainer.current_epoch == 11
 
 
 def test_a_divergence_under_the_runs_own_settings_is_not_the_escapes():

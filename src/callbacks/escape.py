@@ -15,7 +15,7 @@ from typing_extensions import override
 from .dashboard import log_optimizer_settings
 from .escape_actions import EscapeAction, apply_action, settings_of, steps_on_gradients, trust_ratio_, trust_update_
 from .escape_policy import DEFAULT_ACTIONS, PATIENT_REPEATS, idle_actions, next_in_policy, parse_policy, policy_for
-from .escape_snapshot import back_to_safe, group_settings, note_check, restore_snapshot, take_snapshot
+from .escape_snapshot import SAFE_RETRIES, back_to_safe, group_settings, note_check, restore_snapshot, take_snapshot
 from .escape_units import replace_stall_units
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
@@ -43,10 +43,10 @@ class PlateauEscape(Callback):
     is one whose settings hold already (momentum 0.9 where it is 0.9). Once every action is spent
     the run says so once. Each action is logged (``optim/lr``, ``optim/momentum``, a text entry) and
     recorded in ``stall_events.json`` with each lr before and after. A divergence once the run is
-    out of a stall, under the escape's settings (momentum it set, kicks), takes the run back, once,
-    to where it was out, with the optimizer's own settings; other divergences are not acted on.
-    What is spent, in force, on probation and the point to come back to are checkpointed, so a
-    resumed run continues the policy exactly.
+    out of a stall, under the escape's settings (momentum it set, kicks), takes the run back to where
+    it was out, with the optimizer's own settings, and each divergence from there again with half
+    the lr (x0.5, x0.25, x0.125: ``SAFE_RETRIES``); other divergences are not acted on. All this
+    state is checkpointed, so a resumed run continues the policy exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -180,11 +180,12 @@ class PlateauEscape(Callback):
             self._roll_back(trainer, pl_module, event, why="diverged")
             return
         in_force = self.lr_scale != 1.0 or self.trust_ratio is not None or group_settings(trainer) != self._own
-        if event.kind is EventKind.DIVERGENCE and self._safe is not None and in_force:  # once: the last point out
-            safe, self._safe = self._safe, None
-            lrs_before = back_to_safe(trainer, pl_module, safe, self._own)
+        if event.kind is EventKind.DIVERGENCE and self._safe is not None and (in_force or self._safe.get("tries")):
+            safe, lrs_before = self._safe, back_to_safe(trainer, pl_module, self._safe, self._own)
+            self._safe = safe if safe["tries"] < SAFE_RETRIES else None  # diverged from it again: a smaller lr
             self.lr_scale, self.trust_ratio, self.raised_at, event.recovered = 1.0, None, None, True
-            what = f"diverged: rolled back to epoch {safe['epoch']} (out of the stall), its own settings back"
+            lr = f", lr x{0.5 ** (safe['tries'] - 1):g}" if safe["tries"] > 1 else ""
+            what = f"diverged: rolled back to epoch {safe['epoch']} (out of the stall), its own settings back{lr}"
             self._record(trainer, event, what, lr_from=lrs_before)
             return
         if event.kind is EventKind.DIVERGENCE and self.lr_scale != 1.0:

@@ -15,6 +15,10 @@ import lightning as L
 
 from .escape_actions import EscapeAction, apply_action
 
+# Times a run is taken back to the point where it was out of a stall: once with its own settings,
+# then with the lr halved each time it diverges from there again (x0.5, x0.25, x0.125).
+SAFE_RETRIES = 4
+
 
 def take_snapshot(trainer: L.Trainer, pl_module: L.LightningModule, **info: Any) -> dict[str, Any]:
     """The model's and optimizers' state now (copies), with ``info`` (what the snapshot is for)."""
@@ -76,11 +80,15 @@ def back_to_safe(
     trainer: L.Trainer, pl_module: L.LightningModule, safe: dict[str, Any], own: list[list[dict[str, Any]]]
 ) -> list[float]:
     """Load ``safe`` (a snapshot), undo the lr raise in force when it was taken, and put the
-    optimizers' ``own`` settings back (:func:`group_settings`). Returns the first optimizer's lrs before."""
+    optimizers' ``own`` settings back (:func:`group_settings`); each time after the first (``tries``),
+    with half the lr of the time before: the run diverged from this point under its own settings.
+    Returns the first optimizer's lrs before."""
     lrs_before = restore_snapshot(trainer, pl_module, safe)
-    if safe["kicks"][0] != 1.0:
+    safe["tries"] = safe.get("tries", 0) + 1
+    factor = 0.5 ** (safe["tries"] - 1) / safe["kicks"][0]
+    if factor != 1.0:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for optimizer in trainer.optimizers:
-            apply_action(optimizer, EscapeAction(lr_factor=1 / safe["kicks"][0]), schedulers)
+            apply_action(optimizer, EscapeAction(lr_factor=factor), schedulers)
     put_settings(trainer, own)
     return lrs_before
