@@ -164,7 +164,7 @@ def test_the_step_rule_decides_alike_on_both_ranks(tmp_path):
     (tmp_path / "policy.yaml").write_text(
         "trainer:\n  callbacks:\n"
         "    - {class_path: src.callbacks.PlateauDetector, init_args: {step_window: 30}}\n"
-        "    - {class_path: src.callbacks.PlateauEscape, init_args: {actions: [{momentum: 0.5, repeat: true}]}}\n"
+        "    - {class_path: src.callbacks.PlateauEscape, init_args: {actions: [{momentum: 0.5}, {momentum: 0.6}]}}\n"
         "    - tests.ddp_probe.DumpRankState\n"
     )
     events = fit_under_ddp(
