@@ -1,11 +1,15 @@
 """PlateauEscape's safe point: a run that got out of a stall and then diverges under the escape's
-settings goes back, once, to where it was out, with the optimizer's own settings."""
+settings goes back to where it was out, with the optimizer's own settings, and with half the lr
+each time it diverges from there again."""
 
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from src.callbacks import PlateauDetector, PlateauEscape
@@ -44,16 +48,19 @@ class Weights(L.Callback):
 
 
 def fit(
-    script: dict[int, float], action: dict, epochs: int, **escape_args
+    script: dict[int, float], action: dict, epochs: int, checkpoint=None, ckpt_path=None, **escape_args
 ) -> tuple[PlateauDetector, PlateauEscape, Weights, L.Trainer]:
     L.seed_everything(0, verbose=False)
     weights = Weights()
     detector = PlateauDetector(patience=3, divergence_threshold=10.0)
     escape = PlateauEscape(actions=[action], **escape_args)
-    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[weights, detector, escape])
+    callbacks = [weights, detector, escape, *([checkpoint] if checkpoint else [])]
+    trainer = quiet_trainer(
+        max_epochs=epochs, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=checkpoint is not None
+    )
     model = Scripted(script, depth=3, width=4)
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer.fit(model, datamodule=Toy2DDataModule())
+    trainer.fit(model, datamodule=Toy2DDataModule(), ckpt_path=ckpt_path)
     return detector, escape, weights, trainer
 
 
@@ -90,6 +97,20 @@ def test_each_divergence_from_the_point_halves_the_lr_until_the_retries_are_spen
     assert escape._safe is None and trainer.current_epoch == 11
 
 
+def test_a_resumed_run_goes_back_to_the_same_point_with_the_same_lr(tmp_path):
+    script, momentum = {8: 100.0, 10: 100.0}, {"momentum": 0.9}
+    straight, _, _, straight_trainer = fit(script, momentum, epochs=12)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(script, momentum, epochs=9, checkpoint=checkpoint)  # ends after the first divergence's rollback
+    detector, escape, _, trainer = fit(script, momentum, epochs=12, ckpt_path=tmp_path / "last.ckpt")
+    assert [(e.epoch, [a.action for a in e.actions]) for e in detector.events] == [
+        (e.epoch, [a.action for a in e.actions]) for e in straight.events
+    ]
+    assert escape._safe["tries"] == 2 and trainer.optimizers[0].param_groups[0]["lr"] == 0.05
+    for a, b in zip(trainer.lightning_module.parameters(), straight_trainer.lightning_module.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_divergence_under_the_runs_own_settings_is_not_the_escapes():
     # the action left the settings as they were (lr x1): the divergence is the run's own
     detector, escape, weights, trainer = fit({8: 100.0}, {"lr_factor": 1.0}, epochs=12)
@@ -110,3 +131,48 @@ def test_an_lr_raise_in_force_at_the_point_is_undone_there():
     assert back.recovered and back.actions[0].action.startswith("diverged: rolled back to epoch 4")
     assert (back.actions[0].lr_from, back.actions[0].lr) == ([0.2], [0.1])
     assert escape.lr_scale == 1.0 and trainer.optimizers[0].param_groups[0]["lr"] == 0.1
+
+
+class ScriptedSGD(Scripted):
+    def configure_optimizers(self):  # a method, not a lambda: ddp_spawn pickles the model
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class DumpRank(L.Callback):
+    """Each rank saves its events (actions and lrs), weights and lr at the end of fit."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        detector = next(cb for cb in trainer.callbacks if isinstance(cb, PlateauDetector))
+        events = [(e.kind.value, e.epoch, [(a.action, a.lr) for a in e.actions]) for e in detector.events]
+        weights = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        state = {"events": events, "weights": weights, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="2 CPU processes need 2 cores")
+def test_both_ranks_go_back_to_the_same_point_with_the_same_lr(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector, escape = (
+        PlateauDetector(patience=3, divergence_threshold=10.0),
+        PlateauEscape(actions=[{"momentum": 0.9}]),
+    )
+    trainer = quiet_trainer(
+        max_epochs=12, limit_val_batches=0, accelerator="cpu", devices=2, strategy="ddp_spawn",
+        callbacks=[detector, escape, DumpRank(tmp_path)],
+    )  # fmt: skip
+    trainer.fit(ScriptedSGD({8: 100.0, 10: 100.0}, depth=3, width=4), datamodule=Toy2DDataModule())
+    states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [(kind, epoch) for kind, epoch, _ in states[0]["events"]] == [
+        ("stall", 3),
+        ("divergence", 8),
+        ("divergence", 10),
+    ]
+    assert states[0]["events"][2][2] == [
+        ("diverged: rolled back to epoch 4 (out of the stall), its own settings back, lr x0.5", [0.05])
+    ]
+    assert states[0]["events"] == states[1]["events"] and states[0]["lr"] == states[1]["lr"] == 0.05
+    assert torch.equal(states[0]["weights"], states[1]["weights"])
