@@ -187,8 +187,8 @@ class StepWatch:
         return (Status.PLATEAU if self.rule.check(step, trend) else Status.WAITING), trend.mean, step - self.rule.window
 
     def fit_within(self, epochs: int, trainer: Any) -> None:
-        """Look back over no more steps than ``epochs`` epochs of ``trainer`` hold, and one (in a full
-        batch, a step an epoch: 500 steps would be 500 epochs); a stream is left as it is."""
+        """Look back over at most the steps that ``epochs`` epochs of ``trainer`` hold, plus one (a
+        full batch takes a step an epoch: 500 steps would be 500 epochs); a stream keeps its window."""
         batches = trainer.num_training_batches
         steps = epochs * math.ceil(batches / trainer.accumulate_grad_batches) + 1 if math.isfinite(batches) else 0
         if 3 <= steps < self.rule.window:
