@@ -88,13 +88,14 @@ def test_a_divergence_under_the_escapes_momentum_goes_back_to_where_the_run_was_
 
 
 def test_each_divergence_from_the_point_halves_the_lr_until_the_retries_are_spent():
-    script = dict.fromkeys(range(6, 11), 100.0)  # diverges at every epoch from 6 on
-    detector, escape, weights, trainer = fit(script, {"momentum": 0.9}, epochs=14)
+    script = dict.fromkeys(range(6, 17), 100.0)  # diverges at every epoch from 6 on
+    detector, escape, weights, trainer = fit(script, {"momentum": 0.9}, epochs=20)
     divergences = [e for e in detector.events if e.kind is EventKind.DIVERGENCE]
-    assert [e.epoch for e in divergences] == [6, 7, 8, 9, 10]
-    assert [e.actions[0].lr if e.actions else None for e in divergences] == [[0.1], [0.05], [0.025], [0.0125], None]
-    assert [e.recovered for e in divergences] == [True] * 4 + [False]  # the fifth: no point left, the run stops
-    assert escape._safe is None and trainer.current_epoch == 11
+    assert [e.epoch for e in divergences] == list(range(6, 17))
+    lrs = [e.actions[0].lr[0] if e.actions else None for e in divergences]
+    assert lrs == [pytest.approx(0.1 / 2**k) for k in range(10)] + [None]  # down to 1/512 of the lr
+    assert [e.recovered for e in divergences] == [True] * 10 + [False]  # the eleventh: no point left, the run stops
+    assert escape._safe is None and trainer.current_epoch == 17
 
 
 def test_a_resumed_run_goes_back_to_the_same_point_with_the_same_lr(tmp_path):

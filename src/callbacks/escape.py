@@ -45,7 +45,7 @@ class PlateauEscape(Callback):
     recorded in ``stall_events.json`` with each lr before and after. A divergence once the run is
     out of a stall, under the escape's settings (momentum it set, kicks), takes the run back to where
     it was out, with the optimizer's own settings, and each divergence from there again with half
-    the lr (x0.5, x0.25, x0.125: ``SAFE_RETRIES``); other divergences are not acted on. All this
+    the lr (x0.5, x0.25 ... x1/512: ``SAFE_RETRIES``); other divergences are not acted on. All this
     state is checkpointed, so a resumed run continues the policy exactly.
 
     Args:
