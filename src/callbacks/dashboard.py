@@ -9,9 +9,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from .events import EventKind, StallEvent
+from .escape_actions import settings_of
+from .events import Action, EventKind, StallEvent
 from .grad_flow import parameter_layers
 from .names import (
     ACT_STD,
@@ -26,6 +28,7 @@ from .names import (
     OPTIM_LR,
     OPTIM_MOMENTUM,
     PLATEAU,
+    PLATEAU_ACTIONS_TEXT,
     PLATEAU_EVENTS_TEXT,
     SATURATED,
     UPDATE_RATIO_LOG10,
@@ -156,6 +159,26 @@ def log_event(trainer: L.Trainer, event: StallEvent, divergence_threshold: float
         logger.log_metrics(marker, step=event.step)
         if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
             logger.experiment.add_text(PLATEAU_EVENTS_TEXT, describe_event(event), event.step)
+
+
+def log_action(
+    trainer: L.Trainer, event: StallEvent, what: str, epoch: int, step: int, lr_raise: bool = False,
+    lr_from: list[float] | None = None,
+) -> Action:  # fmt: skip
+    """Record an escape action on its ``event``, with the lr and momentum the first optimizer's
+    groups hold now (and each lr before, ``lr_from``, where it changed); say it on rank zero and log
+    it: ``optim/lr``, ``optim/momentum`` and a text entry at ``step``."""
+    settings = settings_of(trainer.optimizers[0])
+    changed = lr_from is not None and lr_from != settings["lr"]
+    record = Action(what, epoch, step, settings["lr"], settings["momentum"], lr_from if changed else None, lr_raise)
+    event.actions.append(record)
+    lr_text = f"lr {lr_from} -> {settings['lr']}" if changed else f"lr {settings['lr']}"
+    rank_zero_info(f"PlateauEscape: epoch {epoch}: {what} -> {lr_text}")
+    log_optimizer_settings(trainer, step)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+            logger.experiment.add_text(PLATEAU_ACTIONS_TEXT, f"epoch {epoch}: {what}", step)
+    return record
 
 
 def log_optimizer_settings(trainer: L.Trainer, step: int) -> None:

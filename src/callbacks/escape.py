@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from .dashboard import log_optimizer_settings
-from .escape_actions import EscapeAction, apply_action, settings_of, steps_on_gradients, trust_ratio_, trust_update_
-from .escape_policy import DEFAULT_ACTIONS, PATIENT_REPEATS, idle_actions, next_in_policy, parse_policy, policy_for
-from .escape_snapshot import SAFE_RETRIES, back_to_safe, group_settings, note_check, restore_snapshot, take_snapshot
+from . import escape_policy as policies
+from . import escape_snapshot as snapshots
+from .dashboard import log_action
+from .escape_actions import (
+    EscapeAction,
+    apply_action,
+    confirm_settings,
+    settings_of,
+    steps_on_gradients,
+    trust_ratio_,
+    trust_update_,
+)
 from .escape_units import replace_stall_units
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
-from .names import PLATEAU_ACTIONS_TEXT
 from .plateau import PlateauDetector
 
 
@@ -82,7 +89,7 @@ class PlateauEscape(Callback):
         if on_exhausted not in ("continue", "stop"):
             raise ValueError(f"PlateauEscape: on_exhausted must be 'continue' or 'stop', got {on_exhausted!r}")
         try:
-            self.actions = parse_policy(DEFAULT_ACTIONS if actions is None else actions)
+            self.actions = policies.parse_policy(policies.DEFAULT_ACTIONS if actions is None else actions)
         except ValueError as err:
             raise ValueError(f"PlateauEscape: {err}") from None
         self._configured = {key: list(listed) for key, listed in self.actions.items()}
@@ -141,7 +148,7 @@ class PlateauEscape(Callback):
         """A policy given by the user must apply to the optimizer as it is (one line otherwise); the
         default policy serves any optimizer: the parts it has no setting for are left out (momentum
         on Adam), and layer-wise steps act on the step it takes."""
-        self.actions = policy_for(self._configured, trainer.optimizers, adapt=self._default_policy)
+        self.actions = policies.policy_for(self._configured, trainer.optimizers, adapt=self._default_policy)
         if [str(a) for a in self._configured.values()] != [str(a) for a in self.actions.values()]:
             names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
             rank_zero_info(f"PlateauEscape: the default policy for {names} leaves out the settings it has none of")
@@ -171,7 +178,7 @@ class PlateauEscape(Callback):
 
     def next_action(self, diagnosis: str | None) -> tuple[str, EscapeAction] | None:
         """The action the next stall with this diagnosis gets, and its list (see ``next_in_policy``)."""
-        chosen = next_in_policy(self.actions, self.spent_by, self.failed, diagnosis, self.withdrawn)
+        chosen = policies.next_in_policy(self.actions, self.spent_by, self.failed, diagnosis, self.withdrawn)
         return None if chosen is None else chosen[:2]
 
     def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent) -> None:
@@ -179,10 +186,11 @@ class PlateauEscape(Callback):
         if event.kind is EventKind.DIVERGENCE and self._snapshot is not None:
             self._roll_back(trainer, pl_module, event, why="diverged")
             return
-        in_force = self.lr_scale != 1.0 or self.trust_ratio is not None or group_settings(trainer) != self._own
+        own = snapshots.group_settings(trainer) == self._own
+        in_force = self.lr_scale != 1.0 or self.trust_ratio is not None or not own
         if event.kind is EventKind.DIVERGENCE and self._safe is not None and (in_force or self._safe.get("tries")):
-            safe, lrs_before = self._safe, back_to_safe(trainer, pl_module, self._safe, self._own)
-            self._safe = safe if safe["tries"] < SAFE_RETRIES else None  # diverged from it again: a smaller lr
+            safe, lrs_before = self._safe, snapshots.back_to_safe(trainer, pl_module, self._safe, self._own)
+            self._safe = safe if safe["tries"] < snapshots.SAFE_RETRIES else None  # diverged from it again: lr / 2
             self.lr_scale, self.trust_ratio, self.raised_at, event.recovered = 1.0, None, None, True
             lr = f", lr x{0.5 ** (safe['tries'] - 1):g}" if safe["tries"] > 1 else ""
             what = f"diverged: rolled back to epoch {safe['epoch']} (out of the stall), its own settings back{lr}"
@@ -202,8 +210,8 @@ class PlateauEscape(Callback):
             self._roll_back(trainer, pl_module, event, why=why, weights=harmed)
             if undo:  # back to where the kicks were getting the run out: nothing more to do
                 return
-        avoid = self.withdrawn + idle_actions(self.actions, trainer.optimizers)  # in vain, or changing nothing
-        chosen = next_in_policy(self.actions, self.spent_by, self.failed, event.diagnosis, avoid)
+        avoid = self.withdrawn + policies.idle_actions(self.actions, trainer.optimizers)  # in vain, or changing nothing
+        chosen = policies.next_in_policy(self.actions, self.spent_by, self.failed, event.diagnosis, avoid)
         if chosen is None:
             if self.on_exhausted == "stop":
                 trainer.should_stop = True
@@ -216,7 +224,7 @@ class PlateauEscape(Callback):
             return
         key, action, position = chosen
         self.spent_by[key], self.applied = position, self.applied + 1
-        self._own = group_settings(trainer) if self._own is None else self._own
+        self._own = snapshots.group_settings(trainer) if self._own is None else self._own
         if self.rollback_on_divergence or self.probation is not None:
             self._snapshot = self._snapshot_now(trainer, pl_module, event.value, action.describe(), key)
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
@@ -252,7 +260,7 @@ class PlateauEscape(Callback):
         """The state to go back to if ``action`` (from list ``key``; None: undoing the kicks) fails."""
         kicks = (self.lr_scale, self.trust_ratio, self.raised_at)
         info = {"epoch": trainer.current_epoch, "value": value, "best": value, "action": action, "list": key}
-        return take_snapshot(trainer, pl_module, **info, kicks=kicks)
+        return snapshots.take_snapshot(trainer, pl_module, **info, kicks=kicks)
 
     def _roll_back(
         self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str, weights: bool = True
@@ -264,7 +272,7 @@ class PlateauEscape(Callback):
         snapshot, self._snapshot = self._snapshot, None
         if not snapshot.get("replaced"):  # a re-placement that found units may repeat: new units each time
             self.withdrawn.append(snapshot["action"])
-        lrs_before = restore_snapshot(trainer, pl_module, snapshot, weights=weights)
+        lrs_before = snapshots.restore_snapshot(trainer, pl_module, snapshot, weights=weights)
         self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
         key = snapshot["list"]
         if key is None:  # the kicks were undone: keep them from now on
@@ -291,7 +299,7 @@ class PlateauEscape(Callback):
         """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall."""
         mode = self._detector.mode
         if self._snapshot is not None:
-            note_check(self._snapshot, value, mode)
+            snapshots.note_check(self._snapshot, value, mode)
         if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
             self._snapshot, self.withdrawn = None, []  # out of the stall: the point to come back to
             if self.rollback_on_divergence:
@@ -317,84 +325,52 @@ class PlateauEscape(Callback):
         self._detector.save_events(trainer)
 
     def _failed_why(self, value: float) -> tuple[str | None, bool]:
-        """Why the action on probation failed, at a new stall at ``value``, and whether it did harm: it
-        left the run twice as bad as the stall it answered, or a re-placement left it worse than that
-        stall (harm: its weights go too), or (an action, not an undo) the best value since it was
-        taken is not ``probation`` better than at that stall (its settings are withdrawn; the weights
-        keep what they learnt, which on a plateau is progress the loss does not show yet). A
-        repeating action gets ``PATIENT_REPEATS`` probations in a row (layer-wise steps free a deep
-        sigmoid net in 70-270 epochs: more than one patience). ``(None, False)`` if it did not fail."""
+        """Why the action on probation failed at a stall at ``value``, and whether it did harm
+        (:func:`~.escape_policy.probation_verdict`); ``(None, False)`` if it did not fail."""
         if self._snapshot is None:
             return None, False
-        key, listed = self._snapshot["list"], self.actions.get(self._snapshot["list"]) or []
-        # twice as bad: a re-placement starts the loss afresh, from the first check after it
-        at, best = self._snapshot.get("ref") or self._snapshot["value"], self._snapshot["best"]
-        if (value < at / 2) if self._detector.mode == "max" else (value > 2 * at):  # twice as bad
-            return f"{self._detector.monitor} rose to {value:.4g}", True
-        at, mode = self._snapshot["value"], self._detector.mode
-        if "ref" in self._snapshot and self.probation and moved_past(at, value, 1 - self.probation, mode):
-            return f"{self._detector.monitor} stalls at {value:.4g}, above {at:.4g} before the re-placement", True
-        if key is None or self.probation is None or moved_past(best, at, 1 - self.probation, mode):
-            self.fruitless.pop(key, None)
-            self.withdrawn = []
-            return None, False
-        if listed and listed[-1].repeat and self.spent_by.get(key, 0) >= len(listed):
-            self.fruitless[key] = self.fruitless.get(key, 0) + 1
-            if self.fruitless[key] < PATIENT_REPEATS:
-                return None, False
-        return f"no gain on probation (best {best:.4g} vs {at:.4g})", False
+        key, mode = self._snapshot["list"], self._detector.mode
+        why, harmed, gained = policies.probation_verdict(
+            self._snapshot, value, self.actions.get(key) or [], self.spent_by.get(key, 0), self.fruitless,
+            self.probation, mode, self._detector.monitor,
+        )  # fmt: skip
+        self.withdrawn = [] if gained else self.withdrawn
+        return why, harmed
 
     def _record(
         self, trainer: L.Trainer, event: StallEvent, what: str, epoch: int | None = None, step: int | None = None,
         lr_raise: bool = False, lr_from: list[float] | None = None,
     ) -> None:  # fmt: skip
         """Add what was done to the event and the history, with the settings the next step will use."""
-        settings = settings_of(trainer.optimizers[0])
-        epoch = event.epoch if epoch is None else epoch
-        step = event.step if step is None else step
-        changed = lr_from is not None and lr_from != settings["lr"]
-        record = Action(what, epoch, step, settings["lr"], settings["momentum"], lr_from if changed else None, lr_raise)
-        event.actions.append(record)
+        epoch, step = event.epoch if epoch is None else epoch, event.step if step is None else step
+        record = log_action(trainer, event, what, epoch, step, lr_raise, lr_from)
         self.history.append(record)
         self._unconfirmed.append(record)
-        lr_text = f"lr {lr_from} -> {settings['lr']}" if changed else f"lr {settings['lr']}"
-        rank_zero_info(f"PlateauEscape: epoch {epoch}: {what} -> {lr_text}")
-        log_optimizer_settings(trainer, step)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                logger.experiment.add_text(PLATEAU_ACTIONS_TEXT, f"epoch {epoch}: {what}", step)
 
     def _confirm(self, trainer: L.Trainer) -> None:
         """Record the settings the next step uses (a scheduler stepped after an action may change them)."""
-        settings = settings_of(trainer.optimizers[0])
-        changed = [r for r in self._unconfirmed if (r.lr, r.momentum) != (settings["lr"], settings["momentum"])]
-        for record in changed:
-            record.lr, record.momentum = settings["lr"], settings["momentum"]
-        self._unconfirmed = []
-        if changed:
+        if confirm_settings(self._unconfirmed, trainer.optimizers[0]):
             self._detector.save_events(trainer)
+        self._unconfirmed = []
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "spent": self.applied, "spent_by": self.spent_by, "history": [asdict(a) for a in self.history],
-            "lr_scale": self.lr_scale, "withdrawn": self.withdrawn,
-            "trust_ratio": self.trust_ratio, "raised_at": self.raised_at, "failed": self.failed,
-            "keep_kicks": self.keep_kicks, "said_spent": self.said_spent, "fruitless": self.fruitless,
-            "snapshot": self._snapshot,  # an action on probation can still be rolled back after a resume
-            "safe": self._safe, "own": self._own,
-        }  # fmt: skip
+        # with the snapshot: an action on probation can still be rolled back after a resume
+        state = {name.lstrip("_"): getattr(self, name) for name in _STATE}
+        return state | {"spent": self.applied, "history": [asdict(a) for a in self.history]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.spent_by = dict(state_dict.get("spent_by", {"any": state_dict["spent"]}))
+        for name in _STATE:  # a checkpoint from before a setting existed keeps its default
+            setattr(self, name, copy.deepcopy(state_dict.get(name.lstrip("_"), getattr(self, name))))
+        if "spent_by" not in state_dict:  # from before the lists were counted apart
+            self.spent_by = {"any": state_dict["spent"]}
         self.history = [Action(**record) for record in state_dict["history"]]
-        self.lr_scale, self.trust_ratio = state_dict.get("lr_scale", 1.0), state_dict.get("trust_ratio")
-        self.raised_at = state_dict.get("raised_at")
-        self.failed, self.withdrawn = list(state_dict.get("failed", [])), list(state_dict.get("withdrawn", []))
         self.applied = state_dict["spent"]
-        self.keep_kicks = state_dict.get("keep_kicks", False)
-        self.said_spent = state_dict.get("said_spent", False)
-        self.fruitless = dict(state_dict.get("fruitless", {}))
-        self._snapshot = state_dict.get("snapshot")
-        self._safe, self._own = state_dict.get("safe"), state_dict.get("own")
+
+
+# what a checkpoint keeps of the policy's walk, besides the actions applied ("spent") and their history
+_STATE = (
+    "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "failed", "keep_kicks",
+    "said_spent", "fruitless", "_snapshot", "_safe", "_own",
+)  # fmt: skip

@@ -147,6 +147,16 @@ def settings_of(optimizer: torch.optim.Optimizer) -> dict[str, list[float]]:
     return {"lr": [float(g["lr"]) for g in groups], "momentum": [float(g.get("momentum", 0.0)) for g in groups]}
 
 
+def confirm_settings(records: Sequence[Any], optimizer: torch.optim.Optimizer) -> bool:
+    """Set each record's ``lr`` and ``momentum`` (an :class:`~.events.Action`) to what ``optimizer``
+    holds now; whether any changed (a scheduler stepped after the action)."""
+    settings = settings_of(optimizer)
+    changed = [r for r in records if (r.lr, r.momentum) != (settings["lr"], settings["momentum"])]
+    for record in changed:
+        record.lr, record.momentum = settings["lr"], settings["momentum"]
+    return bool(changed)
+
+
 def changes_nothing(action: EscapeAction, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
     """Whether ``action`` only sets settings that every param group already has (momentum 0.9
     where it is 0.9 already): applying it would change nothing."""

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .escape_actions import EscapeAction, adapted, changes_nothing, check_applicable
+from .events import moved_past
 from .plateau_rule import DIAGNOSES
 
 # A repeating action (layer-wise steps, re-placed units) is given this many probations in a row
@@ -104,6 +105,43 @@ def next_in_policy(
         if listed[-1].repeat and listed[-1].describe() not in avoid:
             return key, listed[-1], max(spent, len(listed)) + 1
     return None
+
+
+def probation_verdict(
+    snapshot: dict[str, Any], value: float, listed: Sequence[EscapeAction], spent: int, fruitless: dict[str, int],
+    probation: float | None, mode: str, monitor: str,
+) -> tuple[str | None, bool, bool]:  # fmt: skip
+    """Why the action on probation (taken at ``snapshot``, from list ``listed``, ``spent`` far) failed,
+    at a new stall at ``value``; whether it did harm; whether it brought a gain. Harm: it left the
+    run twice as bad as the stall it answered, or a re-placement left it worse than that stall (its
+    weights go too). No gain (an action, not an undo): the best value since it was taken is not
+    ``probation`` better than at that stall (its settings are withdrawn; the weights keep what they
+    learnt, which on a plateau is progress the loss does not show yet). A repeating action gets
+    ``PATIENT_REPEATS`` probations in a row, counted in ``fruitless`` (layer-wise steps free a deep
+    sigmoid net in 70-270 epochs: more than one patience). ``(None, False, gained)`` if it did not fail.
+
+    >>> snapshot = {"value": 0.69, "best": 0.5, "list": "any"}
+    >>> probation_verdict(snapshot, 0.6, [EscapeAction(momentum=0.9)], 1, {}, 0.01, "min", "loss")
+    (None, False, True)
+    >>> probation_verdict(snapshot, 1.5, [EscapeAction(momentum=0.9)], 1, {}, 0.01, "min", "loss")
+    ('loss rose to 1.5', True, False)
+    """
+    key = snapshot["list"]
+    # twice as bad: a re-placement starts the loss afresh, from the first check after it
+    at, best = snapshot.get("ref") or snapshot["value"], snapshot["best"]
+    if (value < at / 2) if mode == "max" else (value > 2 * at):
+        return f"{monitor} rose to {value:.4g}", True, False
+    at = snapshot["value"]
+    if "ref" in snapshot and probation and moved_past(at, value, 1 - probation, mode):
+        return f"{monitor} stalls at {value:.4g}, above {at:.4g} before the re-placement", True, False
+    if key is None or probation is None or moved_past(best, at, 1 - probation, mode):
+        fruitless.pop(key, None)
+        return None, False, True
+    if listed and listed[-1].repeat and spent >= len(listed):
+        fruitless[key] = fruitless.get(key, 0) + 1
+        if fruitless[key] < PATIENT_REPEATS:
+            return None, False, False
+    return f"no gain on probation (best {best:.4g} vs {at:.4g})", False, False
 
 
 def idle_actions(policy: dict[str, list[EscapeAction]], optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
