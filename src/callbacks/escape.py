@@ -45,9 +45,12 @@ class PlateauEscape(Callback):
     Each action is on probation until the next stall: there its settings are withdrawn if the best
     monitored value since is not ``probation`` better than at the stall it answered (a repeating
     one gets ``PATIENT_REPEATS`` probations), and it is rolled back, weights too, if the run diverged
-    or stalls at twice that value (a re-placement: above it); the next action is then tried. An
-    action withdrawn or rolled back is passed over, in every list, until one brings a gain, and so
-    is one whose settings hold already (momentum 0.9 where it is 0.9). Once every action is spent
+    or stalls at twice that value (a re-placement: above it); the next action is then tried, judged
+    from where the run went back to. An action withdrawn or rolled back is passed over, in every
+    list, until one brings a gain (a re-placement that found units is tried again with new ones,
+    ``PATIENT_REPEATS`` times in a row), and so is one whose settings hold already (momentum 0.9
+    where it is 0.9). Layer-wise steps kept in force because undoing them blew the run up are halved
+    at each later stall (``KEPT_HALVINGS`` times), as ``ReduceLROnPlateau`` would. Once every action is spent
     the run says so once. Each action is logged (``optim/lr``, ``optim/momentum``, a text entry) and
     recorded in ``stall_events.json`` with each lr before and after. A divergence once the run is
     out of a stall, under the escape's settings (momentum it set, kicks), takes the run back to where
@@ -108,6 +111,7 @@ class PlateauEscape(Callback):
         self.trust_ratio: float | None = None  # layer-wise steps in force
         self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
         self.keep_kicks = False  # undoing them blew the run up once: they stay
+        self.halvings = 0  # times the layer-wise steps kept in force were halved
         self.rollback_on_divergence = rollback_on_divergence
         self.probation = probation
         self.said_spent = False
@@ -205,11 +209,14 @@ class PlateauEscape(Callback):
             return
         why, harmed = self._failed_why(event.value)
         momenta = settings_of(trainer.optimizers[0])["momentum"]  # what built the momentum buffers
+        value = event.value  # what the next action is judged from: where a harmful one is rolled back to
         if why is not None:
-            undo = self._snapshot["list"] is None
+            undo, value = self._snapshot["list"] is None, self._snapshot["value"] if harmed else value
             self._roll_back(trainer, pl_module, event, why=why, weights=harmed)
             if undo:  # back to where the kicks were getting the run out: nothing more to do
                 return
+        if why is None and self._halve_kept(trainer, pl_module, event, value):
+            return
         avoid = self.withdrawn + policies.idle_actions(self.actions, trainer.optimizers)  # in vain, or changing nothing
         chosen = policies.next_in_policy(self.actions, self.spent_by, self.failed, event.diagnosis, avoid)
         if chosen is None:
@@ -226,7 +233,7 @@ class PlateauEscape(Callback):
         self.spent_by[key], self.applied = position, self.applied + 1
         self._own = snapshots.group_settings(trainer) if self._own is None else self._own
         if self.rollback_on_divergence or self.probation is not None:
-            self._snapshot = self._snapshot_now(trainer, pl_module, event.value, action.describe(), key)
+            self._snapshot = self._snapshot_now(trainer, pl_module, value, action.describe(), key)
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
         what = action.describe()
         if action.sets_optimizer:
@@ -236,10 +243,10 @@ class PlateauEscape(Callback):
         lr_before, lr_after = lrs_before[0], float(trainer.optimizers[0].param_groups[0]["lr"])
         if action.lr_factor is not None and lr_before > 0:
             self.lr_scale *= lr_after / lr_before
-            self.raised_at = event.value
+            self.raised_at = value
         if action.trust_ratio is not None:
             self.trust_ratio = action.trust_ratio
-            self.raised_at = event.value
+            self.raised_at = value
         if self.raised_at is not None and self.restore_lr_below is not None:
             event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
         if action.replace_units or action.recycle:
@@ -275,11 +282,16 @@ class PlateauEscape(Callback):
         lrs_before = snapshots.restore_snapshot(trainer, pl_module, snapshot, weights=weights)
         self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
         key = snapshot["list"]
-        if key is None:  # the kicks were undone: keep them from now on
+        if key is None:  # the kicks were undone (or halved): keep them from now on
             self.keep_kicks = True
         elif self.spent_by.get(key, 0) >= len(self.actions.get(key, ())) and key not in self.failed:
-            # its last action (a repeating one) is not tried again; a re-placement that found units may repeat
-            self.failed += [key] if weights or not snapshot.get("replaced") else []
+            # its last action (a repeating one) is not tried again; a re-placement that found units
+            # may repeat (new units each time), up to PATIENT_REPEATS times in a row if it did harm
+            harms = self.fruitless[key] = self.fruitless.get(key, 0) + weights
+            if not snapshot.get("replaced") or weights and harms >= policies.PATIENT_REPEATS:
+                self.failed.append(key)
+        if snapshot.get("halving"):  # a smaller step blew the run up: no more halvings
+            self.halvings = snapshots.KEPT_HALVINGS
         if event.kind is EventKind.DIVERGENCE:
             event.recovered = True
         what = f"{why}: rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
@@ -288,6 +300,18 @@ class PlateauEscape(Callback):
         if key is None:
             what += "; they stay in force"
         self._record(trainer, event, what, lr_from=lrs_before)
+
+    def _halve_kept(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, value: float) -> bool:
+        """Layer-wise steps kept in force (undoing them blew the run up) are a step that does not
+        shrink near a minimum, where the loss bounces: halve them at each later stall, as
+        ``ReduceLROnPlateau`` would, ``KEPT_HALVINGS`` times; one that blows the run up is rolled back."""
+        if not self.keep_kicks or self.trust_ratio is None or self.halvings >= snapshots.KEPT_HALVINGS:
+            return False
+        what = f"layer-wise steps halved to {self.trust_ratio / 2:g} x |W|"
+        self._snapshot = self._snapshot_now(trainer, pl_module, value, what, None) | {"halving": True}
+        self.halvings, self.trust_ratio = self.halvings + 1, self.trust_ratio / 2
+        self._record(trainer, event, what)
+        return True
 
     @staticmethod
     def _apply(trainer: L.Trainer, action: EscapeAction, keep_buffers: bool = False) -> None:
@@ -371,6 +395,6 @@ class PlateauEscape(Callback):
 
 # what a checkpoint keeps of the policy's walk, besides the actions applied ("spent") and their history
 _STATE = (
-    "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "failed", "keep_kicks",
+    "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "failed", "keep_kicks", "halvings",
     "said_spent", "fruitless", "_snapshot", "_safe", "_own",
 )  # fmt: skip
