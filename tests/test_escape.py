@@ -74,7 +74,8 @@ def test_lr_raise_and_momentum_survive_schedulers_that_recompute_both_every_step
 
 
 def fake_trainer(optimizer, scheduler, events):
-    detector = SimpleNamespace(events=events, mode="min", save_events=lambda trainer: None)
+    stalls = [event for event in events if event.kind is EventKind.STALL]
+    detector = SimpleNamespace(events=events, mode="min", save_events=lambda trainer: None, last_stall=stalls[-1])
     trainer = SimpleNamespace(
         optimizers=[optimizer],
         lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)],
@@ -324,21 +325,26 @@ def test_a_stall_at_a_worse_loss_after_an_action_rolls_back_and_tries_the_next_l
 
 
 class BlowsUpWhenTheRaiseIsUndone(MLPClassifier):
-    """A scripted bad undo: the loss is NaN once the lr is back at 0.1 after having been raised."""
+    """A scripted bad undo: the loss is NaN (or ``blown`` times itself) once the lr is back at 0.1
+    after having been raised."""
 
     raised = False
+    blown = float("nan")
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         if self.trainer.optimizers[0].param_groups[0]["lr"] > 0.15:
             self.raised = True
-        return loss * float("nan") if self.raised and self.trainer.optimizers[0].param_groups[0]["lr"] < 0.15 else loss
+        return loss * self.blown if self.raised and self.trainer.optimizers[0].param_groups[0]["lr"] < 0.15 else loss
 
 
-def test_a_divergence_after_the_kick_is_undone_rolls_back_to_the_undo_and_keeps_the_kick(tmp_path):
+@pytest.mark.parametrize("blown", [float("nan"), 1000.0])  # a NaN, or a loss past divergence_threshold (2)
+def test_a_divergence_after_the_kick_is_undone_rolls_back_to_the_undo_and_keeps_the_kick(tmp_path, blown):
     L.seed_everything(0, verbose=False)
     model = BlowsUpWhenTheRaiseIsUndone(depth=3)
-    detector = PlateauDetector(patience=2, min_delta=0.5)  # a scripted stall every 2 epochs
+    model.blown = blown
+    # a scripted stall every 2 epochs
+    detector = PlateauDetector(patience=2, min_delta=0.5, divergence_threshold=2.0)
     escape = PlateauEscape(actions=[{"lr_factor": 5}], restore_lr_below=0.99)  # out of it at a 1% drop
     at_undo = []
     take_snapshot = escape._snapshot_now

@@ -32,22 +32,25 @@ class EveryNewUnitHurts(MLPClassifier):
         return logits, loss + float(changed)
 
 
-def test_a_harmful_re_placement_is_tried_again_with_new_units_from_where_the_run_went_back(tmp_path):
+def test_a_harmful_re_placement_gets_new_units_once_all_else_is_spent_from_where_the_run_went_back(tmp_path):
     L.seed_everything(0, verbose=False)
     detector = PlateauDetector(patience=3)
-    escape = PlateauEscape(actions=[{"momentum": 0.5}, {"recycle": True, "repeat": True}])
+    escape = PlateauEscape(actions={"unclear": [{"recycle": True, "repeat": True}], "any": [{"momentum": 0.5}]})
     trainer = quiet_trainer(max_epochs=40, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
-    model = EveryNewUnitHurts(depth=3, activation="tanh")
+    model = EveryNewUnitHurts(depth=3)
     trainer.fit(model, datamodule=Toy2DDataModule())
-    actions = [a.action for e in detector.events for a in e.actions]
-    replaced = [a for a in actions if a.startswith("re-place each layer's weakest unit")]
-    rolled_back = [a for a in actions if "before the re-placement: rolled back" in a]
-    # the momentum comes first, brings nothing; then the re-placement, PATIENT_REPEATS times, each rolled back
-    assert len(replaced) == PATIENT_REPEATS == len(rolled_back), actions
-    assert actions[-1] == "none: every escape action is spent" and escape.failed == ["any"]
+    assert {e.diagnosis for e in detector.events} == {"unclear"}  # lr 0: the gradients tell nothing
+    actions = [a.action.split(":")[0] for e in detector.events for a in e.actions]
+    recycle, back = "re-place each layer's weakest unit", "train/loss stalls at"
+    # the re-placement did harm: the other list's momentum first; it brings nothing, and then new
+    # units, PATIENT_REPEATS re-placements in all, each rolled back
+    assert actions[:4] == [recycle, actions[1], "momentum 0.5", actions[3]] and actions[1].startswith(back)
+    assert actions[3].startswith("no gain") and actions.count(recycle) == PATIENT_REPEATS, actions
+    assert sum(a.startswith(back) for a in actions) == PATIENT_REPEATS and actions[-1] == "none"
+    assert escape.redraws == {"unclear": PATIENT_REPEATS} and escape.failed == ["unclear", "any"]
     # each one is judged from the stall value where the run went back to, not the harmed one (+1.0)
-    at = detector.events[0].value
-    assert all(f"above {at:.4g} before the re-placement" in a for a in rolled_back), rolled_back
+    at = f"above {detector.events[0].value:.4g} before the re-placement"
+    assert all(at in a.action for e in detector.events for a in e.actions if a.action.startswith(back))
     for p, q in zip(model.parameters(), model.start, strict=True):  # every harm undone
         assert torch.equal(p, q)
 
@@ -129,3 +132,33 @@ def test_a_re_placement_that_brings_nothing_but_finds_units_goes_on_past_its_pro
     # no harm (the loss stays), no gain: withdrawn after PATIENT_REPEATS probations, yet new units each time
     assert withdrawn and len(replaced) > PATIENT_REPEATS + 1 and escape.failed == [], actions
     assert "none: every escape action is spent" not in actions
+
+
+class BackAtTheStallWhenTheRaiseIsUndone(MLPClassifier):
+    """A scripted loss: 0.7 (a stall), 0.3 while the lr is raised above 0.15, and 0.7 again once
+    the raise is undone: the kick, not the weights, held the run out of the stall."""
+
+    raised = False
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.raised = self.raised or lr > 0.15
+        return logits, loss * 0.0 + (0.3 if lr > 0.15 else 0.7)
+
+
+def test_kicks_undone_come_back_at_the_first_check_where_the_loss_is_back_at_their_stall(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=2, min_delta=0.5)  # a scripted stall every 2 epochs
+    escape = PlateauEscape(actions=[{"lr_factor": 5}], restore_lr_below=0.5)
+    trainer = quiet_trainer(max_epochs=10, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(BackAtTheStallWhenTheRaiseIsUndone(depth=2), datamodule=Toy2DDataModule())
+    actions = [(a.epoch, a.action) for a in detector.events[0].actions]
+    (raised_at, raised), (undone_at, undone), (back_at, back) = actions
+    assert raised == "lr x5" and undone.startswith("lr restored (out of the stall: 0.3 vs 0.7)")
+    # the first check after the undo sees 0.7: back to the undo, at once, not at a stall patience later
+    assert back_at == undone_at + 1, actions
+    assert back == f"train/loss back at 0.7: rolled back to epoch {undone_at}, before 'lr restored'; they stay in force"
+    # the raise stays: later stalls are at 0.3 (the run out of the first), with the lr at 0.5
+    assert all(e.value == pytest.approx(0.3) for e in detector.events[1:]) and escape.keep_kicks
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5)

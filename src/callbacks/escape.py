@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -38,37 +39,36 @@ class PlateauEscape(Callback):
     ``vanishing``: eps 1e-16 (Adam and the like), layer-wise steps of ~0.01 x ``|W|``; ``dead_units``,
     ``always_on_units``, ``redundant_units``: re-place those ReLU units and take layer-wise steps
     (``repeat``: on every such stall); ``saturated_units``: re-place the pinned sigmoid/tanh units
-    (ReDo's rule, :mod:`.saturated`); ``any`` (``flat``, ``unclear``): momentum 0.9 (the source
-    study's remedy), each layer's weakest unit re-placed (a local minimum) with layer-wise steps,
-    layer-wise steps under momentum 0.9, then the re-placement on every later stall (:mod:`.escape_policy`).
+    (ReDo's rule, :mod:`.saturated`); ``any`` (``flat``, ``unclear``): momentum 0.9 (the source study's
+    remedy), each layer's weakest unit re-placed with layer-wise steps (a local minimum), layer-wise
+    steps under momentum 0.9, then the re-placement on every later stall (:mod:`.escape_policy`).
 
     Each action is on probation until the next stall: there its settings are withdrawn if the best
-    monitored value since is not ``probation`` better than at the stall it answered (a repeating
-    one gets ``PATIENT_REPEATS`` probations), and it is rolled back, weights too, if the run diverged
-    or stalls at twice that value (a re-placement: above it); the next action is then tried, judged
-    from where the run went back to. An action withdrawn or rolled back is passed over, in every
-    list, until one brings a gain (a re-placement that found units is tried again with new ones,
-    ``PATIENT_REPEATS`` times in a row), and so is one whose settings hold already (momentum 0.9
-    where it is 0.9). Layer-wise steps kept in force because undoing them blew the run up are halved
-    at each later stall (``KEPT_HALVINGS`` times), as ``ReduceLROnPlateau`` would. Once every action is spent
-    the run says so once. Each action is logged (``optim/lr``, ``optim/momentum``, a text entry) and
-    recorded in ``stall_events.json`` with each lr before and after. A divergence once the run is
-    out of a stall, under the escape's settings (momentum it set, kicks), takes the run back to where
-    it was out, with the optimizer's own settings, and each divergence from there again with half
-    the lr (x0.5, x0.25 ... x1/512: ``SAFE_RETRIES``); other divergences are not acted on. All this
-    state is checkpointed, so a resumed run continues the policy exactly.
+    monitored value since is not ``probation`` better than at the stall it answered (a repeating one
+    gets ``PATIENT_REPEATS`` probations), and it is rolled back, weights too, if the run diverged or
+    stalls at twice that value (a re-placement: above it); the next action is then tried, judged from
+    where the run went back to. An action withdrawn or rolled back is passed over, in every list, until
+    one brings a gain, and so is one whose settings hold already (momentum 0.9 where it is 0.9); once
+    all else is spent, a re-placement that did harm gets new units, ``PATIENT_REPEATS`` times in all.
+    Layer-wise steps kept in force (undoing them blew the run up) are halved at each later stall,
+    ``KEPT_HALVINGS`` times, as ``ReduceLROnPlateau`` would. Once every action is spent the run says so
+    once. Each action is logged (``optim/lr``, ``optim/momentum``, a text entry) and recorded in
+    ``stall_events.json`` with each lr before and after. A divergence once the run is out of a stall,
+    under the escape's settings (momentum it set, kicks), takes the run back to where it was out, with
+    the optimizer's own settings, and each divergence from there again with half the lr (x0.5, x0.25 ...
+    x1/512: ``SAFE_RETRIES``); other divergences are not acted on. All this state is checkpointed, so a
+    resumed run continues the policy exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
             same as ``{any: [...]}``), as YAML such as ``{vanishing: [{trust_ratio: 0.01}], any:
             [{momentum: 0.9}, {lr_factor: 10, max_lr: 1.0}]}``; see :class:`EscapeAction`.
-        on_exhausted: What to do on a stall that has no action left: ``continue`` training,
-            or ``stop`` it with the reason stated.
+        on_exhausted: What to do on a stall that has no action left: ``continue``, or ``stop`` (said why).
         restore_lr_below: lr raises and layer-wise steps are a kick, not a new setting: once the
             monitored value has fallen below this fraction of its value at the stall that caused the
             last kick (above its inverse with ``mode: max``), they are undone (momentum changes
-            stay); ``null`` keeps them. Where undoing them blows the run up (a divergence, or a
-            stall at twice the loss), the run is rolled back and they stay in force.
+            stay); ``null`` keeps them. Where undoing them blows the run up (a divergence, a stall at
+            twice the loss, the loss back at their stall), the run is rolled back and they stay.
         rollback_on_divergence: Undo an action after which the run diverges or stalls at twice the loss.
         probation: The least gain (a share of the value at its stall) an action must bring before
             the next stall to be kept; ``null``: every action is kept, and they add up.
@@ -100,21 +100,19 @@ class PlateauEscape(Callback):
         for name, value in (("restore_lr_below", restore_lr_below), ("probation", probation)):
             if value is not None and not 0 < value < 1:
                 raise ValueError(f"PlateauEscape: {name} must be in (0, 1) or null, got {value}")
-        self.on_exhausted = on_exhausted
-        self.restore_lr_below = restore_lr_below
+        self.on_exhausted, self.restore_lr_below = on_exhausted, restore_lr_below
         self.spent_by: dict[str, int] = {}
         self.failed: list[str] = []  # lists whose action was rolled back: not tried again
         self.withdrawn: list[str] = []  # actions that brought nothing since the last that did: passed over
-        self.applied = 0
+        self.applied, self.said_spent = 0, False
         self.history: list[Action] = []
         self.lr_scale = 1.0  # product of the lr raises in force
         self.trust_ratio: float | None = None  # layer-wise steps in force
         self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
         self.keep_kicks = False  # undoing them blew the run up once: they stay
         self.halvings = 0  # times the layer-wise steps kept in force were halved
-        self.rollback_on_divergence = rollback_on_divergence
-        self.probation = probation
-        self.said_spent = False
+        self.redraws: dict[str, int] = {}  # per list: its re-placements that did harm
+        self.rollback_on_divergence, self.probation = rollback_on_divergence, probation
         self.fruitless: dict[str, int] = {}  # per list: probations in a row its repeating action had no gain
         self._snapshot: dict[str, Any] | None = None  # the state before the last action, in memory
         self._safe: dict[str, Any] | None = None  # the state where the run was last out of a stall
@@ -165,8 +163,10 @@ class PlateauEscape(Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._unconfirmed:  # what holds now that schedulers and other callbacks have had their turn
-            self._confirm(trainer)
+        # the settings the step uses, now that schedulers and other callbacks have had their turn
+        if self._unconfirmed and confirm_settings(self._unconfirmed, trainer.optimizers[0]):
+            self._detector.save_events(trainer)
+        self._unconfirmed = []
         if self.trust_ratio is None:
             return
         if steps_on_gradients(optimizer):
@@ -193,11 +193,9 @@ class PlateauEscape(Callback):
         own = snapshots.group_settings(trainer) == self._own
         in_force = self.lr_scale != 1.0 or self.trust_ratio is not None or not own
         if event.kind is EventKind.DIVERGENCE and self._safe is not None and (in_force or self._safe.get("tries")):
-            safe, lrs_before = self._safe, snapshots.back_to_safe(trainer, pl_module, self._safe, self._own)
-            self._safe = safe if safe["tries"] < snapshots.SAFE_RETRIES else None  # diverged from it again: lr / 2
+            lrs_before, what = snapshots.back_to_safe(trainer, pl_module, self._safe, self._own)
+            self._safe = self._safe if self._safe["tries"] < snapshots.SAFE_RETRIES else None  # diverged again: lr / 2
             self.lr_scale, self.trust_ratio, self.raised_at, event.recovered = 1.0, None, None, True
-            lr = f", lr x{0.5 ** (safe['tries'] - 1):g}" if safe["tries"] > 1 else ""
-            what = f"diverged: rolled back to epoch {safe['epoch']} (out of the stall), its own settings back{lr}"
             self._record(trainer, event, what, lr_from=lrs_before)
             return
         if event.kind is EventKind.DIVERGENCE and self.lr_scale != 1.0:
@@ -219,6 +217,9 @@ class PlateauEscape(Callback):
             return
         avoid = self.withdrawn + policies.idle_actions(self.actions, trainer.optimizers)  # in vain, or changing nothing
         chosen = policies.next_in_policy(self.actions, self.spent_by, self.failed, event.diagnosis, avoid)
+        if chosen is None:  # last, a re-placement that did harm, with new units: PATIENT_REPEATS times in all
+            failed = [key for key in self.failed if not 0 < self.redraws.get(key, 0) < policies.PATIENT_REPEATS]
+            chosen = policies.next_in_policy(self.actions, self.spent_by, failed, event.diagnosis, avoid)
         if chosen is None:
             if self.on_exhausted == "stop":
                 trainer.should_stop = True
@@ -284,27 +285,25 @@ class PlateauEscape(Callback):
         key = snapshot["list"]
         if key is None:  # the kicks were undone (or halved): keep them from now on
             self.keep_kicks = True
-        elif self.spent_by.get(key, 0) >= len(self.actions.get(key, ())) and key not in self.failed:
+        elif self.spent_by.get(key, 0) >= len(self.actions.get(key, ())):
             # its last action (a repeating one) is not tried again; a re-placement that found units
-            # may repeat (new units each time), up to PATIENT_REPEATS times in a row if it did harm
-            harms = self.fruitless[key] = self.fruitless.get(key, 0) + weights
-            if not snapshot.get("replaced") or weights and harms >= policies.PATIENT_REPEATS:
-                self.failed.append(key)
+            # may repeat (new units each time), and one that did harm once all else is spent
+            if weights and snapshot.get("replaced"):
+                self.redraws[key] = self.redraws.get(key, 0) + 1
+            self.failed += [key] if key not in self.failed and (weights or not snapshot.get("replaced")) else []
         if snapshot.get("halving"):  # a smaller step blew the run up: no more halvings
             self.halvings = snapshots.KEPT_HALVINGS
-        if event.kind is EventKind.DIVERGENCE:
-            event.recovered = True
+        event.recovered = event.recovered or event.kind is EventKind.DIVERGENCE
         what = f"{why}: rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
         if not weights:
             what = f"{why}: '{snapshot['action']}' withdrawn (settings of epoch {snapshot['epoch']})"
         if key is None:
             what += "; they stay in force"
-        self._record(trainer, event, what, lr_from=lrs_before)
+        self._record(trainer, event, what, trainer.current_epoch, trainer.global_step, lr_from=lrs_before)
 
     def _halve_kept(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, value: float) -> bool:
-        """Layer-wise steps kept in force (undoing them blew the run up) are a step that does not
-        shrink near a minimum, where the loss bounces: halve them at each later stall, as
-        ``ReduceLROnPlateau`` would, ``KEPT_HALVINGS`` times; one that blows the run up is rolled back."""
+        """Halve layer-wise steps kept in force (a step that does not shrink keeps the loss bouncing near a
+        minimum) at a stall, as ``ReduceLROnPlateau`` would, ``KEPT_HALVINGS`` times; harm: rolled back."""
         if not self.keep_kicks or self.trust_ratio is None or self.halvings >= snapshots.KEPT_HALVINGS:
             return False
         what = f"layer-wise steps halved to {self.trust_ratio / 2:g} x |W|"
@@ -324,6 +323,13 @@ class PlateauEscape(Callback):
         mode = self._detector.mode
         if self._snapshot is not None:
             snapshots.note_check(self._snapshot, value, mode)
+        at = (self._snapshot or {}).get("stall")  # kicks undone: back at the stall they answered, they come back
+        back = at is not None and not moved_past(value, at, 1 - (self.probation or 0.01), mode)
+        if back and math.isfinite(value) and not self._detector.tracker.diverged(value):  # not a divergence
+            why = f"{self._detector.monitor} back at {value:.4g}"
+            self._roll_back(trainer, pl_module, self._detector.last_stall, why=why)
+            self._detector.save_events(trainer)
+            return
         if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
             self._snapshot, self.withdrawn = None, []  # out of the stall: the point to come back to
             if self.rollback_on_divergence:
@@ -338,19 +344,19 @@ class PlateauEscape(Callback):
             self.raised_at = None
             return
         if self.rollback_on_divergence or self.probation is not None:  # undoing a kick can blow the run up too
-            self._snapshot = self._snapshot_now(trainer, pl_module, value, ", ".join(undone), key=None)
+            self._snapshot = self._snapshot_now(trainer, pl_module, value, ", ".join(undone), None)
+            self._snapshot["stall"] = self.raised_at
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
         if self.lr_scale != 1.0:
             self._apply(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
         self.lr_scale, self.trust_ratio, self.raised_at = 1.0, None, None
-        event = next(e for e in reversed(self._detector.events) if e.kind is EventKind.STALL)
+        event = self._detector.last_stall
         what = f"{', '.join(undone)} (out of the stall: {value:.4g} vs {event.value:.4g})"
         self._record(trainer, event, what, epoch=trainer.current_epoch, step=trainer.global_step, lr_from=lrs_before)
         self._detector.save_events(trainer)
 
     def _failed_why(self, value: float) -> tuple[str | None, bool]:
-        """Why the action on probation failed at a stall at ``value``, and whether it did harm
-        (:func:`~.escape_policy.probation_verdict`); ``(None, False)`` if it did not fail."""
+        """Why the action on probation failed at a stall at ``value`` (None: it did not), whether it did harm."""
         if self._snapshot is None:
             return None, False
         key, mode = self._snapshot["list"], self._detector.mode
@@ -371,12 +377,6 @@ class PlateauEscape(Callback):
         self.history.append(record)
         self._unconfirmed.append(record)
 
-    def _confirm(self, trainer: L.Trainer) -> None:
-        """Record the settings the next step uses (a scheduler stepped after an action may change them)."""
-        if confirm_settings(self._unconfirmed, trainer.optimizers[0]):
-            self._detector.save_events(trainer)
-        self._unconfirmed = []
-
     @override
     def state_dict(self) -> dict[str, Any]:
         # with the snapshot: an action on probation can still be rolled back after a resume
@@ -396,5 +396,5 @@ class PlateauEscape(Callback):
 # what a checkpoint keeps of the policy's walk, besides the actions applied ("spent") and their history
 _STATE = (
     "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "failed", "keep_kicks", "halvings",
-    "said_spent", "fruitless", "_snapshot", "_safe", "_own",
+    "said_spent", "fruitless", "redraws", "_snapshot", "_safe", "_own",
 )  # fmt: skip

@@ -84,11 +84,11 @@ def put_settings(trainer: L.Trainer, settings: list[list[dict[str, Any]]]) -> No
 
 def back_to_safe(
     trainer: L.Trainer, pl_module: L.LightningModule, safe: dict[str, Any], own: list[list[dict[str, Any]]]
-) -> list[float]:
+) -> tuple[list[float], str]:
     """Load ``safe`` (a snapshot), undo the lr raise in force when it was taken, and put the
     optimizers' ``own`` settings back (:func:`group_settings`); each time after the first (``tries``),
     with half the lr of the time before: the run diverged from this point under its own settings.
-    Returns the first optimizer's lrs before."""
+    Returns the first optimizer's lrs before, and what was done."""
     lrs_before = restore_snapshot(trainer, pl_module, safe)
     safe["tries"] = safe.get("tries", 0) + 1
     factor = 0.5 ** (safe["tries"] - 1) / safe["kicks"][0]
@@ -97,4 +97,5 @@ def back_to_safe(
         for optimizer in trainer.optimizers:
             apply_action(optimizer, EscapeAction(lr_factor=factor), schedulers)
     put_settings(trainer, own)
-    return lrs_before
+    lr = f", lr x{0.5 ** (safe['tries'] - 1):g}" if safe["tries"] > 1 else ""
+    return lrs_before, f"diverged: rolled back to epoch {safe['epoch']} (out of the stall), its own settings back{lr}"

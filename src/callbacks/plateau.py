@@ -188,6 +188,11 @@ class PlateauDetector(TrackedEarlyStopping):
             self.steps.rule.restart(step, forget=True)
 
     @property
+    def last_stall(self) -> StallEvent:
+        """The last stall event of this fit."""
+        return next(e for e in reversed(self.events) if e.kind is EventKind.STALL)
+
+    @property
     def diverged(self) -> bool:
         """Whether this fit has seen a divergence event that no rollback undid."""
         return any(event.kind is EventKind.DIVERGENCE and not event.recovered for event in self.events)
