@@ -50,14 +50,13 @@ class PlateauEscape(Callback):
     where the run went back to. An action withdrawn or rolled back is passed over, in every list, until
     one brings a gain, and so is one whose settings hold already (momentum 0.9 where it is 0.9); once
     all else is spent, a re-placement that did harm gets new units, ``PATIENT_REPEATS`` times in all.
-    Layer-wise steps kept in force (undoing them blew the run up) are halved at each later stall,
-    ``KEPT_HALVINGS`` times, as ``ReduceLROnPlateau`` would. Once every action is spent the run says so
-    once. Each action is logged (``optim/lr``, ``optim/momentum``, a text entry) and recorded in
-    ``stall_events.json`` with each lr before and after. A divergence once the run is out of a stall,
-    under the escape's settings (momentum it set, kicks), takes the run back to where it was out, with
-    the optimizer's own settings, and each divergence from there again with half the lr (x0.5, x0.25 ...
-    x1/512: ``SAFE_RETRIES``); other divergences are not acted on. All this state is checkpointed, so a
-    resumed run continues the policy exactly.
+    Once every action is spent the run says so once. Each action is logged (``optim/lr``,
+    ``optim/momentum``, a text entry) and recorded in ``stall_events.json`` with each lr before and
+    after. A divergence once the run is out of a stall, under the escape's settings (momentum it set,
+    kicks), takes the run back to where it was out, with the optimizer's own settings, and each
+    divergence from there again with half the lr (x0.5, x0.25 ... x1/512: ``SAFE_RETRIES``); other
+    divergences are not acted on. All this state is checkpointed, so a resumed run continues the policy
+    exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -110,7 +109,6 @@ class PlateauEscape(Callback):
         self.trust_ratio: float | None = None  # layer-wise steps in force
         self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
         self.keep_kicks = False  # undoing them blew the run up once: they stay
-        self.halvings = 0  # times the layer-wise steps kept in force were halved
         self.redraws: dict[str, int] = {}  # per list: its re-placements that did harm
         self.rollback_on_divergence, self.probation = rollback_on_divergence, probation
         self.fruitless: dict[str, int] = {}  # per list: probations in a row its repeating action had no gain
@@ -213,8 +211,6 @@ class PlateauEscape(Callback):
             self._roll_back(trainer, pl_module, event, why=why, weights=harmed)
             if undo:  # back to where the kicks were getting the run out: nothing more to do
                 return
-        if why is None and self._halve_kept(trainer, pl_module, event, value):
-            return
         avoid = self.withdrawn + policies.idle_actions(self.actions, trainer.optimizers)  # in vain, or changing nothing
         chosen = policies.next_in_policy(self.actions, self.spent_by, self.failed, event.diagnosis, avoid)
         if chosen is None:  # last, a re-placement that did harm, with new units: PATIENT_REPEATS times in all
@@ -283,7 +279,7 @@ class PlateauEscape(Callback):
         lrs_before = snapshots.restore_snapshot(trainer, pl_module, snapshot, weights=weights)
         self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
         key = snapshot["list"]
-        if key is None:  # the kicks were undone (or halved): keep them from now on
+        if key is None:  # the kicks were undone: keep them from now on
             self.keep_kicks = True
         elif self.spent_by.get(key, 0) >= len(self.actions.get(key, ())):
             # its last action (a repeating one) is not tried again; a re-placement that found units
@@ -291,8 +287,6 @@ class PlateauEscape(Callback):
             if weights and snapshot.get("replaced"):
                 self.redraws[key] = self.redraws.get(key, 0) + 1
             self.failed += [key] if key not in self.failed and (weights or not snapshot.get("replaced")) else []
-        if snapshot.get("halving"):  # a smaller step blew the run up: no more halvings
-            self.halvings = snapshots.KEPT_HALVINGS
         event.recovered = event.recovered or event.kind is EventKind.DIVERGENCE
         what = f"{why}: rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
         if not weights:
@@ -301,17 +295,6 @@ class PlateauEscape(Callback):
             what += "; they stay in force"
         self._record(trainer, event, what, trainer.current_epoch, trainer.global_step, lr_from=lrs_before)
 
-    def _halve_kept(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, value: float) -> bool:
-        """Halve layer-wise steps kept in force (a step that does not shrink keeps the loss bouncing near a
-        minimum) at a stall, as ``ReduceLROnPlateau`` would, ``KEPT_HALVINGS`` times; harm: rolled back."""
-        if not self.keep_kicks or self.trust_ratio is None or self.halvings >= snapshots.KEPT_HALVINGS:
-            return False
-        what = f"layer-wise steps halved to {self.trust_ratio / 2:g} x |W|"
-        self._snapshot = self._snapshot_now(trainer, pl_module, value, what, None) | {"halving": True}
-        self.halvings, self.trust_ratio = self.halvings + 1, self.trust_ratio / 2
-        self._record(trainer, event, what)
-        return True
-
     @staticmethod
     def _apply(trainer: L.Trainer, action: EscapeAction, keep_buffers: bool = False) -> None:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
@@ -319,7 +302,8 @@ class PlateauEscape(Callback):
             apply_action(optimizer, action, schedulers, keep_buffers)
 
     def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
-        """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall."""
+        """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall;
+        roll the undo back (they stay) where ``value`` is back at the stall they answered."""
         mode = self._detector.mode
         if self._snapshot is not None:
             snapshots.note_check(self._snapshot, value, mode)
@@ -395,6 +379,6 @@ class PlateauEscape(Callback):
 
 # what a checkpoint keeps of the policy's walk, besides the actions applied ("spent") and their history
 _STATE = (
-    "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "failed", "keep_kicks", "halvings",
+    "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "failed", "keep_kicks",
     "said_spent", "fruitless", "redraws", "_snapshot", "_safe", "_own",
 )  # fmt: skip

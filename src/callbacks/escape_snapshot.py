@@ -20,10 +20,6 @@ from .escape_actions import EscapeAction, apply_action
 # still). A depth-20 width-4 leaky ReLU net of the stall zoo (blobs, seed 3) diverged from its point
 # at x1, x0.5, x0.25 and, 20 epochs on, at x0.125: with 4 times it ended blown up (19.1).
 SAFE_RETRIES = 10
-# Times layer-wise steps kept in force (undoing them blew the run up) are halved, one stall each,
-# down to 1/16: on the zoo's depth-20 width-4 leaky ReLU net (blobs, seed 0) they held the loss
-# bouncing between 0.09 and 1.1; halved once, it reached 0.05 at epoch 1756 (never before).
-KEPT_HALVINGS = 4
 
 
 def take_snapshot(trainer: L.Trainer, pl_module: L.LightningModule, **info: Any) -> dict[str, Any]:
