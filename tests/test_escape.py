@@ -325,26 +325,22 @@ def test_a_stall_at_a_worse_loss_after_an_action_rolls_back_and_tries_the_next_l
 
 
 class BlowsUpWhenTheRaiseIsUndone(MLPClassifier):
-    """A scripted bad undo: the loss is NaN (or ``blown`` times itself) once the lr is back at 0.1
-    after having been raised."""
+    """A scripted bad undo: the loss is NaN (or ``blown`` x itself) once the lr is back at 0.1 after a raise."""
 
     raised = False
     blown = float("nan")
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        if self.trainer.optimizers[0].param_groups[0]["lr"] > 0.15:
-            self.raised = True
+        self.raised = self.raised or self.trainer.optimizers[0].param_groups[0]["lr"] > 0.15
         return loss * self.blown if self.raised and self.trainer.optimizers[0].param_groups[0]["lr"] < 0.15 else loss
 
 
 @pytest.mark.parametrize("blown", [float("nan"), 1000.0])  # a NaN, or a loss past divergence_threshold (2)
 def test_a_divergence_after_the_kick_is_undone_rolls_back_to_the_undo_and_keeps_the_kick(tmp_path, blown):
     L.seed_everything(0, verbose=False)
-    model = BlowsUpWhenTheRaiseIsUndone(depth=3)
-    model.blown = blown
-    # a scripted stall every 2 epochs
-    detector = PlateauDetector(patience=2, min_delta=0.5, divergence_threshold=2.0)
+    model, model.blown = BlowsUpWhenTheRaiseIsUndone(depth=3), blown
+    detector = PlateauDetector(patience=2, min_delta=0.5, divergence_threshold=2.0)  # a stall every 2 epochs
     escape = PlateauEscape(actions=[{"lr_factor": 5}], restore_lr_below=0.99)  # out of it at a 1% drop
     at_undo = []
     take_snapshot = escape._snapshot_now
