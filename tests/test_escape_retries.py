@@ -13,14 +13,12 @@ from src.callbacks.escape_policy import PATIENT_REPEATS
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 from tests.helpers import quiet_trainer
+from tests.test_escape_probation import Stuck
 
 
-class EveryNewUnitHurts(MLPClassifier):
+class EveryNewUnitHurts(Stuck):
     """A scripted stall (lr 0: only the escape moves the weights) where any change to the weights
     costs 1.0 of loss: every re-placement does harm, and its rollback undoes it exactly."""
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
 
     def on_fit_start(self):
         self.start = [p.detach().clone() for p in self.parameters()]
@@ -54,20 +52,13 @@ def test_a_harmful_re_placement_gets_new_units_once_all_else_is_spent_from_where
         assert torch.equal(p, q)
 
 
-class Unmoved(MLPClassifier):
-    """A scripted stall (lr 0) that a re-placement of the weakest units does not move either: ReDo's
-    rule zeroes their outgoing weights, so the net computes what it did."""
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
 def test_a_re_placement_that_brings_nothing_but_finds_units_goes_on_past_its_probations(tmp_path):
     L.seed_everything(0, verbose=False)
     detector = PlateauDetector(patience=3)
     escape = PlateauEscape(actions=[{"recycle": True, "repeat": True}])
     trainer = quiet_trainer(max_epochs=30, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
-    trainer.fit(Unmoved(depth=3, activation="tanh"), datamodule=Toy2DDataModule())
+    # lr 0, and ReDo's rule zeroes the new units' outgoing weights: the net computes what it did
+    trainer.fit(Stuck(depth=3, activation="tanh"), datamodule=Toy2DDataModule())
     actions = [a.action for e in detector.events for a in e.actions]
     withdrawn = [a for a in actions if a.startswith("no gain on probation")]
     replaced = [a for a in actions if a.startswith("re-place each layer's weakest unit")]
