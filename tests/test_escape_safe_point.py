@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from src.callbacks import PlateauDetector, PlateauEscape
+from src.callbacks import escape_snapshot as snapshots
 from src.callbacks.events import EventKind
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
@@ -137,6 +139,27 @@ def test_an_lr_raise_in_force_at_the_point_is_undone_there():
 class ScriptedSGD(Scripted):
     def configure_optimizers(self):  # a method, not a lambda: ddp_spawn pickles the model
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_snapshot_restored_stays_as_it_was_taken():
+    # the optimizer takes a loaded state's tensors as they are: its next steps must not change the snapshot
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = types.SimpleNamespace(optimizers=[optimizer], lr_scheduler_configs=[])
+
+    def step():
+        optimizer.zero_grad()
+        model(torch.ones(4, 2)).sum().backward()
+        optimizer.step()
+
+    step()
+    snapshot = snapshots.take_snapshot(trainer, model, epoch=0)
+    taken = copy.deepcopy(snapshot["optimizers"][0]["state"])
+    for _ in range(2):  # restored, then stepped from, twice: the second restore is the first's state
+        snapshots.restore_snapshot(trainer, model, snapshot)
+        assert all(torch.equal(optimizer.state[p]["momentum_buffer"], taken[i]["momentum_buffer"])
+                   for i, p in enumerate(model.parameters()))  # fmt: skip
+        step()
 
 
 class DumpRank(L.Callback):

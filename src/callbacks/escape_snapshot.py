@@ -41,7 +41,9 @@ def restore_snapshot(
     if weights:
         pl_module.load_state_dict(snapshot["model"])
         for optimizer, state in zip(trainer.optimizers, snapshot["optimizers"], strict=True):
-            optimizer.load_state_dict(state)
+            # a copy: the optimizer takes its state's tensors as they are (momentum buffers, Adam's
+            # moments) and its steps would change the snapshot, which a safe point is restored from again
+            optimizer.load_state_dict(copy.deepcopy(state))
     else:
         for optimizer, state in zip(trainer.optimizers, snapshot["optimizers"], strict=True):
             for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
