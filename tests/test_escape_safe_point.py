@@ -141,6 +141,31 @@ class ScriptedSGD(Scripted):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def test_a_divergence_under_kicks_kept_by_a_rollback_goes_back_there_before_the_run_was_ever_out():
+    # never out of the stall: layer-wise steps at epoch 3, kept (probation null); momentum 0.9 at 6;
+    # 100 at epoch 8 rolls the momentum back, the steps stay; 100 again at 10, under the steps
+    script = {epoch: 1.0 for epoch in range(4, 20)} | {8: 100.0, 10: 100.0}
+    steps_then_momentum = [{"trust_ratio": 0.01}, {"momentum": 0.9}]
+    L.seed_everything(0, verbose=False)
+    detector, escape = (
+        PlateauDetector(patience=3, divergence_threshold=10.0),
+        PlateauEscape(steps_then_momentum, probation=None),
+    )
+    trainer = quiet_trainer(
+        max_epochs=12, limit_val_batches=0, callbacks=[detector, escape], enable_checkpointing=False
+    )
+    model = ScriptedSGD(script, depth=3, width=4)
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    assert [(e.kind, e.epoch) for e in detector.events][:4] == [
+        (EventKind.STALL, 3), (EventKind.STALL, 6), (EventKind.DIVERGENCE, 8), (EventKind.DIVERGENCE, 10),
+    ]  # fmt: skip
+    again = detector.events[3]
+    assert again.recovered and [a.action for a in again.actions] == [
+        "diverged: rolled back to epoch 6, before 'momentum 0.9', its own settings back"
+    ]
+    assert escape.trust_ratio is None and escape._safe["tries"] == 1 and trainer.current_epoch == 12
+
+
 def test_a_snapshot_restored_stays_as_it_was_taken():
     # the optimizer takes a loaded state's tensors as they are: its next steps must not change the snapshot
     model = torch.nn.Linear(2, 1)

@@ -53,10 +53,10 @@ class PlateauEscape(Callback):
     Once every action is spent the run says so once. Each action is logged (``optim/lr``,
     ``optim/momentum``, a text entry) and recorded in ``stall_events.json`` with each lr before and
     after. A divergence once the run is out of a stall, under the escape's settings (momentum it set,
-    kicks), takes the run back to where it was out, with the optimizer's own settings, and each
-    divergence from there again with half the lr (x0.5, x0.25 ... x1/512: ``SAFE_RETRIES``); other
-    divergences are not acted on. All this state is checkpointed, so a resumed run continues the policy
-    exactly.
+    kicks), takes the run back to where it was out (never out yet: to where the last divergence was
+    rolled back to), with the optimizer's own settings, and each divergence from there again with half
+    the lr (x0.5, x0.25 ... x1/512: ``SAFE_RETRIES``); other divergences are not acted on. All this
+    state is checkpointed, so a resumed run continues the policy exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -278,6 +278,8 @@ class PlateauEscape(Callback):
             self.withdrawn.append(snapshot["action"])
         lrs_before = snapshots.restore_snapshot(trainer, pl_module, snapshot, weights=weights)
         self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
+        if event.kind is EventKind.DIVERGENCE and self._safe is None:  # never out of a stall yet: come back here
+            self._safe = snapshot
         key = snapshot["list"]
         if key is None:  # the kicks were undone: keep them from now on
             self.keep_kicks = True

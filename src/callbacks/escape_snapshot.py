@@ -83,7 +83,8 @@ def put_settings(trainer: L.Trainer, settings: list[list[dict[str, Any]]]) -> No
 def back_to_safe(
     trainer: L.Trainer, pl_module: L.LightningModule, safe: dict[str, Any], own: list[list[dict[str, Any]]]
 ) -> tuple[list[float], str]:
-    """Load ``safe`` (a snapshot), undo the lr raise in force when it was taken, and put the
+    """Load ``safe`` (a snapshot: where the run was out of a stall, or where a divergence was rolled
+    back to before the run was ever out), undo the lr raise in force when it was taken, and put the
     optimizers' ``own`` settings back (:func:`group_settings`); each time after the first (``tries``),
     with half the lr of the time before: the run diverged from this point under its own settings.
     Returns the first optimizer's lrs before, and what was done."""
@@ -96,4 +97,5 @@ def back_to_safe(
             apply_action(optimizer, EscapeAction(lr_factor=factor), schedulers)
     put_settings(trainer, own)
     lr = f", lr x{0.5 ** (safe['tries'] - 1):g}" if safe["tries"] > 1 else ""
-    return lrs_before, f"diverged: rolled back to epoch {safe['epoch']} (out of the stall), its own settings back{lr}"
+    where = f", before '{safe['action']}'" if safe.get("action") else " (out of the stall)"  # a divergence's point
+    return lrs_before, f"diverged: rolled back to epoch {safe['epoch']}{where}, its own settings back{lr}"
