@@ -100,12 +100,16 @@ def test_each_divergence_from_the_point_halves_the_lr_until_the_retries_are_spen
     assert escape._safe is None and trainer.current_epoch == 17
 
 
-def test_a_resumed_run_goes_back_to_the_same_point_with_the_same_lr(tmp_path):
-    script, momentum = {8: 100.0, 10: 100.0}, {"momentum": 0.9}
-    straight, _, _, straight_trainer = fit(script, momentum, epochs=12)
+# diverged at 8 and 10; back at the stall at 9 and 12 (below): resumed after the first return
+@pytest.mark.parametrize(
+    ("script", "stop", "epochs"), [({8: 100.0, 10: 100.0}, 9, 12), (dict.fromkeys(range(7, 20), 1.0), 11, 15)]
+)
+def test_a_resumed_run_goes_back_to_the_same_point_with_the_same_lr(tmp_path, script, stop, epochs):
+    momentum = {"momentum": 0.9}
+    straight, _, _, straight_trainer = fit(script, momentum, epochs=epochs)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    fit(script, momentum, epochs=9, checkpoint=checkpoint)  # ends after the first divergence's rollback
-    detector, escape, _, trainer = fit(script, momentum, epochs=12, ckpt_path=tmp_path / "last.ckpt")
+    fit(script, momentum, epochs=stop, checkpoint=checkpoint)
+    detector, escape, _, trainer = fit(script, momentum, epochs=epochs, ckpt_path=tmp_path / "last.ckpt")
     assert [(e.epoch, [a.action for a in e.actions]) for e in detector.events] == [
         (e.epoch, [a.action for a in e.actions]) for e in straight.events
     ]
@@ -125,6 +129,22 @@ def test_a_divergence_under_the_runs_own_settings_is_not_the_escapes():
     restored.load_state_dict(escape.state_dict())
     assert restored._safe["epoch"] == 4 and same(restored._safe["model"], weights.at_end[4])
     assert restored._own[0][0]["momentum"] == 0.0
+
+
+@pytest.mark.parametrize(("action", "lrs"), [({"momentum": 0.9}, [0.1, 0.05]), ({"lr_factor": 1.0}, [0.05, 0.025])])
+def test_a_run_that_stalls_back_at_the_stall_it_was_out_of_goes_back_to_where_it_was_out(action, lrs):
+    # stall at 3 (1.0); out at 4 (0.31); 1.0 again from epoch 7 on: stalls at 1.0 at epochs 9 and 12. Under
+    # the escape's momentum, back at x1 with its own settings; under its own (lr x1), x0.5 at once
+    detector, escape, weights, trainer = fit(dict.fromkeys(range(7, 20), 1.0), action, epochs=15)
+    assert [(e.kind, e.epoch) for e in detector.events] == [(EventKind.STALL, e) for e in (3, 9, 12)]
+    for event, lr in zip(detector.events[1:], lrs, strict=True):
+        assert [a.action for a in event.actions] == [
+            "back at the stall left at 1: rolled back to epoch 4 (out of the stall), its own settings back"
+            + ("" if lr == 0.1 else f", lr x{lr / 0.1:g}")
+        ]
+        assert event.actions[0].lr == [pytest.approx(lr)] and event.actions[0].momentum == [0.0]
+        assert same(weights.at_start[event.epoch + 1], weights.at_end[4])
+    assert escape._safe["tries"] == (2 if lrs[0] == 0.1 else 3)
 
 
 def test_an_lr_raise_in_force_at_the_point_is_undone_there():

@@ -55,8 +55,9 @@ class PlateauEscape(Callback):
     after. A divergence once the run is out of a stall, under the escape's settings (momentum it set,
     kicks), takes the run back to where it was out (never out yet: to where the last divergence was
     rolled back to), with the optimizer's own settings, and each divergence from there again with half
-    the lr (x0.5, x0.25 ... x1/512: ``SAFE_RETRIES``); other divergences are not acted on. All this
-    state is checkpointed, so a resumed run continues the policy exactly.
+    the lr (x0.5, x0.25 ... x1/512: ``SAFE_RETRIES``); other divergences are not acted on. A stall back
+    at the stall the run was out of goes back there alike (at half the lr at once under its own settings,
+    which would take the same path). All this state is checkpointed, so a resumed run continues exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -191,10 +192,8 @@ class PlateauEscape(Callback):
         own = snapshots.group_settings(trainer) == self._own
         in_force = self.lr_scale != 1.0 or self.trust_ratio is not None or not own
         if event.kind is EventKind.DIVERGENCE and self._safe is not None and (in_force or self._safe.get("tries")):
-            lrs_before, what = snapshots.back_to_safe(trainer, pl_module, self._safe, self._own)
-            self._safe = self._safe if self._safe["tries"] < snapshots.SAFE_RETRIES else None  # diverged again: lr / 2
-            self.lr_scale, self.trust_ratio, self.raised_at, event.recovered = 1.0, None, None, True
-            self._record(trainer, event, what, lr_from=lrs_before)
+            event.recovered = True
+            self._back_to_safe(trainer, pl_module, event, "diverged")
             return
         if event.kind is EventKind.DIVERGENCE and self.lr_scale != 1.0:
             # Never escape into divergence silently: say which lr raise preceded it.
@@ -202,6 +201,12 @@ class PlateauEscape(Callback):
             note = f"none: diverged after '{last.action}' at epoch {last.epoch} (lr {last.lr[0]:g})"
             event.actions.append(Action(note, event.epoch, event.step))
         if event.kind is not EventKind.STALL:
+            return
+        if self._snapshot is None and policies.relapsed(self._safe, event.value, self.probation, self._detector.mode):
+            # out of a stall once, back at it with no action on probation: the safe point (its own
+            # settings would take the same path again: then with half the lr)
+            self._safe["tries"] = self._safe.get("tries") or int(not in_force)
+            self._back_to_safe(trainer, pl_module, event, f"back at the stall left at {self._safe['left']:.4g}")
             return
         why, harmed = self._failed_why(event.value)
         momenta = settings_of(trainer.optimizers[0])["momentum"]  # what built the momentum buffers
@@ -317,9 +322,10 @@ class PlateauEscape(Callback):
             self._detector.save_events(trainer)
             return
         if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
+            left = self._snapshot["value"]
             self._snapshot, self.withdrawn = None, []  # out of the stall: the point to come back to
             if self.rollback_on_divergence:
-                self._safe = self._snapshot_now(trainer, pl_module, value, "", None)
+                self._safe = self._snapshot_now(trainer, pl_module, value, "", None) | {"left": left}
         if self.restore_lr_below is None or self.raised_at is None or self.keep_kicks:
             return
         if not moved_past(value, self.raised_at, self.restore_lr_below, mode):  # not out of the stall yet
@@ -340,6 +346,13 @@ class PlateauEscape(Callback):
         what = f"{', '.join(undone)} (out of the stall: {value:.4g} vs {event.value:.4g})"
         self._record(trainer, event, what, epoch=trainer.current_epoch, step=trainer.global_step, lr_from=lrs_before)
         self._detector.save_events(trainer)
+
+    def _back_to_safe(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str) -> None:
+        """Back to the safe point, with the optimizers' own settings (``snapshots.back_to_safe``)."""
+        lrs_before, what = snapshots.back_to_safe(trainer, pl_module, self._safe, self._own, why)
+        self._safe = self._safe if self._safe["tries"] < snapshots.SAFE_RETRIES else None  # again: lr / 2
+        self.lr_scale, self.trust_ratio, self.raised_at = 1.0, None, None
+        self._record(trainer, event, what, lr_from=lrs_before)
 
     def _failed_why(self, value: float) -> tuple[str | None, bool]:
         """Why the action on probation failed at a stall at ``value`` (None: it did not), whether it did harm."""

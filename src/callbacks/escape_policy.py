@@ -147,6 +147,17 @@ def probation_verdict(
     return f"no gain on probation (best {best:.4g} vs {at:.4g})", False, False
 
 
+def relapsed(safe: dict[str, Any] | None, value: float, probation: float | None, mode: str) -> bool:
+    """Whether a stall at ``value`` is back at the stall the run was out of where it took ``safe``
+    (its ``left``), within ``probation``: what the escape gained is lost.
+
+    >>> relapsed({"left": 0.69}, 0.6875, 0.01, "min"), relapsed({"left": 0.69}, 0.6, 0.01, "min")
+    (True, False)
+    """
+    left = (safe or {}).get("left")
+    return left is not None and probation is not None and not moved_past(value, left, 1 - probation, mode)
+
+
 def idle_actions(policy: dict[str, list[EscapeAction]], optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
     """The actions of ``policy`` that would change nothing in ``optimizers`` (:func:`changes_nothing`),
     described: a stall is not spent on them (momentum 0.9 where the layer-wise steps left it on)."""

@@ -81,13 +81,17 @@ def put_settings(trainer: L.Trainer, settings: list[list[dict[str, Any]]]) -> No
 
 
 def back_to_safe(
-    trainer: L.Trainer, pl_module: L.LightningModule, safe: dict[str, Any], own: list[list[dict[str, Any]]]
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    safe: dict[str, Any],
+    own: list[list[dict[str, Any]]],
+    why: str = "diverged",
 ) -> tuple[list[float], str]:
     """Load ``safe`` (a snapshot: where the run was out of a stall, or where a divergence was rolled
     back to before the run was ever out), undo the lr raise in force when it was taken, and put the
     optimizers' ``own`` settings back (:func:`group_settings`); each time after the first (``tries``),
     with half the lr of the time before: the run diverged from this point under its own settings.
-    Returns the first optimizer's lrs before, and what was done."""
+    Returns the first optimizer's lrs before, and what was done (``why``, then where it went back to)."""
     lrs_before = restore_snapshot(trainer, pl_module, safe)
     safe["tries"] = safe.get("tries", 0) + 1
     factor = 0.5 ** (safe["tries"] - 1) / safe["kicks"][0]
@@ -98,4 +102,4 @@ def back_to_safe(
     put_settings(trainer, own)
     lr = f", lr x{0.5 ** (safe['tries'] - 1):g}" if safe["tries"] > 1 else ""
     where = f", before '{safe['action']}'" if safe.get("action") else " (out of the stall)"  # a divergence's point
-    return lrs_before, f"diverged: rolled back to epoch {safe['epoch']}{where}, its own settings back{lr}"
+    return lrs_before, f"{why}: rolled back to epoch {safe['epoch']}{where}, its own settings back{lr}"
