@@ -118,17 +118,31 @@ def test_a_resumed_run_goes_back_to_the_same_point_with_the_same_lr(tmp_path, sc
         assert torch.equal(a, b)
 
 
-def test_a_divergence_under_the_runs_own_settings_is_not_the_escapes():
-    # the action left the settings as they were (lr x1): the divergence is the run's own
+def test_a_divergence_under_the_runs_own_settings_goes_back_at_half_the_lr_at_once():
+    # the action left the settings as they were (lr x1): at x1 the run would take the same path again
     detector, escape, weights, trainer = fit({8: 100.0}, {"lr_factor": 1.0}, epochs=12)
     assert [(e.kind, e.epoch) for e in detector.events] == [(EventKind.STALL, 3), (EventKind.DIVERGENCE, 8)]
-    assert detector.events[1].actions == [] and not detector.events[1].recovered
-    assert trainer.current_epoch == 9  # stopped at the divergence
+    back = detector.events[1]
+    assert back.recovered and [a.action for a in back.actions] == [
+        "diverged: rolled back to epoch 4 (out of the stall), its own settings back, lr x0.5"
+    ]
+    assert same(weights.at_start[9], weights.at_end[4]) and trainer.current_epoch == 12
     # the point out of the stall stays, and is checkpointed with the run's own settings
     restored = PlateauEscape(actions=[{"lr_factor": 1.0}])
     restored.load_state_dict(escape.state_dict())
-    assert restored._safe["epoch"] == 4 and same(restored._safe["model"], weights.at_end[4])
+    assert (
+        restored._safe["epoch"] == 4
+        and restored._safe["tries"] == 2
+        and same(restored._safe["model"], weights.at_end[4])
+    )
     assert restored._own[0][0]["momentum"] == 0.0
+
+
+def test_a_run_the_escape_never_got_out_of_a_stall_is_left_to_diverge():
+    # stalled at 1.0 throughout: no point to go back to; the divergence ends the fit as without the escape
+    detector, escape, _, trainer = fit(dict.fromkeys(range(4, 20), 1.0) | {8: 100.0}, {"momentum": 0.9}, epochs=12)
+    assert [(e.kind, e.epoch) for e in detector.events][-1] == (EventKind.DIVERGENCE, 8)
+    assert escape._safe is None and trainer.current_epoch == 9
 
 
 @pytest.mark.parametrize(("action", "lrs"), [({"momentum": 0.9}, [0.1, 0.05]), ({"lr_factor": 1.0}, [0.05, 0.025])])

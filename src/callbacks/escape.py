@@ -52,12 +52,12 @@ class PlateauEscape(Callback):
     all else is spent, a re-placement that did harm gets new units, ``PATIENT_REPEATS`` times in all.
     Once every action is spent the run says so once. Each action is logged (``optim/lr``,
     ``optim/momentum``, a text entry) and recorded in ``stall_events.json`` with each lr before and
-    after. A divergence once the run is out of a stall, under the escape's settings (momentum it set,
-    kicks), takes the run back to where it was out (never out yet: to where the last divergence was
-    rolled back to), with the optimizer's own settings, and each divergence from there again with half
-    the lr (x0.5, x0.25 ... x1/512: ``SAFE_RETRIES``); other divergences are not acted on. A stall back
-    at the stall the run was out of goes back there alike (at half the lr at once under its own settings,
-    which would take the same path). All this state is checkpointed, so a resumed run continues exactly.
+    after. A divergence once the run is out of a stall takes it back to where it was out (never out
+    yet: to where the last divergence was rolled back to), with the optimizer's own settings, and each
+    divergence from there again with half the lr (x0.5, x0.25 ... x1/512: ``SAFE_RETRIES``); at half
+    the lr at once where its own settings were in force (they would take the same path). A stall back
+    at the stall the run was out of goes back there alike. A run the escape never got out of a stall
+    is left to diverge. All this state is checkpointed, so a resumed run continues exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -191,8 +191,8 @@ class PlateauEscape(Callback):
             return
         own = snapshots.group_settings(trainer) == self._own
         in_force = self.lr_scale != 1.0 or self.trust_ratio is not None or not own
-        if event.kind is EventKind.DIVERGENCE and self._safe is not None and (in_force or self._safe.get("tries")):
-            event.recovered = True
+        if event.kind is EventKind.DIVERGENCE and self._safe is not None:  # on a path the escape set it on
+            self._safe["tries"], event.recovered = self._safe.get("tries") or int(not in_force), True
             self._back_to_safe(trainer, pl_module, event, "diverged")
             return
         if event.kind is EventKind.DIVERGENCE and self.lr_scale != 1.0:
@@ -203,8 +203,7 @@ class PlateauEscape(Callback):
         if event.kind is not EventKind.STALL:
             return
         if self._snapshot is None and policies.relapsed(self._safe, event.value, self.probation, self._detector.mode):
-            # out of a stall once, back at it with no action on probation: the safe point (its own
-            # settings would take the same path again: then with half the lr)
+            # out of a stall once, back at it with no action on probation: the safe point, as above
             self._safe["tries"] = self._safe.get("tries") or int(not in_force)
             self._back_to_safe(trainer, pl_module, event, f"back at the stall left at {self._safe['left']:.4g}")
             return
