@@ -1,7 +1,7 @@
 """The stall zoo (configs/study/stall_zoo.yaml): which stalls the default policy gets out of, at what
 cost, and whether it ever makes a run worse.
 
-    python -m benchmarks.stall_zoo                      # run the study (~40 min on one core), then the table
+    python -m benchmarks.stall_zoo                      # run the study (~7 min with --workers 2), then the table
     python -m benchmarks.stall_zoo --summary studies/stall_zoo/summary.csv   # the table of a finished study
 
 Per cell (a variant of the study, without its ``_fix`` twin) and seed it pairs the run without the
