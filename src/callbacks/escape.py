@@ -192,8 +192,8 @@ class PlateauEscape(Callback):
         own = snapshots.group_settings(trainer) == self._own
         in_force = self.lr_scale != 1.0 or self.trust_ratio is not None or not own
         if event.kind is EventKind.DIVERGENCE and self._safe is not None:  # on a path the escape set it on
-            self._safe["tries"], event.recovered = self._safe.get("tries") or int(not in_force), True
-            self._back_to_safe(trainer, pl_module, event, "diverged")
+            event.recovered = True
+            self._back_to_safe(trainer, pl_module, event, "diverged", in_force)
             return
         if event.kind is EventKind.DIVERGENCE and self.lr_scale != 1.0:
             # Never escape into divergence silently: say which lr raise preceded it.
@@ -203,9 +203,8 @@ class PlateauEscape(Callback):
         if event.kind is not EventKind.STALL:
             return
         if self._snapshot is None and policies.relapsed(self._safe, event.value, self.probation, self._detector.mode):
-            # out of a stall once, back at it with no action on probation: the safe point, as above
-            self._safe["tries"] = self._safe.get("tries") or int(not in_force)
-            self._back_to_safe(trainer, pl_module, event, f"back at the stall left at {self._safe['left']:.4g}")
+            why = f"back at the stall left at {self._safe['left']:.4g}"  # no action on probation: as above
+            self._back_to_safe(trainer, pl_module, event, why, in_force)
             return
         why, harmed = self._failed_why(event.value)
         momenta = settings_of(trainer.optimizers[0])["momentum"]  # what built the momentum buffers
@@ -346,8 +345,11 @@ class PlateauEscape(Callback):
         self._record(trainer, event, what, epoch=trainer.current_epoch, step=trainer.global_step, lr_from=lrs_before)
         self._detector.save_events(trainer)
 
-    def _back_to_safe(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str) -> None:
-        """Back to the safe point, with the optimizers' own settings (``snapshots.back_to_safe``)."""
+    def _back_to_safe(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str, in_force: bool
+    ) -> None:
+        """Back to the safe point with the optimizers' own settings; x0.5 at once where those held already."""
+        self._safe["tries"] = self._safe.get("tries") or int(not in_force)
         lrs_before, what = snapshots.back_to_safe(trainer, pl_module, self._safe, self._own, why)
         self._safe = self._safe if self._safe["tries"] < snapshots.SAFE_RETRIES else None  # again: lr / 2
         self.lr_scale, self.trust_ratio, self.raised_at = 1.0, None, None
