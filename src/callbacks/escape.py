@@ -18,7 +18,7 @@ from . import escape_snapshot as snapshots
 from .dashboard import log_action
 from .escape_actions import (
     EscapeAction,
-    apply_action,
+    apply_to_trainer,
     confirm_settings,
     settings_of,
     steps_on_gradients,
@@ -150,13 +150,10 @@ class PlateauEscape(Callback):
         default policy serves any optimizer: the parts it has no setting for are left out (momentum
         on Adam), and layer-wise steps act on the step it takes."""
         self.actions = policies.policy_for(self._configured, trainer.optimizers, adapt=self._default_policy)
+        self._layers = parameter_layers(pl_module)
         if [str(a) for a in self._configured.values()] != [str(a) for a in self.actions.values()]:
             names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
             rank_zero_info(f"PlateauEscape: the default policy for {names} leaves out the settings it has none of")
-
-    @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._layers = parameter_layers(pl_module)
 
     @override
     def on_before_optimizer_step(
@@ -239,7 +236,7 @@ class PlateauEscape(Callback):
         if action.sets_optimizer:
             # a momentum withdrawn for bringing nothing and set again keeps the velocity it built
             same = why is not None and not harmed and all(m == action.momentum for m in momenta)
-            self._apply(trainer, action, keep_buffers=same)
+            apply_to_trainer(trainer, action, keep_buffers=same)
         lr_before, lr_after = lrs_before[0], float(trainer.optimizers[0].param_groups[0]["lr"])
         if action.lr_factor is not None and lr_before > 0:
             self.lr_scale *= lr_after / lr_before
@@ -300,12 +297,6 @@ class PlateauEscape(Callback):
             what += "; they stay in force"
         self._record(trainer, event, what, trainer.current_epoch, trainer.global_step, lr_from=lrs_before)
 
-    @staticmethod
-    def _apply(trainer: L.Trainer, action: EscapeAction, keep_buffers: bool = False) -> None:
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        for optimizer in trainer.optimizers:
-            apply_action(optimizer, action, schedulers, keep_buffers)
-
     def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
         """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall;
         roll the undo back (they stay) where ``value`` is back at the stall they answered."""
@@ -338,7 +329,7 @@ class PlateauEscape(Callback):
             self._snapshot["stall"] = self.raised_at
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
         if self.lr_scale != 1.0:
-            self._apply(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
+            apply_to_trainer(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
         self.lr_scale, self.trust_ratio, self.raised_at = 1.0, None, None
         event = self._detector.last_stall
         what = f"{', '.join(undone)} (out of the stall: {value:.4g} vs {event.value:.4g})"

@@ -99,6 +99,13 @@ class EscapeAction:
         return ", ".join(parts)
 
 
+def apply_to_trainer(trainer: Any, action: EscapeAction, keep_buffers: bool = False) -> None:
+    """:func:`apply_action` on each of a Lightning ``trainer``'s optimizers, with its schedulers."""
+    schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+    for optimizer in trainer.optimizers:
+        apply_action(optimizer, action, schedulers, keep_buffers)
+
+
 def check_applicable(optimizer: torch.optim.Optimizer, action: EscapeAction) -> None:
     """Raise ``ValueError`` naming the optimizer when ``action`` cannot apply to it (momentum on Adam).
     Layer-wise steps apply to any optimizer (see :func:`steps_on_gradients`)."""
