@@ -113,3 +113,29 @@ def test_the_eps_action_sets_eps_where_there_is_one_and_is_left_out_of_the_defau
     assert adapted(action, opt) == action
     apply_action(opt, action)
     assert opt.param_groups[0]["eps"] == 1e-16 and opt.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_a_layer_wise_step_under_adamw_rescales_the_gradients_step_not_its_weight_decay(decoupled):
+    """Gradients of 1e-12, far below eps: Adam's step (~grad / eps) is ~1e-5 of AdamW's decay. The
+    layer-wise step is the step along the gradient, at 0.01 x |W|, with the decay taken as it was."""
+    from src.callbacks.escape_actions import starts_of, trust_update_
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    params = list(layer.parameters())
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) * 1e-12 for p in params]
+    opt = torch.optim.Adam(params, lr=0.1, weight_decay=0.1, decoupled_weight_decay=decoupled)
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = grad
+    before = starts_of({"layer": params}, opt)
+    opt.step()
+    trust_update_({"layer": params}, before, 0.01)
+    kept = 1 - 0.1 * 0.1 if decoupled else 1.0  # the decay AdamW takes; Adam's L2 decay is in its gradient
+    steps = torch.cat([(p.detach() - kept * s).flatten() for p, s in zip(params, start, strict=True)])
+    size = torch.cat([kept * s.flatten() for s in start]).norm()
+    assert steps.norm() == pytest.approx(0.01 * size.item(), rel=1e-4)
+    along = -torch.cat([g.flatten() for g in grads]) * 1e12  # cosine_similarity clamps norms below 1e-8
+    cosine = torch.nn.functional.cosine_similarity(steps, along, dim=0)
+    assert cosine > 0.99 if decoupled else cosine < 0.5  # coupled L2 decay: the optimizer's own direction

@@ -21,6 +21,7 @@ from .escape_actions import (
     apply_to_trainer,
     confirm_settings,
     settings_of,
+    starts_of,
     steps_on_gradients,
     trust_ratio_,
     trust_update_,
@@ -148,7 +149,7 @@ class PlateauEscape(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A policy given by the user must apply to the optimizer as it is (one line otherwise); the
         default policy serves any optimizer: the parts it has no setting for are left out (momentum
-        on Adam), and layer-wise steps act on the step it takes."""
+        on Adam), and layer-wise steps act on the step it takes (not on AdamW's weight decay)."""
         self.actions = policies.policy_for(self._configured, trainer.optimizers, adapt=self._default_policy)
         self._layers = parameter_layers(pl_module)
         if [str(a) for a in self._configured.values()] != [str(a) for a in self.actions.values()]:
@@ -168,7 +169,7 @@ class PlateauEscape(Callback):
         if steps_on_gradients(optimizer):
             trust_ratio_(self._layers, optimizer, self.trust_ratio)
         elif self._before is None:  # any other optimizer: the step it takes is rescaled after it
-            self._before = {id(p): p.detach().clone() for params in self._layers.values() for p in params}
+            self._before = starts_of(self._layers, optimizer)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
