@@ -14,6 +14,7 @@ from src.callbacks.escape_actions import changes_nothing
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 from tests.helpers import quiet_trainer
+from tests.test_escape import weights
 
 
 class Stuck(MLPClassifier):
@@ -124,3 +125,53 @@ def test_a_gain_lets_the_actions_withdrawn_before_it_be_tried_again():
     escape.withdrawn, escape._snapshot = ["momentum 0.5"], None
     restored.load_state_dict(escape.state_dict())
     assert restored.withdrawn == ["momentum 0.5"] and restored.state_dict() == escape.state_dict()
+
+
+class Crawling(MLPClassifier):
+    """A scripted stall that an lr raise gets out of: lr 1e-9."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-9)
+
+
+def test_the_action_that_got_the_run_out_of_its_last_stall_goes_first_at_the_next(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3)
+    raise_lr = {"lr_factor": 1e8, "max_lr": 0.5}  # a kick: the lr is back at 1e-9 once the loss halved
+    escape = PlateauEscape(actions=[{"momentum": 0.5}, raise_lr, {"momentum": 0.8}])
+    trainer = quiet_trainer(max_epochs=20, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(Crawling(depth=3, activation="relu"), datamodule=Toy2DDataModule())
+    actions = [a.action for e in detector.events for a in e.actions]
+    tried = [a for a in actions if not a.startswith(("no gain", "lr restored"))]
+    assert tried == ["momentum 0.5", "lr x1e+08 (max 0.5)", "lr x1e+08 (max 0.5)"], tried  # not momentum 0.8
+    assert [round(e.value, 2) for e in detector.events] == [0.86, 0.86, 0.36]  # out of the first: 0.86 -> 0.36
+    assert escape.spent_by == {"any": 2}  # the list as far spent as it was: momentum 0.8 comes next
+
+
+def test_an_action_with_a_gain_on_probation_goes_first_at_the_next_stall():
+    escape = PlateauEscape(actions=[{"momentum": 0.9}, {"momentum": 0.5}])
+    assert judged(escape, {"list": "any", "value": 0.6, "best": 0.5, "action": "momentum 0.9"}, 0.5) == (None, False)
+    assert escape.worked == ("any", "momentum 0.9")
+    judged(escape, {"list": None, "value": 0.5, "best": 0.2, "action": "lr restored"}, 0.2)  # an undo: not an action
+    assert escape.worked == ("any", "momentum 0.9")
+
+
+def test_a_resumed_run_puts_the_action_that_got_it_out_first_as_an_uninterrupted_one(tmp_path):
+    def fit(epochs, root, ckpt_path=None, **kwargs):
+        L.seed_everything(0, verbose=False)
+        escape = PlateauEscape(actions=[{"momentum": 0.5}, {"lr_factor": 1e8, "max_lr": 0.5}, {"momentum": 0.8}])
+        callbacks = [PlateauDetector(patience=3), escape, *kwargs.pop("callbacks", [])]
+        trainer = quiet_trainer(
+            max_epochs=epochs, limit_val_batches=0, callbacks=callbacks, default_root_dir=root, **kwargs
+        )
+        model = Crawling(depth=3, activation="relu")
+        trainer.fit(model, datamodule=Toy2DDataModule(), ckpt_path=ckpt_path)
+        return escape, model
+
+    straight, straight_model = fit(20, tmp_path / "a")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first_half, _ = fit(12, tmp_path / "b", enable_checkpointing=True, callbacks=[checkpoint])
+    assert first_half.worked == ("any", "lr x1e+08 (max 0.5)")  # out of the stall, the next one not yet come
+    resumed, resumed_model = fit(20, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.history == straight.history and resumed.history[-1].action == "lr x1e+08 (max 0.5)"
+    assert torch.equal(weights(resumed_model), weights(straight_model))

@@ -36,7 +36,8 @@ class PlateauEscape(Callback):
     r"""Acts on the stalls a :class:`~src.callbacks.PlateauDetector` reports, with the remedy for each diagnosis.
 
     ``actions`` maps a diagnosis to its escalation list; each stall gets the next action of its
-    diagnosis's list, or of ``any`` once that list is spent or where there is none. The default:
+    diagnosis's list, or of ``any`` once that list is spent or where there is none, unless the action
+    that got the run out of its last stall (or brought a gain there) can apply again. The default:
     ``vanishing``: eps 1e-16 (Adam and the like), layer-wise steps of ~0.01 x ``|W|``; ``dead_units``,
     ``always_on_units``, ``redundant_units``: re-place those ReLU units and take layer-wise steps
     (``repeat``: on every such stall); ``saturated_units``: re-place the pinned sigmoid/tanh units
@@ -105,6 +106,7 @@ class PlateauEscape(Callback):
         self.spent_by: dict[str, int] = {}
         self.failed: list[str] = []  # lists whose action was rolled back: not tried again
         self.withdrawn: list[str] = []  # actions that brought nothing since the last that did: passed over
+        self.worked: tuple[str, str] | None = None  # the list and action that got the run out: first next time
         self.applied, self.said_spent = 0, False
         self.history: list[Action] = []
         self.lr_scale = 1.0  # product of the lr raises in force
@@ -179,7 +181,9 @@ class PlateauEscape(Callback):
 
     def next_action(self, diagnosis: str | None) -> tuple[str, EscapeAction] | None:
         """The action the next stall with this diagnosis gets, and its list (see ``next_in_policy``)."""
-        chosen = policies.next_in_policy(self.actions, self.spent_by, self.failed, diagnosis, self.withdrawn)
+        chosen = policies.next_in_policy(
+            self.actions, self.spent_by, self.failed, diagnosis, self.withdrawn, self.worked
+        )
         return None if chosen is None else chosen[:2]
 
     def on_stall(self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent) -> None:
@@ -213,7 +217,8 @@ class PlateauEscape(Callback):
             if undo:  # back to where the kicks were getting the run out: nothing more to do
                 return
         avoid = self.withdrawn + policies.idle_actions(self.actions, trainer.optimizers)  # in vain, or changing nothing
-        chosen = policies.next_in_policy(self.actions, self.spent_by, self.failed, event.diagnosis, avoid)
+        worked, self.worked = self.worked, None
+        chosen = policies.next_in_policy(self.actions, self.spent_by, self.failed, event.diagnosis, avoid, worked)
         if chosen is None:  # last, a re-placement that did harm, with new units: PATIENT_REPEATS times in all
             failed = [key for key in self.failed if not 0 < self.redraws.get(key, 0) < policies.PATIENT_REPEATS]
             chosen = policies.next_in_policy(self.actions, self.spent_by, failed, event.diagnosis, avoid)
@@ -312,7 +317,8 @@ class PlateauEscape(Callback):
             self._detector.save_events(trainer)
             return
         if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
-            left = self._snapshot["value"]
+            left, key = self._snapshot["value"], self._snapshot["list"]
+            self.worked = self.worked if key is None else (key, self._snapshot["action"])
             self._snapshot, self.withdrawn = None, []  # out of the stall: the point to come back to
             if self.rollback_on_divergence:
                 self._safe = self._snapshot_now(trainer, pl_module, value, "", None) | {"left": left}
@@ -357,6 +363,8 @@ class PlateauEscape(Callback):
             self.probation, mode, self._detector.monitor,
         )  # fmt: skip
         self.withdrawn = [] if gained else self.withdrawn
+        if gained and key is not None and self.probation is not None:  # a measured gain: first next time
+            self.worked = (key, self._snapshot["action"])
         return why, harmed
 
     def _record(
@@ -388,5 +396,5 @@ class PlateauEscape(Callback):
 # what a checkpoint keeps of the policy's walk, besides the actions applied ("spent") and their history
 _STATE = (
     "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "failed", "keep_kicks",
-    "said_spent", "fruitless", "redraws", "_snapshot", "_safe", "_own",
+    "said_spent", "fruitless", "redraws", "worked", "_snapshot", "_safe", "_own",
 )  # fmt: skip

@@ -81,12 +81,14 @@ def parse_policy(actions: Any) -> dict[str, list[EscapeAction]]:
 
 def next_in_policy(
     policy: dict[str, list[EscapeAction]], spent_by: dict[str, int], failed: Sequence[str], diagnosis: str | None,
-    avoid: Sequence[str] = (),
+    avoid: Sequence[str] = (), first: Sequence[str] | None = None,
 ) -> tuple[str, EscapeAction, int] | None:  # fmt: skip
     """The action the next stall with ``diagnosis`` gets, the list it comes from and how far that
     list is then spent: the diagnosis's list, then ``any``; a spent list's last action again if it
     repeats (unless the list ``failed``: its repeating action was rolled back). An action described
-    in ``avoid`` (it brought nothing at this stall, from any list) is passed over: spent.
+    in ``avoid`` (it brought nothing at this stall, from any list) is passed over: spent. ``first``
+    (a list and an action it holds, described: the action that got the run out of its last stall)
+    comes before them, where it is not avoided; the lists stay as far spent as they were.
 
     >>> policy = {"vanishing": [EscapeAction(trust_ratio=0.01, repeat=True)], "any": [EscapeAction(momentum=0.9)]}
     >>> next_in_policy(policy, {"vanishing": 3}, [], "vanishing")[::2]  # spent, and it repeats
@@ -96,7 +98,13 @@ def next_in_policy(
     >>> key, action, spent = next_in_policy(policy, {}, [], "vanishing", avoid=["layer-wise steps of 0.01 x |W|"])
     >>> key, action.describe(), spent  # the steps brought nothing at this stall: momentum instead
     ('any', 'momentum 0.9', 1)
+    >>> next_in_policy(policy, {"any": 1}, [], "vanishing", first=("any", "momentum 0.9"))[::2]  # it worked
+    ('any', 1)
     """
+    key, described = first or (None, None)
+    again = [a for a in policy.get(key) or [] if a.describe() == described and described not in avoid]
+    if again and key not in failed:
+        return key, again[-1], spent_by.get(key, 0)
     for key in (diagnosis, "any"):
         listed = policy.get(key) or []
         if not listed or key in failed:
