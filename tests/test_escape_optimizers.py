@@ -139,3 +139,21 @@ def test_a_layer_wise_step_under_adamw_rescales_the_gradients_step_not_its_weigh
     along = -torch.cat([g.flatten() for g in grads]) * 1e12  # cosine_similarity clamps norms below 1e-8
     cosine = torch.nn.functional.cosine_similarity(steps, along, dim=0)
     assert cosine > 0.99 if decoupled else cosine < 0.5  # coupled L2 decay: the optimizer's own direction
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "RMSprop"])
+def test_the_default_policys_layer_wise_steps_are_as_large_as_sgds_under_momentum(optimizer):
+    """SGD's layer-wise steps under momentum m add up to 1 / (1 - m) of one; any other optimizer's
+    step is set as it is taken (momentum's sum in it, RMSprop's): the same size, momentum kept where
+    it has one."""
+    from src.callbacks.escape_policy import DEFAULT_ACTIONS, policy_for
+
+    param = [torch.nn.Parameter(torch.zeros(1))]
+    on_sgd = policy_for(DEFAULT_ACTIONS, [torch.optim.SGD(param, lr=0.1)], adapt=True)
+    other = getattr(torch.optim, optimizer)(param, lr=1e-3)
+    on_other = policy_for(DEFAULT_ACTIONS, [other], adapt=True)
+    for key in DEFAULT_ACTIONS:
+        sgd_steps = [(a.trust_ratio / (1 - (a.momentum or 0.0)), a.momentum) for a in on_sgd[key] if a.trust_ratio]
+        steps = [(a.trust_ratio, a.momentum) for a in on_other[key] if a.trust_ratio]
+        momenta = [m if "momentum" in other.param_groups[0] else None for _, m in sgd_steps]
+        assert [s for s, _ in steps] == pytest.approx([s for s, _ in sgd_steps]) and [m for _, m in steps] == momenta

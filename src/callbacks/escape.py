@@ -156,7 +156,7 @@ class PlateauEscape(Callback):
         self._layers = parameter_layers(pl_module)
         if [str(a) for a in self._configured.values()] != [str(a) for a in self.actions.values()]:
             names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
-            rank_zero_info(f"PlateauEscape: the default policy for {names} leaves out the settings it has none of")
+            rank_zero_info(f"PlateauEscape: the default policy, adapted to {names} (escape_actions.adapted)")
 
     @override
     def on_before_optimizer_step(

@@ -129,6 +129,9 @@ def adapted(action: EscapeAction, optimizer: torch.optim.Optimizer) -> EscapeAct
     True
     >>> adapted(EscapeAction(trust_ratio=0.001, momentum=0.9), adam).describe()  # the same step size
     'layer-wise steps of 0.01 x |W|'
+    >>> rmsprop = torch.optim.RMSprop([torch.nn.Parameter(torch.zeros(1))])
+    >>> adapted(EscapeAction(trust_ratio=0.001, momentum=0.9), rmsprop).describe()  # set on the step taken
+    'momentum 0.9, layer-wise steps of 0.01 x |W|'
     """
     has = {key: all(key in group for group in optimizer.param_groups) for key in ("momentum", "nesterov", "eps")}
     kept: dict[str, Any] = {key: getattr(action, key) if has[key] else None for key in has}
@@ -136,8 +139,9 @@ def adapted(action: EscapeAction, optimizer: torch.optim.Optimizer) -> EscapeAct
         action.replace_units or action.recycle
     ):
         return None
-    if action.trust_ratio is not None and action.momentum and not has["momentum"]:
-        # SGD's steps under momentum add up to 1 / (1 - momentum) of one: the same size without it
+    if action.trust_ratio is not None and action.momentum and not (has["momentum"] and steps_on_gradients(optimizer)):
+        # SGD's steps under momentum add up to 1 / (1 - momentum) of one: the same size without it, or
+        # where the step taken is set (:func:`trust_update_`), momentum's sum in it (RMSprop's)
         kept["trust_ratio"] = min(action.trust_ratio / (1 - action.momentum), 0.5)
     return dataclasses.replace(action, **kept)
 

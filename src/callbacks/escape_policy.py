@@ -23,7 +23,9 @@ from .plateau_rule import DIAGNOSES
 # epoch 1028 and 1190 on with every action spent; with the tries they reach 0.05 at 1979 and 1199.
 PATIENT_REPEATS = 3
 # For vanishing gradients: layer-wise steps of 0.001 x |W| under momentum 0.9, which add up to
-# ~0.01 x |W| a step (0.01 x |W| without momentum where the optimizer has none: `adapted`); the
+# ~0.01 x |W| a step (`adapted`: 0.01 x |W| without momentum where the optimizer has none, and under
+# momentum where the step taken is set, RMSprop's: at 0.001 x |W| the zoo's depth-18 sigmoid net sat
+# at 0.693 through all 3 probations, 9 of 9 seeds; at 0.01 all reach 0.05 within 250 epochs); the
 # momentum stays once the steps are undone. Against layer-wise steps of 0.01 with no momentum, on
 # Fashion-MNIST (784-128x9-10 sigmoid, SGD lr 0.05, batch 100): val acc after 10 epochs 82-86% (72-76%);
 # with the momentum undone along with the steps, 86.2, 75.1, 77.7, 73.7% (seeds 0-3).
