@@ -175,3 +175,29 @@ def test_a_resumed_run_puts_the_action_that_got_it_out_first_as_an_uninterrupted
     resumed, resumed_model = fit(20, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed.history == straight.history and resumed.history[-1].action == "lr x1e+08 (max 0.5)"
     assert torch.equal(weights(resumed_model), weights(straight_model))
+
+
+class Noisy(MLPClassifier):
+    """A scripted plateau on a noisy loss: 0.3467 and 0.3512 by turns (1.3% apart), whatever is done."""
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        return logits, loss * 0.0 + (0.3512 if self.current_epoch % 2 else 0.3467)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_stall_reported_on_a_noisy_high_is_no_gain_to_beat(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3)
+    escape = PlateauEscape(actions=[{"momentum": 0.9}, {"momentum": 0.5}, {"momentum": 0.8}, {"momentum": 0.7}])
+    trainer = quiet_trainer(max_epochs=16, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(Noisy(depth=3), datamodule=Toy2DDataModule())
+    values = [round(e.value, 4) for e in detector.events]
+    assert values == [0.3512, 0.3467, 0.3512, 0.3467, 0.3512]  # stalls at epochs 3, 6, 9, 12, 15
+    verdicts = [a.action.split(" (")[0] for e in detector.events[2:] for a in e.actions[:1]]
+    # the first action had no floor to be judged on: 0.3467 counted as a gain on 0.3512; from then on
+    # each is judged on the floor (0.3467), also where its stall was reported on a high (0.3512)
+    assert verdicts == ["no gain on probation"] * 3, [a.action for e in detector.events for a in e.actions]
+    assert [e.actions[-1].action for e in detector.events][-1] == "none: every escape action is spent"

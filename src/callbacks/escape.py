@@ -45,21 +45,20 @@ class PlateauEscape(Callback):
     remedy), each layer's weakest unit re-placed with layer-wise steps (a local minimum), layer-wise
     steps under momentum 0.9, then the re-placement on every later stall (:mod:`.escape_policy`).
 
-    Each action is on probation until the next stall: there its settings are withdrawn if the best
-    monitored value since is not ``probation`` better than at the stall it answered (a repeating one
-    gets ``PATIENT_REPEATS`` probations), and it is rolled back, weights too, if the run diverged or
-    stalls at twice that value (a re-placement: above it); the next action is then tried, judged from
-    where the run went back to. An action withdrawn or rolled back is passed over, in every list, until
-    one brings a gain, and so is one whose settings hold already (momentum 0.9 where it is 0.9); once
-    all else is spent, a re-placement that did harm gets new units, ``PATIENT_REPEATS`` times in all.
-    Once every action is spent the run says so once. Each action is logged (``optim/lr``,
-    ``optim/momentum``, a text entry) and recorded in ``stall_events.json`` with each lr before and
-    after. A divergence once the run is out of a stall takes it back to where it was out (never out
-    yet: to where the last divergence was rolled back to), with the optimizer's own settings, and each
-    divergence from there again with half the lr (x0.5, x0.25 ... x1/512: ``SAFE_RETRIES``); at half
-    the lr at once where its own settings were in force (they would take the same path). A stall back
-    at the stall the run was out of goes back there alike. A run the escape never got out of a stall
-    is left to diverge. All this state is checkpointed, so a resumed run continues exactly.
+    Each action is on probation until the next stall: there its settings are withdrawn if the best monitored
+    value since is not ``probation`` better than the stall it answered (its floor: the best value before it, if
+    lower; a repeating one gets ``PATIENT_REPEATS`` probations), and it is rolled back, weights too, if the run
+    diverged or stalls at twice that value (a re-placement: above it); the next action is then tried, judged
+    from where the run went back to. An action withdrawn or rolled back is passed over, in every list, until one
+    brings a gain, and so is one whose settings hold already (momentum 0.9 where it is 0.9); once all else is
+    spent, a re-placement that did harm gets new units, ``PATIENT_REPEATS`` times in all. Once every action is
+    spent the run says so once. Each action is logged (``optim/lr``, ``optim/momentum``, text) and put in
+    ``stall_events.json`` with each lr before and after. A divergence once the run is out of a stall takes it
+    back to where it was out (never out yet: to where the last divergence was rolled back to), with the
+    optimizer's own settings, and each divergence from there again with half the lr (x0.5, x0.25 ... x1/512:
+    ``SAFE_RETRIES``); at half the lr at once where its own settings were in force (they would take the same
+    path). A stall back at the stall the run was out of goes back there alike. A run the escape never got out of
+    a stall is left to diverge. All this state is checkpointed, so a resumed run continues exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -209,6 +208,7 @@ class PlateauEscape(Callback):
             self._back_to_safe(trainer, pl_module, event, why, in_force)
             return
         why, harmed = self._failed_why(event.value)
+        floor = policies.plateau_floor(self._snapshot, event.value, harmed, self._detector.mode)
         momenta = settings_of(trainer.optimizers[0])["momentum"]  # what built the momentum buffers
         value = event.value  # what the next action is judged from: where a harmful one is rolled back to
         if why is not None:
@@ -236,7 +236,7 @@ class PlateauEscape(Callback):
         self.spent_by[key], self.applied = position, self.applied + 1
         self._own = snapshots.group_settings(trainer) if self._own is None else self._own
         if self.rollback_on_divergence or self.probation is not None:
-            self._snapshot = self._snapshot_now(trainer, pl_module, value, action.describe(), key)
+            self._snapshot = self._snapshot_now(trainer, pl_module, value, action.describe(), key) | {"floor": floor}
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
         what = action.describe()
         if action.sets_optimizer:
@@ -275,10 +275,9 @@ class PlateauEscape(Callback):
     def _roll_back(
         self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str, weights: bool = True
     ) -> None:
-        """Undo the action on probation: weights, optimizer state and kicks (harm), or settings and
-        kicks (``weights=False``: no gain). A divergence event is marked ``recovered``; a repeating
-        action is not repeated (its list is ``failed``); undone kicks that did harm come back and
-        stay (``keep_kicks``)."""
+        """Undo the action on probation: weights, optimizer state and kicks (harm), or settings and kicks
+        (``weights=False``: no gain). A divergence event is marked ``recovered``; a repeating action is not
+        repeated (its list is ``failed``); undone kicks that did harm come back and stay (``keep_kicks``)."""
         snapshot, self._snapshot = self._snapshot, None
         if not snapshot.get("replaced"):  # a re-placement that found units may repeat: new units each time
             self.withdrawn.append(snapshot["action"])
