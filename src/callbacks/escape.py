@@ -16,16 +16,7 @@ from typing_extensions import override
 from . import escape_policy as policies
 from . import escape_snapshot as snapshots
 from .dashboard import log_action
-from .escape_actions import (
-    EscapeAction,
-    apply_to_trainer,
-    confirm_settings,
-    settings_of,
-    starts_of,
-    steps_on_gradients,
-    trust_ratio_,
-    trust_update_,
-)
+from .escape_actions import EscapeAction, LayerwiseSteps, apply_to_trainer, confirm_settings, settings_of
 from .escape_units import replace_stall_units
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
@@ -37,13 +28,10 @@ class PlateauEscape(Callback):
 
     ``actions`` maps a diagnosis to its escalation list; each stall gets the next action of its
     diagnosis's list, or of ``any`` once that list is spent or where there is none, unless the action
-    that got the run out of its last stall (or brought a gain there) can apply again. The default:
-    ``vanishing``: eps 1e-16 (Adam and the like), layer-wise steps of ~0.01 x ``|W|``; ``dead_units``,
-    ``always_on_units``, ``redundant_units``: re-place those ReLU units and take layer-wise steps
-    (``repeat``: on every such stall); ``saturated_units``: re-place the pinned sigmoid/tanh units
-    (ReDo's rule, :mod:`.saturated`); ``any`` (``flat``, ``unclear``): momentum 0.9 (the source study's
-    remedy), each layer's weakest unit re-placed with layer-wise steps (a local minimum), layer-wise
-    steps under momentum 0.9, then the re-placement on every later stall (:mod:`.escape_policy`).
+    that got the run out of its last stall (or brought a gain there) can apply again. The default
+    (:data:`.escape_policy.DEFAULT_ACTIONS`): layer-wise steps for ``vanishing``; the units it names
+    re-placed for a unit diagnosis (ReDo's rule for pinned sigmoid/tanh units, :mod:`.saturated`); for
+    ``flat`` and ``unclear``, momentum 0.9 (the source study's remedy), then the weakest units re-placed.
 
     Each action is on probation until the next stall: there its settings are withdrawn if the best monitored
     value since is not ``probation`` better than the stall it answered (its floor: the best value before it, if
@@ -53,12 +41,10 @@ class PlateauEscape(Callback):
     brings a gain, and so is one whose settings hold already (momentum 0.9 where it is 0.9); once all else is
     spent, a re-placement that did harm gets new units, ``PATIENT_REPEATS`` times in all. Once every action is
     spent the run says so once. Each action is logged (``optim/lr``, ``optim/momentum``, text) and put in
-    ``stall_events.json`` with each lr before and after. A divergence once the run is out of a stall takes it
-    back to where it was out (never out yet: to where the last divergence was rolled back to), with the
-    optimizer's own settings, and each divergence from there again with half the lr (x0.5, x0.25 ... x1/512:
-    ``SAFE_RETRIES``); at half the lr at once where its own settings were in force (they would take the same
-    path). A stall back at the stall the run was out of goes back there alike. A run the escape never got out of
-    a stall is left to diverge. All this state is checkpointed, so a resumed run continues exactly.
+    ``stall_events.json`` with each lr before and after. A divergence once the run is out of a stall, or a
+    stall back at the one it was out of, takes it back to where it was out, with the optimizer's own settings
+    and, each time again, half the lr (:func:`.escape_snapshot.back_to_safe`); a run never out of a stall is
+    left to diverge. All this state is checkpointed, so a resumed run continues exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -119,8 +105,7 @@ class PlateauEscape(Callback):
         self._safe: dict[str, Any] | None = None  # the state where the run was last out of a stall
         self._own: list[list[dict[str, Any]]] | None = None  # the optimizers' settings before any action
         self._detector: PlateauDetector | None = None
-        self._before: dict[int, torch.Tensor] | None = None  # the parameters before a non-SGD step
-        self._layers: dict[str, list[Any]] = {}
+        self._steps = LayerwiseSteps()
         self._unconfirmed: list[Action] = []  # actions whose settings the next optimizer step confirms
 
     spent = property(lambda self: self.applied, doc="How many actions this fit has applied.")
@@ -152,7 +137,7 @@ class PlateauEscape(Callback):
         default policy serves any optimizer: the parts it has no setting for are left out (momentum
         on Adam), and layer-wise steps act on the step it takes (not on AdamW's weight decay)."""
         self.actions = policies.policy_for(self._configured, trainer.optimizers, adapt=self._default_policy)
-        self._layers = parameter_layers(pl_module)
+        self._steps.layers = parameter_layers(pl_module)
         if [str(a) for a in self._configured.values()] != [str(a) for a in self.actions.values()]:
             names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
             rank_zero_info(f"PlateauEscape: the default policy, adapted to {names} (escape_actions.adapted)")
@@ -165,18 +150,12 @@ class PlateauEscape(Callback):
         if self._unconfirmed and confirm_settings(self._unconfirmed, trainer.optimizers[0]):
             self._detector.save_events(trainer)
         self._unconfirmed = []
-        if self.trust_ratio is None:
-            return
-        if steps_on_gradients(optimizer):
-            trust_ratio_(self._layers, optimizer, self.trust_ratio)
-        elif self._before is None:  # any other optimizer: the step it takes is rescaled after it
-            self._before = starts_of(self._layers, optimizer)
+        if self.trust_ratio is not None:
+            self._steps.before_step(optimizer, self.trust_ratio)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._before is not None:
-            trust_update_(self._layers, self._before, self.trust_ratio or 0.0)
-            self._before = None
+        self._steps.after_step(self.trust_ratio or 0.0)
 
     def next_action(self, diagnosis: str | None) -> tuple[str, EscapeAction] | None:
         """The action the next stall with this diagnosis gets, and its list (see ``next_in_policy``)."""

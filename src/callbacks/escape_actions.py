@@ -244,6 +244,29 @@ def apply_action(
     }
 
 
+class LayerwiseSteps:
+    """Layer-wise steps, on any optimizer: SGD's gradients scaled before its step (:func:`trust_ratio_`),
+    any other optimizer's step rescaled after it (:func:`starts_of`, :func:`trust_update_`), for each of
+    ``layers`` (:func:`~.grad_flow.parameter_layers` of the model, set at fit start)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, list[torch.nn.Parameter]] = {}
+        self._before: dict[int, torch.Tensor] | None = None  # the parameters before a non-SGD step
+
+    def before_step(self, optimizer: torch.optim.Optimizer, ratio: float) -> None:
+        """Where the gradients are final (Lightning: ``on_before_optimizer_step``)."""
+        if steps_on_gradients(optimizer):
+            trust_ratio_(self.layers, optimizer, ratio)
+        elif self._before is None:
+            self._before = starts_of(self.layers, optimizer)
+
+    def after_step(self, ratio: float) -> None:
+        """Once the step is taken (Lightning: ``on_train_batch_end``)."""
+        if self._before is not None:
+            trust_update_(self.layers, self._before, ratio)
+            self._before = None
+
+
 @torch.no_grad()
 def trust_ratio_(layers: dict[str, list[torch.nn.Parameter]], optimizer: torch.optim.Optimizer, ratio: float) -> None:
     """Scale each layer's gradients in place so that its SGD step ``lr * grad`` has the norm
