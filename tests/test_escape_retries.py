@@ -1,6 +1,7 @@
 """PlateauEscape's second tries: a re-placement that did harm gets new units once every other action
 is spent, a few times in all, each judged from where the run went back to; one that only brought
-nothing goes on; kicks undone come back where the loss is back at their stall."""
+nothing goes on; kicks undone come back where the loss is back at their stall, or where the run then
+crawls."""
 
 from __future__ import annotations
 
@@ -95,3 +96,58 @@ def test_kicks_undone_come_back_at_the_first_check_where_the_loss_is_back_at_the
     # the raise stays: later stalls are at 0.3 (the run out of the first), with the lr at 0.5
     assert all(e.value == pytest.approx(0.3) for e in detector.events[1:]) and escape.keep_kicks
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+class CrawlsWithoutTheRaise(MLPClassifier):
+    """A scripted loss, one step an epoch: 0.7 until the lr is first raised above its 0.1; then x0.7
+    a step while it is raised, x0.999 while it is not (a crawl: never a stall). Kept in the model's
+    state, so that a resumed run goes on from where it stopped."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("level", torch.tensor(0.7, dtype=torch.float64))
+        self.register_buffer("kicked", torch.tensor(False))
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        raised = self.trainer.optimizers[0].param_groups[0]["lr"] > 0.15
+        self.kicked |= raised
+        if self.kicked:
+            self.level *= 0.7 if raised else 0.999
+        return logits, loss * 0.0 + self.level.float()
+
+
+def fit_crawl(epochs, root, ckpt_path=None, callbacks=(), **kwargs):
+    L.seed_everything(0, verbose=False)
+    # epoch checks only: a step check's value is the mean of its window, which lags a scripted fall of x0.7 a step
+    detector, escape = PlateauDetector(patience=3, step_window=None), PlateauEscape(actions=[{"lr_factor": 5}])
+    trainer = quiet_trainer(
+        max_epochs=epochs, limit_val_batches=0, callbacks=[detector, escape, *callbacks], default_root_dir=root,
+        **kwargs,
+    )  # fmt: skip
+    trainer.fit(CrawlsWithoutTheRaise(depth=2), datamodule=Toy2DDataModule(), ckpt_path=ckpt_path)
+    return trainer, detector, escape
+
+
+def test_kicks_undone_come_back_where_the_run_then_crawls(tmp_path):
+    trainer, detector, escape = fit_crawl(14, tmp_path)
+    assert len(detector.events) == 1  # the crawl is never a stall
+    actions = [(a.epoch, a.action.split(" (")[0].split(" fell ")[0]) for a in detector.events[0].actions]
+    # in force for 2 steps (0.7 -> 0.343), undone; 2 steps later the loss has fallen 0.0007 of that 0.357
+    # (under a tenth): the raise comes back, and is undone again once the loss has halved, and so on
+    crawl, undo = "train/loss", "lr restored"
+    assert actions == [(3, "lr x5"), (5, undo), (7, crawl), (9, undo), (11, crawl), (13, undo)], actions
+    back = detector.events[0].actions[2]
+    fell = "train/loss fell 0.000686 in 2 steps without the kicks (0.357 with them)"
+    assert back.action == f"{fell}: 'lr restored' undone"
+    assert back.lr == [pytest.approx(0.5)]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1) and escape.lr_scale == 1.0
+
+
+def test_a_resumed_run_brings_the_kicks_back_as_an_uninterrupted_one(tmp_path):
+    _, _, straight = fit_crawl(9, tmp_path / "a")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _, _, first = fit_crawl(5, tmp_path / "b", callbacks=[checkpoint], enable_checkpointing=True)
+    assert [a.action for a in first.history] == ["lr x5"]  # stopped with the raise in force, not yet undone
+    _, _, resumed = fit_crawl(9, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.history == straight.history and len(straight.history) == 3

@@ -55,7 +55,9 @@ class PlateauEscape(Callback):
             monitored value has fallen below this fraction of its value at the stall that caused the
             last kick (above its inverse with ``mode: max``), they are undone (momentum changes
             stay); ``null`` keeps them. Where undoing them blows the run up (a divergence, a stall at
-            twice the loss, the loss back at their stall), the run is rolled back and they stay.
+            twice the loss, the loss back at their stall), the run is rolled back and they stay; where
+            in as many steps as they were in force the run falls by less than a tenth of the drop they
+            brought (``CRAWL``), they come back, to be undone again once the loss has halved.
         rollback_on_divergence: Undo an action after which the run diverges or stalls at twice the loss.
         probation: The least gain (a share of the value at its stall) an action must bring before
             the next stall to be kept; ``null``: every action is kept, and they add up.
@@ -97,6 +99,7 @@ class PlateauEscape(Callback):
         self.lr_scale = 1.0  # product of the lr raises in force
         self.trust_ratio: float | None = None  # layer-wise steps in force
         self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
+        self.raised_step: int | None = None  # and the step it was taken at
         self.keep_kicks = False  # undoing them blew the run up once: they stay
         self.redraws: dict[str, int] = {}  # per list: its re-placements that did harm
         self.rollback_on_divergence, self.probation = rollback_on_divergence, probation
@@ -225,10 +228,10 @@ class PlateauEscape(Callback):
         lr_before, lr_after = lrs_before[0], float(trainer.optimizers[0].param_groups[0]["lr"])
         if action.lr_factor is not None and lr_before > 0:
             self.lr_scale *= lr_after / lr_before
-            self.raised_at = value
+            self.raised_at, self.raised_step = value, trainer.global_step
         if action.trust_ratio is not None:
             self.trust_ratio = action.trust_ratio
-            self.raised_at = value
+            self.raised_at, self.raised_step = value, trainer.global_step
         if self.raised_at is not None and self.restore_lr_below is not None:
             event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
         if action.replace_units or action.recycle:
@@ -249,6 +252,7 @@ class PlateauEscape(Callback):
         """The state to go back to if ``action`` (from list ``key``; None: undoing the kicks) fails."""
         kicks = (self.lr_scale, self.trust_ratio, self.raised_at)
         info = {"epoch": trainer.current_epoch, "value": value, "best": value, "action": action, "list": key}
+        info |= {"step": trainer.global_step, "raised_step": self.raised_step}
         return snapshots.take_snapshot(trainer, pl_module, **info, kicks=kicks)
 
     def _roll_back(
@@ -262,6 +266,7 @@ class PlateauEscape(Callback):
             self.withdrawn.append(snapshot["action"])
         lrs_before = snapshots.restore_snapshot(trainer, pl_module, snapshot, weights=weights)
         self.lr_scale, self.trust_ratio, self.raised_at = snapshot["kicks"]
+        self.raised_step = snapshot.get("raised_step", self.raised_step)
         if event.kind is EventKind.DIVERGENCE and self._safe is None:  # never out of a stall yet: come back here
             self._safe = snapshot
         key = snapshot["list"]
@@ -294,6 +299,9 @@ class PlateauEscape(Callback):
             self._roll_back(trainer, pl_module, self._detector.last_stall, why=why)
             self._detector.save_events(trainer)
             return
+        if at is not None and (drops := policies.crawling(self._snapshot, trainer.global_step, mode)):
+            self._kicks_back(trainer, pl_module, value, drops)
+            return
         if self._snapshot is not None and moved_past(value, self._snapshot["value"], OUT_OF_STALL, mode):
             left, key = self._snapshot["value"], self._snapshot["list"]
             self.worked = self.worked if key is None else (key, self._snapshot["action"])
@@ -311,7 +319,8 @@ class PlateauEscape(Callback):
             return
         if self.rollback_on_divergence or self.probation is not None:  # undoing a kick can blow the run up too
             self._snapshot = self._snapshot_now(trainer, pl_module, value, ", ".join(undone), None)
-            self._snapshot["stall"] = self.raised_at
+            span = None if self.raised_step is None else trainer.global_step - self.raised_step
+            self._snapshot |= {"stall": self.raised_at, "span": span}
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
         if self.lr_scale != 1.0:
             apply_to_trainer(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
@@ -319,6 +328,18 @@ class PlateauEscape(Callback):
         event = self._detector.last_stall
         what = f"{', '.join(undone)} (out of the stall: {value:.4g} vs {event.value:.4g})"
         self._record(trainer, event, what, epoch=trainer.current_epoch, step=trainer.global_step, lr_from=lrs_before)
+        self._detector.save_events(trainer)
+
+    def _kicks_back(self, trainer: L.Trainer, module: L.LightningModule, at: float, drops: tuple[float, float]) -> None:
+        """The kicks undone come back (settings, not weights), to be undone again once out of this stall."""
+        (kicked, since), snapshot, self._snapshot = drops, self._snapshot, None
+        lrs_before = snapshots.restore_snapshot(trainer, module, snapshot, weights=False)
+        self.lr_scale, self.trust_ratio = snapshot["kicks"][:2]
+        event, epoch, step = self._detector.last_stall, trainer.current_epoch, trainer.global_step
+        self.raised_at, self.raised_step = at, step
+        what = f"{self._detector.monitor} fell {since:.3g} in {snapshot['span']} steps without the kicks"
+        what += f" ({kicked:.3g} with them): '{snapshot['action']}' undone"
+        self._record(trainer, event, what, epoch, step, lr_from=lrs_before)
         self._detector.save_events(trainer)
 
     def _back_to_safe(
@@ -373,6 +394,6 @@ class PlateauEscape(Callback):
 
 # what a checkpoint keeps of the policy's walk, besides the actions applied ("spent") and their history
 _STATE = (
-    "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "failed", "keep_kicks",
+    "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "raised_step", "failed", "keep_kicks",
     "said_spent", "fruitless", "redraws", "worked", "_snapshot", "_safe", "_own",
 )  # fmt: skip

@@ -22,6 +22,12 @@ from .plateau_rule import DIAGNOSES
 # once every other action is spent: the stall zoo's xor nets of seeds 0 and 4 sat at 0.477 from
 # epoch 1028 and 1190 on with every action spent; with the tries they reach 0.05 at 1979 and 1199.
 PATIENT_REPEATS = 3
+# Kicks (lr raises, layer-wise steps) undone once the run is out of the stall come back where, in as many
+# steps as they were in force, the run falls by less than this share of the drop they brought: the
+# optimizer's own steps would take it on at a crawl. The stall zoo's blobs net under RMSprop (sigmoid,
+# depth 12, width 8, lr 0.001): out of a plateau at 0.82 to 0.41 in ~110 epochs, then 0.41 -> 0.36 in
+# the 1000 left, never a stall (a 1% drop in 200 epochs is progress).
+CRAWL = 0.1
 # For vanishing gradients: layer-wise steps of 0.001 x |W| under momentum 0.9, which add up to
 # ~0.01 x |W| a step (`adapted`: 0.01 x |W| without momentum where the optimizer has none, and under
 # momentum where the step taken is set, RMSprop's: at 0.001 x |W| the zoo's depth-18 sigmoid net sat
@@ -177,6 +183,23 @@ def plateau_floor(snapshot: dict[str, Any] | None, value: float, harmed: bool, m
     if harmed:
         return snapshot["value"]
     return max(value, snapshot["best"]) if mode == "max" else min(value, snapshot["best"])
+
+
+def crawling(undone: dict[str, Any], step: int, mode: str) -> tuple[float, float] | None:
+    """Whether the run crawls since its kicks were undone (``undone``: the snapshot taken then, with
+    ``stall``, the value at the stall they answered, ``value`` and ``best`` since, ``step`` and ``span``,
+    the steps they were in force): once as many steps have passed, it has fallen by less than ``CRAWL``
+    of the drop they brought. That drop and the one since, or None.
+
+    >>> undone = {"stall": 0.75, "value": 0.375, "best": 0.359375, "step": 1000, "span": 100}
+    >>> crawling(undone, 1050, "min"), crawling(undone, 1100, "min")  # 0.016 in 100 steps, after 0.375 in 100
+    (None, (0.375, 0.015625))
+    """
+    if undone.get("span") is None or step - undone["step"] < undone["span"]:
+        return None
+    sign = 1.0 if mode == "min" else -1.0
+    kicked, since = sign * (undone["stall"] - undone["value"]), sign * (undone["value"] - undone["best"])
+    return (kicked, since) if since < CRAWL * kicked else None
 
 
 def relapsed(safe: dict[str, Any] | None, value: float, probation: float | None, mode: str) -> bool:
