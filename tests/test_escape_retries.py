@@ -1,7 +1,7 @@
 """PlateauEscape's second tries: a re-placement that did harm gets new units once every other action
 is spent, a few times in all, each judged from where the run went back to; one that only brought
 nothing goes on; kicks undone come back where the loss is back at their stall, or where the run then
-crawls."""
+crawls; a stall reported on a spike does not roll back the re-placement that brought a gain."""
 
 from __future__ import annotations
 
@@ -151,3 +151,29 @@ def test_a_resumed_run_brings_the_kicks_back_as_an_uninterrupted_one(tmp_path):
     assert [a.action for a in first.history] == ["lr x5"]  # stopped with the raise in force, not yet undone
     _, _, resumed = fit_crawl(9, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed.history == straight.history and len(straight.history) == 3
+
+
+class SpikesAfterTheReplacement(EveryNewUnitHurts):
+    """A scripted stall at 0.5 that a re-placement (lr 0: only the escape moves the weights) takes
+    to 0.3, with a spike to 0.9 every fourth epoch: the next stall is reported on one."""
+
+    def _logits_and_loss(self, batch):
+        logits, loss = Stuck._logits_and_loss(self, batch)
+        changed = any(not torch.equal(p, q) for p, q in zip(self.parameters(), self.start, strict=True))
+        value = (0.9 if self.current_epoch % 4 == 3 else 0.3) if changed else 0.5
+        return logits, loss * 0.0 + value
+
+
+def test_a_stall_reported_on_a_spike_does_not_roll_back_the_re_placement_that_brought_a_gain(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3, step_window=None)  # epoch checks: the stall's value is the spike
+    escape = PlateauEscape(actions=[{"recycle": True}, {"momentum": 0.5}])
+    trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    model = SpikesAfterTheReplacement(depth=3)
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    assert [(e.epoch, round(e.value, 2)) for e in detector.events] == [(3, 0.5), (7, 0.9)]
+    # the run sits at 0.3 (its last checks), not at the 0.9 the stall was reported on: no harm, and a
+    # gain, so the re-placement is not rolled back and goes first again (not momentum 0.5)
+    actions = [a.action.split(":")[0] for e in detector.events for a in e.actions]
+    assert actions == ["re-place each layer's weakest unit"] * 2, actions
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), model.start, strict=True))

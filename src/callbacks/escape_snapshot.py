@@ -57,12 +57,14 @@ def restore_snapshot(
     return lrs_before[0]
 
 
-def note_check(snapshot: dict[str, Any], value: float, mode: str) -> None:
-    """Keep the best monitored value since the snapshot (what its action's probation is judged on);
-    after a re-placement (``ref`` pending) the first value is the reference it is judged from."""
+def note_check(snapshot: dict[str, Any], value: float, mode: str, keep: int) -> None:
+    """Keep the best monitored value since the snapshot (what its action's probation is judged on)
+    and the last ``keep`` values (``recent``: where the run sits, harm is judged on); after a
+    re-placement (``ref`` pending) the first value is the reference it is judged from."""
     if "ref" in snapshot and snapshot["ref"] is None:
         snapshot["ref"] = snapshot["best"] = value
     snapshot["best"] = max(snapshot["best"], value) if mode == "max" else min(snapshot["best"], value)
+    snapshot["recent"] = [*snapshot.get("recent", []), value][-keep:]
 
 
 def group_settings(trainer: L.Trainer) -> list[list[dict[str, Any]]]:
