@@ -155,13 +155,16 @@ def test_a_resumed_run_brings_the_kicks_back_as_an_uninterrupted_one(tmp_path):
 
 class SpikesAfterTheReplacement(EveryNewUnitHurts):
     """A scripted stall at 0.5 that a re-placement (lr 0: only the escape moves the weights) takes
-    to 0.3, with a spike to 0.9 every fourth epoch: the next stall is reported on one."""
+    to 0.3, with a spike to 0.9 every fourth epoch: the next stall is reported on one. ``rises``: the
+    loss is 0.9 from epoch 6 on instead, and stays there."""
+
+    rises = False
 
     def _logits_and_loss(self, batch):
         logits, loss = Stuck._logits_and_loss(self, batch)
         changed = any(not torch.equal(p, q) for p, q in zip(self.parameters(), self.start, strict=True))
-        value = (0.9 if self.current_epoch % 4 == 3 else 0.3) if changed else 0.5
-        return logits, loss * 0.0 + value
+        high = self.current_epoch >= 6 if self.rises else self.current_epoch % 4 == 3
+        return logits, loss * 0.0 + ((0.9 if high else 0.3) if changed else 0.5)
 
 
 def test_a_stall_reported_on_a_spike_does_not_roll_back_the_re_placement_that_brought_a_gain(tmp_path):
@@ -172,8 +175,22 @@ def test_a_stall_reported_on_a_spike_does_not_roll_back_the_re_placement_that_br
     model = SpikesAfterTheReplacement(depth=3)
     trainer.fit(model, datamodule=Toy2DDataModule())
     assert [(e.epoch, round(e.value, 2)) for e in detector.events] == [(3, 0.5), (7, 0.9)]
-    # the run sits at 0.3 (its last checks), not at the 0.9 the stall was reported on: no harm, and a
+    # the run sits at 0.3 (the median of its last checks), not at the 0.9 the stall was reported on: no harm, and a
     # gain, so the re-placement is not rolled back and goes first again (not momentum 0.5)
     actions = [a.action.split(":")[0] for e in detector.events for a in e.actions]
     assert actions == ["re-place each layer's weakest unit"] * 2, actions
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), model.start, strict=True))
+
+
+def test_a_loss_that_rose_after_a_re_placement_and_stays_up_is_harm(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3, step_window=None)
+    escape = PlateauEscape(actions=[{"recycle": True}, {"momentum": 0.5}])
+    trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    model = SpikesAfterTheReplacement(depth=3)
+    model.rises = True
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    # 0.3 at epochs 4-5, 0.9 at 6-7: the median of the checks since, 0.6, is above the 0.5 before it
+    why = detector.events[1].actions[0].action
+    assert why.startswith("train/loss stalls at 0.6, above 0.5 before the re-placement: rolled back to epoch 3"), why
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model.start, strict=True))

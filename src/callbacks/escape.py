@@ -291,7 +291,7 @@ class PlateauEscape(Callback):
         roll the undo back (they stay) where ``value`` is back at the stall they answered."""
         mode = self._detector.mode
         if self._snapshot is not None:
-            snapshots.note_check(self._snapshot, value, mode, self._detector.patience)
+            snapshots.note_check(self._snapshot, value, mode, policies.RECENT_CHECKS)
         at = (self._snapshot or {}).get("stall")  # kicks undone: back at the stall they answered, they come back
         back = at is not None and not moved_past(value, at, 1 - (self.probation or 0.01), mode)
         if back and math.isfinite(value) and not self._detector.tracker.diverged(value):  # not a divergence

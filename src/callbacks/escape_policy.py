@@ -7,6 +7,7 @@ optimizer is :mod:`.escape_actions`.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,9 @@ PATIENT_REPEATS = 3
 # depth 12, width 8, lr 0.001): out of a plateau at 0.82 to 0.41 in ~110 epochs, then 0.41 -> 0.36 in
 # the 1000 left, never a stall (a 1% drop in 200 epochs is progress).
 CRAWL = 0.1
+# Where the run sits, harm is judged on: the median of the last this many checks (a stall reported on a
+# spike is no harm; a loss that has risen and stays up is).
+RECENT_CHECKS = 5
 # For vanishing gradients: layer-wise steps of 0.001 x |W| under momentum 0.9, which add up to
 # ~0.01 x |W| a step (`adapted`: 0.01 x |W| without momentum where the optimizer has none, and under
 # momentum where the step taken is set, RMSprop's: at 0.001 x |W| the zoo's depth-18 sigmoid net sat
@@ -133,10 +137,11 @@ def probation_verdict(
     """Why the action on probation (taken at ``snapshot``, from list ``listed``, ``spent`` far) failed,
     at a new stall at ``value``; whether it did harm; whether it brought a gain. Harm: it left the
     run twice as bad as the stall it answered, or a re-placement left it worse than that stall (its
-    weights go too), judged on where the run sits: the best of ``value`` and the snapshot's ``recent``
-    values. A stall reported on a spike is no harm: the stall zoo's blobs net under RMSprop (seed 0)
-    lost a re-placement that had taken it from 0.48 to 0.35 to a stall reported on a spike of 1.13,
-    and the next re-placement blew it up to 5.7, above the run without the policy. No gain (an
+    weights go too), judged on where the run sits: the median of the snapshot's ``recent`` checks (the
+    last ``RECENT_CHECKS``, the stall's ``value`` among them). A stall reported on a spike is no harm: the
+    stall zoo's blobs net under RMSprop (seed 0) lost a re-placement that had taken it from 0.48 to 0.35
+    to a stall reported on a spike of 1.13, and the next re-placement blew it up to 5.7, above the run
+    without the policy. No gain (an
     action, not an undo): the best value since it was taken is not ``probation`` better than at that
     stall (its settings are withdrawn; the weights keep what they learnt, which on a plateau is
     progress the loss does not show yet). A repeating action gets ``PATIENT_REPEATS`` probations in a
@@ -148,12 +153,11 @@ def probation_verdict(
     (None, False, True)
     >>> probation_verdict(snapshot, 1.5, [EscapeAction(momentum=0.9)], 1, {}, 0.01, "min", "loss")
     ('loss rose to 1.5', True, False)
-    >>> spiked = snapshot | {"recent": [0.52, 0.5]}  # the run sits at 0.5: the stall's 1.5 is a spike
+    >>> spiked = snapshot | {"recent": [0.52, 0.5, 1.5]}  # the run sits at 0.52: the stall's 1.5 is a spike
     >>> probation_verdict(spiked, 1.5, [EscapeAction(momentum=0.9)], 1, {}, 0.01, "min", "loss")
     (None, False, True)
     """
-    key, recent = snapshot["list"], [*snapshot.get("recent", []), value]
-    sits = max(recent) if mode == "max" else min(recent)  # where the run sits: a spike at the stall is no harm
+    key, sits = snapshot["list"], statistics.median(snapshot.get("recent") or [value])  # a spike is no harm
     # twice as bad: a re-placement starts the loss afresh, from the first check after it
     at, best = snapshot.get("ref") or snapshot["value"], snapshot["best"]
     if (sits < at / 2) if mode == "max" else (sits > 2 * at):

@@ -59,7 +59,7 @@ def restore_snapshot(
 
 def note_check(snapshot: dict[str, Any], value: float, mode: str, keep: int) -> None:
     """Keep the best monitored value since the snapshot (what its action's probation is judged on)
-    and the last ``keep`` values (``recent``: where the run sits, harm is judged on); after a
+    and the last ``keep`` values (``recent``: where the run sits, harm is judged on them); after a
     re-placement (``ref`` pending) the first value is the reference it is judged from."""
     if "ref" in snapshot and snapshot["ref"] is None:
         snapshot["ref"] = snapshot["best"] = value
