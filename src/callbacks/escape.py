@@ -319,8 +319,7 @@ class PlateauEscape(Callback):
             return
         if self.rollback_on_divergence or self.probation is not None:  # undoing a kick can blow the run up too
             self._snapshot = self._snapshot_now(trainer, pl_module, value, ", ".join(undone), None)
-            span = None if self.raised_step is None else trainer.global_step - self.raised_step
-            self._snapshot |= {"stall": self.raised_at, "span": span}
+            self._snapshot["stall"] = self.raised_at  # with its step and the kick's: crawling reads them
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
         if self.lr_scale != 1.0:
             apply_to_trainer(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
@@ -337,7 +336,8 @@ class PlateauEscape(Callback):
         self.lr_scale, self.trust_ratio = snapshot["kicks"][:2]
         event, epoch, step = self._detector.last_stall, trainer.current_epoch, trainer.global_step
         self.raised_at, self.raised_step = at, step
-        what = f"{self._detector.monitor} fell {since:.3g} in {snapshot['span']} steps without the kicks"
+        span = snapshot["step"] - snapshot["raised_step"]
+        what = f"{self._detector.monitor} fell {since:.3g} in {span} steps without the kicks"
         what += f" ({kicked:.3g} with them): '{snapshot['action']}' undone"
         self._record(trainer, event, what, epoch, step, lr_from=lrs_before)
         self._detector.save_events(trainer)

@@ -199,15 +199,15 @@ def plateau_floor(snapshot: dict[str, Any] | None, value: float, harmed: bool, m
 
 def crawling(undone: dict[str, Any], step: int, mode: str) -> tuple[float, float] | None:
     """Whether the run crawls since its kicks were undone (``undone``: the snapshot taken then, with
-    ``stall``, the value at the stall they answered, ``value`` and ``best`` since, ``step`` and ``span``,
-    the steps they were in force): once as many steps have passed, it has fallen by less than ``CRAWL``
-    of the drop they brought. That drop and the one since, or None.
+    ``stall``, the value at the stall they answered, ``value`` and ``best`` since, ``step``, and
+    ``raised_step``, the step they were taken at): once as many steps have passed as they were in force,
+    it has fallen by less than ``CRAWL`` of the drop they brought. That drop and the one since, or None.
 
-    >>> undone = {"stall": 0.75, "value": 0.375, "best": 0.359375, "step": 1000, "span": 100}
+    >>> undone = {"stall": 0.75, "value": 0.375, "best": 0.359375, "step": 1000, "raised_step": 900}
     >>> crawling(undone, 1050, "min"), crawling(undone, 1100, "min")  # 0.016 in 100 steps, after 0.375 in 100
     (None, (0.375, 0.015625))
     """
-    if undone.get("span") is None or step - undone["step"] < undone["span"]:
+    if undone.get("raised_step") is None or step - undone["step"] < undone["step"] - undone["raised_step"]:
         return None
     sign = 1.0 if mode == "min" else -1.0
     kicked, since = sign * (undone["stall"] - undone["value"]), sign * (undone["value"] - undone["best"])
