@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from src.callbacks import EscapeAction, PlateauDetector, PlateauEscape
+from src.callbacks import escape_snapshot as snapshots
 from src.callbacks.escape_actions import apply_action
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
@@ -157,3 +160,27 @@ def test_the_default_policys_layer_wise_steps_are_as_large_as_sgds_under_momentu
         steps = [(a.trust_ratio, a.momentum) for a in on_other[key] if a.trust_ratio]
         momenta = [m if "momentum" in other.param_groups[0] else None for _, m in sgd_steps]
         assert [s for s, _ in steps] == pytest.approx([s for s, _ in sgd_steps]) and [m for _, m in steps] == momenta
+
+
+@pytest.mark.parametrize("restore", ["settings", "weights", "own settings"])
+def test_rmsprop_steps_on_once_a_rollback_puts_back_a_momentum_whose_buffers_were_cleared(restore):
+    """RMSprop creates its momentum buffer at a param's first step only. An action that sets momentum
+    0 clears the buffers; a rollback that puts 0.9 back (an action's settings withdrawn, its weights
+    and optimizer state rolled back, or the run's own settings at the safe point) gives them back."""
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.RMSprop(layer.parameters(), lr=1e-3, momentum=0.9)
+    layer(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    trainer = SimpleNamespace(optimizers=[optimizer], lr_scheduler_configs=[])
+    own = snapshots.group_settings(trainer)
+    apply_action(optimizer, EscapeAction(momentum=0.0))
+    assert not any("momentum_buffer" in optimizer.state[p] for p in layer.parameters())
+    cleared = snapshots.take_snapshot(trainer, layer)  # the state without buffers, and momentum 0.9...
+    cleared["optimizers"][0]["param_groups"][0]["momentum"] = 0.9  # ...put back by a withdrawal before
+    if restore == "own settings":
+        snapshots.put_settings(trainer, own)
+    else:
+        snapshots.restore_snapshot(trainer, layer, cleared, weights=restore == "weights")
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+    optimizer.step()  # a KeyError ('momentum_buffer') without the buffers given back
+    assert all("momentum_buffer" in optimizer.state[p] for p in layer.parameters())

@@ -212,13 +212,8 @@ def apply_action(
                 for key in ("base_momentums", "max_momentums"):
                     if isinstance(getattr(scheduler, key, None), list):
                         getattr(scheduler, key)[index] = action.momentum
-            for param in group["params"]:
-                state = optimizer.state.get(param, {})
-                if not keep_buffers:
-                    state.pop("momentum_buffer", None)
-                if state and isinstance(optimizer, torch.optim.RMSprop) and action.momentum > 0 and not keep_buffers:
-                    # RMSprop creates its buffer at the first step only when momentum > 0 then
-                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            for param in group["params"] if not keep_buffers else ():
+                optimizer.state.get(param, {}).pop("momentum_buffer", None)
         if action.nesterov is not None:
             group["nesterov"] = action.nesterov
         if action.eps is not None:
@@ -238,10 +233,23 @@ def apply_action(
                 for key in ("base_lrs", "max_lrs"):  # max_lrs: CyclicLR's
                     if isinstance(getattr(scheduler, key, None), list):
                         getattr(scheduler, key)[index] *= factor
+    fill_momentum_buffers(optimizer)
     return {
         "lr": [float(group["lr"]) for group in optimizer.param_groups],
         "momentum": [float(group.get("momentum", 0.0)) for group in optimizer.param_groups],
     }
+
+
+def fill_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Give RMSprop a zero momentum buffer where its momentum is on and a param's state has none: it
+    creates one at a param's first step only, with momentum on then, and fails without it (a KeyError)
+    where momentum was set, or put back by a rollback, after that."""
+    if isinstance(optimizer, torch.optim.RMSprop):
+        for group in optimizer.param_groups:
+            for param in group["params"] if group["momentum"] > 0 else ():
+                state = optimizer.state.get(param)
+                if state and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 class LayerwiseSteps:

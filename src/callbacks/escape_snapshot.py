@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 
-from .escape_actions import EscapeAction, apply_action
+from .escape_actions import EscapeAction, apply_action, fill_momentum_buffers
 
 # Times a run is taken back to the point where it was out of a stall: once with its own settings,
 # then with the lr halved each time it diverges from there again, down to 1/512 of it (effectively
@@ -54,6 +54,7 @@ def restore_snapshot(
             for scheduler in schedulers:
                 if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs") and lr > 0:
                     scheduler.base_lrs[index] *= float(group["lr"]) / lr
+        fill_momentum_buffers(optimizer)  # settings of a time before the state's buffers were cleared
     return lrs_before[0]
 
 
@@ -80,6 +81,7 @@ def put_settings(trainer: L.Trainer, settings: list[list[dict[str, Any]]]) -> No
     for optimizer, groups in zip(trainer.optimizers, settings, strict=True):
         for group, saved in zip(optimizer.param_groups, groups, strict=True):
             group.update(copy.deepcopy(saved))
+        fill_momentum_buffers(optimizer)
 
 
 def back_to_safe(
