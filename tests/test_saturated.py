@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
 from torch import nn
 
 from src.callbacks import PlateauDetector, PlateauEscape
+from src.callbacks.escape_units import replace_stall_units
 from src.callbacks.events import load_events
 from src.callbacks.saturated import PinnedUnits, plain_mlp
 from src.data import Toy2DDataModule
@@ -70,6 +73,21 @@ def test_the_weakest_unit_is_the_one_the_next_layer_gets_least_from():
     spreads = torch.tanh(XOR[:, :1] * torch.tensor([1.0, 2.0, 0.5])).std(0, correction=0)
     reads = second.weight.norm(dim=0).detach()
     assert pinned.weakest()["net.layers.0"] == [int((spreads * reads).argmin())] == [2]
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_units_found_on_weights_rolled_back_since_are_found_again_before_they_are_re_placed(stale):
+    """A stall names unit 0 pinned; the weights it was found on are gone (a harmful action rolled
+    back), and on the weights now it is unit 1 that is pinned: unit 1 is the one re-placed."""
+    model = pinned_xor_net()
+    detector = PlateauDetector()
+    detector.units.bind(model)
+    detector.pinned.bind(model)
+    model(XOR)
+    trainer = SimpleNamespace(world_size=1, optimizers=[], global_step=0)
+    found_before = {"net.layers.0": {"dead": [], "always_on": [], "redundant": [], "saturated": [0]}}
+    replaced = replace_stall_units(trainer, model, detector, found_before, stale=stale)
+    assert replaced == (": net.layers.0 [1]" if stale else ": net.layers.0 [0]")
 
 
 @pytest.mark.slow

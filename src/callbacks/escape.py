@@ -235,7 +235,8 @@ class PlateauEscape(Callback):
         if self.raised_at is not None and self.restore_lr_below is not None:
             event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
         if action.replace_units or action.recycle:
-            replaced = replace_stall_units(trainer, pl_module, self._detector, event.units, weakest=action.recycle)
+            stale = why is not None and harmed  # the units were found on weights just rolled back
+            replaced = replace_stall_units(trainer, pl_module, self._detector, event.units, action.recycle, stale)
             what += replaced
             self._detector.restart(trainer.global_step)  # the loss moves from the new units' start
             if self._snapshot is not None:  # harm is judged from the first check after it; units found: it may repeat

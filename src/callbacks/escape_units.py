@@ -13,16 +13,19 @@ from .units import replace_idle_units
 
 def replace_stall_units(
     trainer: L.Trainer, pl_module: L.LightningModule, detector: Any, units: dict[str, dict[str, list]] | None,
-    weakest: bool,
+    weakest: bool = False, stale: bool = False,
 ) -> str:  # fmt: skip
     """Re-place the units a stall event names (``units``, as the ``detector`` found them): idle
     ReLU units (:func:`~.units.replace_idle_units`) and pinned units of a bounded activation
     (:meth:`~.saturated.PinnedUnits.replace`), or (``weakest``) each layer's weakest unit; the same
     new weights on every rank (rank 0's: each rank put the kinks on its own data). Returns what was
-    re-placed, as the event records it (``": none found"`` when nothing was)."""
+    re-placed, as the event records it (``": none found"`` when nothing was). ``stale``: the weights
+    were rolled back since the units were found."""
     broadcast = (lambda t: trainer.strategy.broadcast(t, src=0)) if trainer.world_size > 1 else None
     optimizers, generator = trainer.optimizers, torch.Generator().manual_seed(trainer.global_step)
     units, pinned = units or {}, detector.pinned
+    if stale:  # found on weights rolled back since: the pinned ones found again, idle counts of those weights dropped
+        units = {name: {"saturated": found} for name, found in pinned.find(mean_over_ranks(trainer)).items()}
     if weakest:
         replaced = pinned.replace(pinned.weakest(mean_over_ranks(trainer)), optimizers, generator, broadcast)
     else:
