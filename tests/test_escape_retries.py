@@ -53,6 +53,22 @@ def test_a_harmful_re_placement_gets_new_units_once_all_else_is_spent_from_where
         assert torch.equal(p, q)
 
 
+def test_after_a_harmful_re_placement_is_rolled_back_the_units_pinned_before_it_are_re_placed_anew(tmp_path):
+    """The stall that finds the harm was judged on the harmed weights, where the re-placed units are
+    live: the units to re-place again are found on the weights rolled back to, where they are pinned."""
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3)
+    escape = PlateauEscape(actions=[{"replace_units": True, "repeat": True}])
+    trainer = quiet_trainer(max_epochs=12, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    model = EveryNewUnitHurts(depth=3, width=4, activation="sigmoid")
+    with torch.no_grad():
+        model.net.layers[0].bias[1:3] = 30.0  # units 1 and 2 pinned at 1 on every input
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    replaced = [a.action for e in detector.events for a in e.actions if a.action.startswith("re-place")]
+    assert detector.events[1].actions[0].action.startswith("train/loss stalls at")  # the harm, rolled back
+    assert replaced == ["re-place idle units: net.layers.0 [1, 2]"] * 3
+
+
 def test_a_re_placement_that_brings_nothing_but_finds_units_goes_on_past_its_probations(tmp_path):
     L.seed_everything(0, verbose=False)
     detector = PlateauDetector(patience=3)
