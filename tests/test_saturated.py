@@ -90,6 +90,21 @@ def test_units_found_on_weights_rolled_back_since_are_found_again_before_they_ar
     assert replaced == (": net.layers.0 [1]" if stale else ": net.layers.0 [0]")
 
 
+def test_idle_relu_units_found_on_weights_rolled_back_since_are_re_placed_as_found():
+    """Idle ReLU units are counted over an epoch, not found again: a re-placed unit that died again is
+    dead on the weights gone back to as well (the dnnex nets' re-placements after a rollback)."""
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(depth=2, width=3, activation="relu")
+    detector = PlateauDetector()
+    detector.units.bind(model)
+    detector.pinned.bind(model)
+    model.train()
+    model(XOR)
+    trainer = SimpleNamespace(world_size=1, optimizers=[], global_step=0)
+    found_before = {"net.layers.0": {"dead": [2], "always_on": [], "redundant": []}}
+    assert replace_stall_units(trainer, model, detector, found_before, stale=True) == ": net.layers.0 [2]"
+
+
 @pytest.mark.slow
 def test_a_local_minimum_with_no_idle_unit_is_left_by_re_placing_the_weakest_unit(tmp_path):
     """The lab's XOR net, seed 5, trained by plain SGD into its local minimum (loss 0.347: both hidden

@@ -20,12 +20,15 @@ def replace_stall_units(
     (:meth:`~.saturated.PinnedUnits.replace`), or (``weakest``) each layer's weakest unit; the same
     new weights on every rank (rank 0's: each rank put the kinks on its own data). Returns what was
     re-placed, as the event records it (``": none found"`` when nothing was). ``stale``: the weights
-    were rolled back since the units were found."""
+    were rolled back since the units were found; the pinned ones are found again (idle ReLU units are
+    counted over an epoch: a re-placed unit that died again is dead on either weights)."""
     broadcast = (lambda t: trainer.strategy.broadcast(t, src=0)) if trainer.world_size > 1 else None
     optimizers, generator = trainer.optimizers, torch.Generator().manual_seed(trainer.global_step)
     units, pinned = units or {}, detector.pinned
-    if stale:  # found on weights rolled back since: the pinned ones found again, idle counts of those weights dropped
-        units = {name: {"saturated": found} for name, found in pinned.find(mean_over_ranks(trainer)).items()}
+    if stale:  # pinned units found on weights rolled back since: found again (the re-placed ones were live there)
+        units = {name: {k: v for k, v in found.items() if k != "saturated"} for name, found in units.items()}
+        for name, found in pinned.find(mean_over_ranks(trainer)).items():
+            units.setdefault(name, {})["saturated"] = found
     if weakest:
         replaced = pinned.replace(pinned.weakest(mean_over_ranks(trainer)), optimizers, generator, broadcast)
     else:
