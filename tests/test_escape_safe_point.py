@@ -102,8 +102,9 @@ def test_each_divergence_from_the_point_halves_the_lr_until_the_retries_are_spen
 
 # diverged at 8 and 10; back at the stall at 9 and 12 (below): resumed after the first return
 @pytest.mark.parametrize(
-    ("script", "stop", "epochs"), [({8: 100.0, 10: 100.0}, 9, 12), (dict.fromkeys(range(7, 20), 1.0), 11, 15)]
-)
+    ("script", "stop", "epochs"),
+    [({8: 100.0, 10: 100.0}, 9, 12), ({8: 100.0, 10: 100.0}, 5, 12), (dict.fromkeys(range(7, 20), 1.0), 11, 15)],
+)  # stopped after epoch 4: the point out of the stall taken, its first check (epoch 5) still to come
 def test_a_resumed_run_goes_back_to_the_same_point_with_the_same_lr(tmp_path, script, stop, epochs):
     momentum = {"momentum": 0.9}
     straight, _, _, straight_trainer = fit(script, momentum, epochs=epochs)
@@ -136,6 +137,14 @@ def test_a_divergence_under_the_runs_own_settings_goes_back_at_half_the_lr_at_on
         and same(restored._safe["model"], weights.at_end[4])
     )
     assert restored._own[0][0]["momentum"] == 0.0
+
+
+def test_a_point_out_of_the_stall_whose_weights_diverge_at_the_next_check_is_not_gone_back_to():
+    # out at epoch 4 (0.31); epoch 5's loss, the first of the weights taken at 4, diverges: no point to go back to
+    detector, escape, _, trainer = fit({5: 100.0}, {"momentum": 0.9}, epochs=12)
+    assert [(e.kind, e.epoch) for e in detector.events] == [(EventKind.STALL, 3), (EventKind.DIVERGENCE, 5)]
+    assert detector.events[1].actions == [] and not detector.events[1].recovered
+    assert escape._safe is None and escape._pending is None and trainer.current_epoch == 6
 
 
 def test_a_run_the_escape_never_got_out_of_a_stall_is_left_to_diverge():

@@ -98,14 +98,15 @@ class PlateauEscape(Callback):
         self.history: list[Action] = []
         self.lr_scale = 1.0  # product of the lr raises in force
         self.trust_ratio: float | None = None  # layer-wise steps in force
-        self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
-        self.raised_step: int | None = None  # and the step it was taken at
+        self.raised_at, self.raised_step = None, None  # monitored value at the stall that caused the last kick, step
         self.keep_kicks = False  # undoing them blew the run up once: they stay
         self.redraws: dict[str, int] = {}  # per list: its re-placements that did harm
         self.rollback_on_divergence, self.probation = rollback_on_divergence, probation
         self.fruitless: dict[str, int] = {}  # per list: probations in a row its repeating action had no gain
         self._snapshot: dict[str, Any] | None = None  # the state before the last action, in memory
-        self._safe: dict[str, Any] | None = None  # the state where the run was last out of a stall
+        # the state where the run was last out of a stall; the same taken at the last check (the next judges it)
+        self._safe: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None
         self._own: list[list[dict[str, Any]]] | None = None  # the optimizers' settings before any action
         self._detector: PlateauDetector | None = None
         self._steps = LayerwiseSteps()
@@ -116,8 +117,7 @@ class PlateauEscape(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # Lightning asks for it around every hook call: the configured actions, fixed at construction
-        # (not the ones adapted to the optimizer at fit start, which a resume restores before).
+        # asked for around every hook: the configured actions (a resume restores before fit start adapts them)
         if getattr(self, "_state_key", None) is None:
             described = {key: [a.describe() for a in listed] for key, listed in self._configured.items()}
             only_any = list(described) == ["any"]
@@ -179,8 +179,7 @@ class PlateauEscape(Callback):
             self._back_to_safe(trainer, pl_module, event, "diverged", in_force)
             return
         if event.kind is EventKind.DIVERGENCE and self.lr_scale != 1.0:
-            # Never escape into divergence silently: say which lr raise preceded it.
-            last = next(r for r in reversed(self.history) if r.lr_raise)
+            last = next(r for r in reversed(self.history) if r.lr_raise)  # never silently: the raise before it
             note = f"none: diverged after '{last.action}' at epoch {last.epoch} (lr {last.lr[0]:g})"
             event.actions.append(Action(note, event.epoch, event.step))
         if event.kind is not EventKind.STALL:
@@ -274,8 +273,7 @@ class PlateauEscape(Callback):
         if key is None:  # the kicks were undone: keep them from now on
             self.keep_kicks = True
         elif self.spent_by.get(key, 0) >= len(self.actions.get(key, ())):
-            # its last action (a repeating one) is not tried again; a re-placement that found units
-            # may repeat (new units each time), and one that did harm once all else is spent
+            # not again; a re-placement that found units: again, new ones (one that did harm: once all else is spent)
             if weights and snapshot.get("replaced"):
                 self.redraws[key] = self.redraws.get(key, 0) + 1
             self.failed += [key] if key not in self.failed and (weights or not snapshot.get("replaced")) else []
@@ -291,6 +289,9 @@ class PlateauEscape(Callback):
         """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall;
         roll the undo back (they stay) where ``value`` is back at the stall they answered."""
         mode = self._detector.mode
+        if self._pending is not None:  # the first check of its weights: they hold, or the safe point stays
+            held = policies.held(value, self._detector.tracker.diverged)
+            self._safe, self._pending = self._pending if held else self._safe, None
         if self._snapshot is not None:
             snapshots.note_check(self._snapshot, value, mode, policies.RECENT_CHECKS)
         at = (self._snapshot or {}).get("stall")  # kicks undone: back at the stall they answered, they come back
@@ -308,7 +309,7 @@ class PlateauEscape(Callback):
             self.worked = self.worked if key is None else (key, self._snapshot["action"])
             self._snapshot, self.withdrawn = None, []  # out of the stall: the point to come back to
             if self.rollback_on_divergence:
-                self._safe = self._snapshot_now(trainer, pl_module, value, "", None) | {"left": left}
+                self._pending = self._snapshot_now(trainer, pl_module, value, "", None) | {"left": left}
         if self.restore_lr_below is None or self.raised_at is None or self.keep_kicks:
             return
         if not moved_past(value, self.raised_at, self.restore_lr_below, mode):  # not out of the stall yet
@@ -334,9 +335,8 @@ class PlateauEscape(Callback):
         """The kicks undone come back (settings, not weights), to be undone again once out of this stall."""
         (kicked, since), snapshot, self._snapshot = drops, self._snapshot, None
         lrs_before = snapshots.restore_snapshot(trainer, module, snapshot, weights=False)
-        self.lr_scale, self.trust_ratio = snapshot["kicks"][:2]
         event, epoch, step = self._detector.last_stall, trainer.current_epoch, trainer.global_step
-        self.raised_at, self.raised_step = at, step
+        self.lr_scale, self.trust_ratio, self.raised_at, self.raised_step = *snapshot["kicks"][:2], at, step
         span = snapshot["step"] - snapshot["raised_step"]
         what = f"{self._detector.monitor} fell {since:.3g} in {span} steps without the kicks"
         what += f" ({kicked:.3g} with them): '{snapshot['action']}' undone"
@@ -396,5 +396,5 @@ class PlateauEscape(Callback):
 # what a checkpoint keeps of the policy's walk, besides the actions applied ("spent") and their history
 _STATE = (
     "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "raised_step", "failed", "keep_kicks",
-    "said_spent", "fruitless", "redraws", "worked", "_snapshot", "_safe", "_own",
+    "said_spent", "fruitless", "redraws", "worked", "_snapshot", "_safe", "_pending", "_own",
 )  # fmt: skip
