@@ -98,7 +98,8 @@ class PlateauEscape(Callback):
         self.history: list[Action] = []
         self.lr_scale = 1.0  # product of the lr raises in force
         self.trust_ratio: float | None = None  # layer-wise steps in force
-        self.raised_at, self.raised_step = None, None  # monitored value at the stall that caused the last kick, step
+        self.raised_at: float | None = None  # monitored value at the stall that caused the last kick
+        self.raised_step: int | None = None  # and the step it was taken at
         self.keep_kicks = False  # undoing them blew the run up once: they stay
         self.redraws: dict[str, int] = {}  # per list: its re-placements that did harm
         self.rollback_on_divergence, self.probation = rollback_on_divergence, probation
@@ -234,8 +235,8 @@ class PlateauEscape(Callback):
         if self.raised_at is not None and self.restore_lr_below is not None:
             event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
         if action.replace_units or action.recycle:
-            stale = why is not None and harmed  # the units were found on weights just rolled back
-            replaced = replace_stall_units(trainer, pl_module, self._detector, event.units, action.recycle, stale)
+            # harmed: rolled back, weights too, so the stall's units were found on weights now gone
+            replaced = replace_stall_units(trainer, pl_module, self._detector, event.units, action.recycle, harmed)
             what += replaced
             self._detector.restart(trainer.global_step)  # the loss moves from the new units' start
             if self._snapshot is not None:  # harm is judged from the first check after it; units found: it may repeat
@@ -288,15 +289,14 @@ class PlateauEscape(Callback):
     def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
         """Undo the kicks (lr raises, layer-wise steps) once ``value`` says the run is out of the stall;
         roll the undo back (they stay) where ``value`` is back at the stall they answered."""
-        mode = self._detector.mode
-        if self._pending is not None:  # the first check of its weights: they hold, or the safe point stays
-            held = policies.held(value, self._detector.tracker.diverged)
-            self._safe, self._pending = self._pending if held else self._safe, None
+        mode, sound = self._detector.mode, math.isfinite(value) and not self._detector.tracker.diverged(value)
+        if self._pending is not None:  # the first check of its weights (a step can blow them up): kept if sound
+            self._safe, self._pending = self._pending if sound else self._safe, None
         if self._snapshot is not None:
             snapshots.note_check(self._snapshot, value, mode, policies.RECENT_CHECKS)
         at = (self._snapshot or {}).get("stall")  # kicks undone: back at the stall they answered, they come back
         back = at is not None and not moved_past(value, at, 1 - (self.probation or 0.01), mode)
-        if back and math.isfinite(value) and not self._detector.tracker.diverged(value):  # not a divergence
+        if back and sound:  # not a divergence
             why = f"{self._detector.monitor} back at {value:.4g}"
             self._roll_back(trainer, pl_module, self._detector.last_stall, why=why)
             self._detector.save_events(trainer)

@@ -7,9 +7,8 @@ optimizer is :mod:`.escape_actions`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -224,21 +223,6 @@ def relapsed(safe: dict[str, Any] | None, value: float, probation: float | None,
     """
     left = (safe or {}).get("left")
     return left is not None and probation is not None and not moved_past(value, left, 1 - probation, mode)
-
-
-def held(value: float, diverged: Callable[[float], bool]) -> bool:
-    """Whether the point out of a stall taken at the last check is one to come back to: ``value``, the
-    first check of its weights (taken after that check's steps, which can blow them up), is finite and
-    not ``diverged`` (a noisy loss back above half the stall is still a point out of it). The stall
-    zoo's momentum cell, ReLU fix, seed 2, under a variant of the policy: a kick blew its weights up
-    (loss 17525) one step after such a point was taken, and the 10 rollbacks to it all went back there;
-    with the point held back, the run went back to the one before (epoch 101) and ended at 0.693, as
-    without the policy.
-
-    >>> held(0.12, lambda v: v > 10), held(17525.0, lambda v: v > 10), held(float("nan"), lambda v: v > 10)
-    (True, False, False)
-    """
-    return math.isfinite(value) and not diverged(value)
 
 
 def idle_actions(policy: dict[str, list[EscapeAction]], optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
