@@ -76,14 +76,11 @@ def test_lr_raise_and_momentum_survive_schedulers_that_recompute_both_every_step
 def fake_trainer(optimizer, scheduler, events):
     stalls = [event for event in events if event.kind is EventKind.STALL]
     detector = SimpleNamespace(events=events, mode="min", save_events=lambda trainer: None, last_stall=stalls[-1])
+    detector.tracker = SimpleNamespace(diverged=lambda value: False)  # the escape asks it at every check
     trainer = SimpleNamespace(
-        optimizers=[optimizer],
-        lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)],
-        loggers=[],
-        current_epoch=7,
-        global_step=7,
-        is_global_zero=True,
-    )
+        optimizers=[optimizer], lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)], loggers=[],
+        current_epoch=7, global_step=7, is_global_zero=True,
+    )  # fmt: skip
     return trainer, detector
 
 
