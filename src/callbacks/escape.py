@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -17,13 +15,14 @@ from . import escape_policy as policies
 from . import escape_snapshot as snapshots
 from .dashboard import log_action
 from .escape_actions import EscapeAction, LayerwiseSteps, apply_to_trainer, confirm_settings, settings_of
+from .escape_state import CheckpointedWalk
 from .escape_units import replace_stall_units
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
 from .plateau import PlateauDetector
 
 
-class PlateauEscape(Callback):
+class PlateauEscape(CheckpointedWalk, Callback):
     r"""Acts on the stalls a :class:`~src.callbacks.PlateauDetector` reports, with the remedy for each diagnosis.
 
     ``actions`` maps a diagnosis to its escalation list; each stall gets the next action of its
@@ -376,25 +375,3 @@ class PlateauEscape(Callback):
         record = log_action(trainer, event, what, epoch, step, lr_raise, lr_from)
         self.history.append(record)
         self._unconfirmed.append(record)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        # with the snapshot: an action on probation can still be rolled back after a resume
-        state = {name.lstrip("_"): getattr(self, name) for name in _STATE}
-        return state | {"spent": self.applied, "history": [asdict(a) for a in self.history]}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for name in _STATE:  # a checkpoint from before a setting existed keeps its default
-            setattr(self, name, copy.deepcopy(state_dict.get(name.lstrip("_"), getattr(self, name))))
-        if "spent_by" not in state_dict:  # from before the lists were counted apart
-            self.spent_by = {"any": state_dict["spent"]}
-        self.history = [Action(**record) for record in state_dict["history"]]
-        self.applied = state_dict["spent"]
-
-
-# what a checkpoint keeps of the policy's walk, besides the actions applied ("spent") and their history
-_STATE = (
-    "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "raised_step", "failed", "keep_kicks",
-    "said_spent", "fruitless", "redraws", "worked", "_snapshot", "_safe", "_pending", "_own",
-)  # fmt: skip
