@@ -201,3 +201,30 @@ def test_a_stall_reported_on_a_noisy_high_is_no_gain_to_beat(tmp_path):
     # each is judged on the floor (0.3467), also where its stall was reported on a high (0.3512)
     assert verdicts == ["no gain on probation"] * 3, [a.action for e in detector.events for a in e.actions]
     assert [e.actions[-1].action for e in detector.events][-1] == "none: every escape action is spent"
+
+
+class OutUnderTinyEps(MLPClassifier):
+    """A scripted stall under Adam (lr 0): from the first step with eps below 1e-12 on, the loss falls
+    to 0.3, 0.09, 0.027, 0.0081 of itself, one epoch each, whatever eps is then."""
+
+    kicked_at = None
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.0)
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        eps = self.trainer.optimizers[0].param_groups[0]["eps"] if self._trainer is not None else 1e-8
+        self.kicked_at = self.current_epoch if self.kicked_at is None and eps < 1e-12 else self.kicked_at
+        return logits, loss if self.kicked_at is None else loss * 0.3 ** min(self.current_epoch - self.kicked_at + 1, 4)
+
+
+def test_eps_is_a_kick_put_back_once_the_run_is_out_of_the_stall(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3)
+    escape = PlateauEscape(actions=[{"eps": 1e-16}])
+    trainer = quiet_trainer(max_epochs=9, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(OutUnderTinyEps(depth=3), datamodule=Toy2DDataModule())
+    actions = [a.action for e in detector.events for a in e.actions]
+    assert len(actions) == 2 and actions[0] == "eps 1e-16" and actions[1].startswith("eps back (out of the stall: ")
+    assert trainer.optimizers[0].param_groups[0]["eps"] == 1e-8 and escape.raised_at is None

@@ -50,7 +50,7 @@ class PlateauEscape(CheckpointedWalk, Callback):
             same as ``{any: [...]}``), as YAML such as ``{vanishing: [{trust_ratio: 0.01}], any:
             [{momentum: 0.9}, {lr_factor: 10, max_lr: 1.0}]}``; see :class:`EscapeAction`.
         on_exhausted: What to do on a stall that has no action left: ``continue``, or ``stop`` (said why).
-        restore_lr_below: lr raises and layer-wise steps are a kick, not a new setting: once the
+        restore_lr_below: lr raises, eps and layer-wise steps are a kick, not a new setting: once the
             monitored value has fallen below this fraction of its value at the stall that caused the
             last kick (above its inverse with ``mode: max``), they are undone (momentum changes
             stay); ``null`` keeps them. Where undoing them blows the run up (a divergence, a stall at
@@ -228,8 +228,8 @@ class PlateauEscape(CheckpointedWalk, Callback):
         if action.lr_factor is not None and lr_before > 0:
             self.lr_scale *= lr_after / lr_before
             self.raised_at, self.raised_step = value, trainer.global_step
-        if action.trust_ratio is not None:
-            self.trust_ratio = action.trust_ratio
+        if action.trust_ratio is not None or action.eps is not None:  # kicks: undone once out of the stall
+            self.trust_ratio = self.trust_ratio if action.trust_ratio is None else action.trust_ratio
             self.raised_at, self.raised_step = value, trainer.global_step
         if self.raised_at is not None and self.restore_lr_below is not None:
             event.out_fraction = self.restore_lr_below  # the progress bar closes the stall when the kicks end
@@ -315,6 +315,7 @@ class PlateauEscape(CheckpointedWalk, Callback):
             return
         undone = ["lr restored"] if self.lr_scale != 1.0 else []
         undone += ["layer-wise steps off"] if self.trust_ratio is not None else []
+        undone += ["eps back"] if snapshots.eps_kicked(trainer, self._own) else []
         if not undone:  # a raise that changed nothing (the lr was at its cap already): nothing to undo
             self.raised_at = None
             return
@@ -324,6 +325,7 @@ class PlateauEscape(CheckpointedWalk, Callback):
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
         if self.lr_scale != 1.0:
             apply_to_trainer(trainer, EscapeAction(lr_factor=1 / self.lr_scale))
+        snapshots.put_eps_back(trainer, self._own)
         self.lr_scale, self.trust_ratio, self.raised_at = 1.0, None, None
         event = self._detector.last_stall
         what = f"{', '.join(undone)} (out of the stall: {value:.4g} vs {event.value:.4g})"

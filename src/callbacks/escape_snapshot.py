@@ -107,3 +107,18 @@ def back_to_safe(
     lr = f", lr x{0.5 ** (safe['tries'] - 1):g}" if safe["tries"] > 1 else ""
     where = f", before '{safe['action']}'" if safe.get("action") else " (out of the stall)"  # a divergence's point
     return lrs_before, f"{why}: rolled back to epoch {safe['epoch']}{where}, its own settings back{lr}"
+
+
+def eps_kicked(trainer: L.Trainer, own: list[list[dict[str, Any]]] | None) -> bool:
+    """Whether some param group's ``eps`` is not the optimizer's own (``own``: :func:`group_settings`)."""
+    groups = [g for o in trainer.optimizers for g in o.param_groups]
+    saved = [g for listed in own or [] for g in listed]
+    return any("eps" in s and g.get("eps") != s["eps"] for g, s in zip(groups, saved, strict=False))
+
+
+def put_eps_back(trainer: L.Trainer, own: list[list[dict[str, Any]]] | None) -> None:
+    """Each param group's ``eps`` back to the optimizer's own."""
+    groups = [g for o in trainer.optimizers for g in o.param_groups]
+    for group, saved in zip(groups, [g for listed in own or [] for g in listed], strict=False):
+        if "eps" in saved:
+            group["eps"] = saved["eps"]
