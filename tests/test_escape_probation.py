@@ -200,7 +200,32 @@ def test_a_stall_reported_on_a_noisy_high_is_no_gain_to_beat(tmp_path):
     # the first action had no floor to be judged on: 0.3467 counted as a gain on 0.3512; from then on
     # each is judged on the floor (0.3467), also where its stall was reported on a high (0.3512)
     assert verdicts == ["no gain on probation"] * 3, [a.action for e in detector.events for a in e.actions]
-    assert [e.actions[-1].action for e in detector.events][-1] == "none: every escape action is spent"
+    # the first one's momentum 0.9 stayed (its gain): with all spent, the run goes on with its own momentum
+    spent = "none: every escape action is spent; the optimizer's own settings back"
+    assert [e.actions[-1].action for e in detector.events][-1] == spent
+
+
+class GainsUnderMomentum(Stuck):
+    """A scripted stall (lr 0) whose loss is 10% lower while momentum is 0.9: momentum brings a gain,
+    stays, and the next stall finds the list spent."""
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        momentum = self.trainer.optimizers[0].param_groups[0]["momentum"] if self._trainer is not None else 0.0
+        return logits, loss * (0.9 if momentum == 0.9 else 1.0)
+
+
+def test_once_every_action_is_spent_the_run_goes_on_with_the_optimizers_own_settings(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3)
+    escape = PlateauEscape(actions=[{"momentum": 0.9}])
+    trainer = quiet_trainer(max_epochs=16, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(GainsUnderMomentum(depth=3), datamodule=Toy2DDataModule())
+    actions = [a.action for e in detector.events for a in e.actions]
+    # nothing got the run out: it goes on as it would without the escape, and says so once
+    assert actions == ["momentum 0.9", "none: every escape action is spent; the optimizer's own settings back"]
+    assert trainer.optimizers[0].param_groups[0]["momentum"] == 0.0 and len(detector.events) > 2
+    assert detector.events[1].actions[0].momentum == [0.0]  # what the next step used
 
 
 class OutUnderTinyEps(MLPClassifier):

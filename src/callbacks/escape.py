@@ -21,6 +21,8 @@ from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
 from .plateau import PlateauDetector
 
+SPENT = "none: every escape action is spent"
+
 
 class PlateauEscape(CheckpointedWalk, Callback):
     r"""Acts on the stalls a :class:`~src.callbacks.PlateauDetector` reports, with the remedy for each diagnosis.
@@ -39,8 +41,10 @@ class PlateauEscape(CheckpointedWalk, Callback):
     from where the run went back to. An action withdrawn or rolled back is passed over, in every list, until one
     brings a gain, and so is one whose settings hold already (momentum 0.9 where it is 0.9); once all else is
     spent, a re-placement that did harm gets new units, ``PATIENT_REPEATS`` times in all. Once every action is
-    spent the run says so once. Each action is logged (``optim/lr``, ``optim/momentum``, text) and put in
-    ``stall_events.json`` with each lr before and after. A divergence once the run is out of a stall, or a
+    spent the run says so once and goes on with the optimizer's own settings (kicks whose undo did harm
+    stay): nothing the policy set got it out, and it must not end worse than without it. Each action is
+    logged (``optim/lr``, ``optim/momentum``, text) and put in ``stall_events.json`` with each lr before and
+    after. A divergence once the run is out of a stall, or a
     stall back at the one it was out of, takes it back to where it was out, with the optimizer's own settings
     and, each time again, half the lr (:func:`.escape_snapshot.back_to_safe`); a run never out of a stall is
     left to diverge. All this state is checkpointed, so a resumed run continues exactly.
@@ -209,8 +213,14 @@ class PlateauEscape(CheckpointedWalk, Callback):
                 event.actions.append(Action("stop: every escape action is spent", event.epoch, event.step))
                 rank_zero_info("PlateauEscape: still stalled after every action; stopping")
             elif not self.said_spent:  # once: later stalls are recorded without an action
-                self.said_spent = True
-                event.actions.append(Action("none: every escape action is spent", event.epoch, event.step))
+                self.said_spent, lrs = True, settings_of(trainer.optimizers[0])["lr"]
+                # nothing got it out: it goes on as without the escape, but for kicks whose undo did harm
+                if not self.keep_kicks and snapshots.put_own(trainer, self._own, self.lr_scale):
+                    self.lr_scale, self.trust_ratio = 1.0, None
+                    self.raised_at = self.worked = self._snapshot = None  # nothing on probation, nothing to repeat
+                    self._record(trainer, event, f"{SPENT}; the optimizer's own settings back", lr_from=lrs)
+                else:
+                    event.actions.append(Action(SPENT, event.epoch, event.step))
                 rank_zero_info("PlateauEscape: still stalled after every action; no more actions in this fit")
             return
         key, action, position = chosen

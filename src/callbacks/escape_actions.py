@@ -33,7 +33,8 @@ class EscapeAction:
             vanish below it (1e-8 by default), Adam's step is ``m / eps``, not its normalised
             size, and the early layers do not move: a depth-18 sigmoid net stays at ln 2 for 2000
             epochs at 1e-8 and learns at 1e-16 (0.063 by epoch 1000). A kick, as an lr raise: put back
-            once the run is out of the stall.
+            once the run is out of the stall, or once every action is spent (kept at 1e-16, Adam's
+            steps took a stall zoo run rolled back into its minimum out of it: xor, seed 3, 0.478 -> 0.694).
         replace_units: Re-place the units the stall names: ReLU units dead, always on, or the second
             of a redundant pair, with new ones whose kink is on a training point (see
             :func:`~.units.replace_units`); units of a bounded activation pinned at a bound, with new

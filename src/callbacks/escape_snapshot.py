@@ -109,6 +109,19 @@ def back_to_safe(
     return lrs_before, f"{why}: rolled back to epoch {safe['epoch']}{where}, its own settings back{lr}"
 
 
+def put_own(trainer: L.Trainer, own: list[list[dict[str, Any]]] | None, lr_scale: float) -> bool:
+    """The optimizers' ``own`` settings back (:func:`group_settings`; None: no action was taken), with the
+    lr raises in force (``lr_scale``) undone; whether any setting was not the optimizers' own."""
+    if own is None or (lr_scale == 1.0 and group_settings(trainer) == own):
+        return False
+    if lr_scale != 1.0:
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        for optimizer in trainer.optimizers:
+            apply_action(optimizer, EscapeAction(lr_factor=1 / lr_scale), schedulers)
+    put_settings(trainer, own)
+    return True
+
+
 def eps_kicked(trainer: L.Trainer, own: list[list[dict[str, Any]]] | None) -> bool:
     """Whether some param group's ``eps`` is not the optimizer's own (``own``: :func:`group_settings`)."""
     groups = [g for o in trainer.optimizers for g in o.param_groups]
