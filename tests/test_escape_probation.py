@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import lightning as L
+import pytest
 import torch
 
 from src.callbacks import EscapeAction, PlateauDetector, PlateauEscape
@@ -205,27 +206,33 @@ def test_a_stall_reported_on_a_noisy_high_is_no_gain_to_beat(tmp_path):
     assert [e.actions[-1].action for e in detector.events][-1] == spent
 
 
-class GainsUnderMomentum(Stuck):
-    """A scripted stall (lr 0) whose loss is 10% lower while momentum is 0.9: momentum brings a gain,
-    stays, and the next stall finds the list spent."""
+class GainsUnderTheAction(Stuck):
+    """A scripted stall (lr 0) whose loss is 10% lower while the escape's momentum 0.9 or layer-wise
+    steps are in force: the action brings a gain, stays, and the next stall finds the list spent."""
 
     def _logits_and_loss(self, batch):
         logits, loss = super()._logits_and_loss(batch)
-        momentum = self.trainer.optimizers[0].param_groups[0]["momentum"] if self._trainer is not None else 0.0
-        return logits, loss * (0.9 if momentum == 0.9 else 1.0)
+        if self._trainer is None:
+            return logits, loss
+        escape = next(c for c in self.trainer.callbacks if isinstance(c, PlateauEscape))
+        in_force = self.trainer.optimizers[0].param_groups[0]["momentum"] == 0.9 or escape.trust_ratio is not None
+        return logits, loss * (0.9 if in_force else 1.0)
 
 
-def test_once_every_action_is_spent_the_run_goes_on_with_the_optimizers_own_settings(tmp_path):
+@pytest.mark.parametrize("action", [{"momentum": 0.9}, {"trust_ratio": 0.01}])
+def test_once_every_action_is_spent_the_run_goes_on_with_the_optimizers_own_settings(tmp_path, action):
     L.seed_everything(0, verbose=False)
     detector = PlateauDetector(patience=3)
-    escape = PlateauEscape(actions=[{"momentum": 0.9}])
+    escape = PlateauEscape(actions=[action])
     trainer = quiet_trainer(max_epochs=16, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
-    trainer.fit(GainsUnderMomentum(depth=3), datamodule=Toy2DDataModule())
+    trainer.fit(GainsUnderTheAction(depth=3), datamodule=Toy2DDataModule())
     actions = [a.action for e in detector.events for a in e.actions]
     # nothing got the run out: it goes on as it would without the escape, and says so once
-    assert actions == ["momentum 0.9", "none: every escape action is spent; the optimizer's own settings back"]
-    assert trainer.optimizers[0].param_groups[0]["momentum"] == 0.0 and len(detector.events) > 2
-    assert detector.events[1].actions[0].momentum == [0.0]  # what the next step used
+    spent = "none: every escape action is spent; the optimizer's own settings back"
+    assert actions[-1] == spent and actions.count(spent) == 1 and detector.events[-1].actions == [], actions
+    assert trainer.optimizers[0].param_groups[0]["momentum"] == 0.0 and escape.trust_ratio is None
+    said = next(a for e in detector.events for a in e.actions if a.action == spent)
+    assert said.momentum == [0.0]  # what the next step used
 
 
 class OutUnderTinyEps(MLPClassifier):

@@ -41,13 +41,13 @@ class PlateauEscape(CheckpointedWalk, Callback):
     from where the run went back to. An action withdrawn or rolled back is passed over, in every list, until one
     brings a gain, and so is one whose settings hold already (momentum 0.9 where it is 0.9); once all else is
     spent, a re-placement that did harm gets new units, ``PATIENT_REPEATS`` times in all. Once every action is
-    spent the run says so once and goes on with the optimizer's own settings (kicks whose undo did harm
-    stay): nothing the policy set got it out, and it must not end worse than without it. Each action is
-    logged (``optim/lr``, ``optim/momentum``, text) and put in ``stall_events.json`` with each lr before and
-    after. A divergence once the run is out of a stall, or a
-    stall back at the one it was out of, takes it back to where it was out, with the optimizer's own settings
-    and, each time again, half the lr (:func:`.escape_snapshot.back_to_safe`); a run never out of a stall is
-    left to diverge. All this state is checkpointed, so a resumed run continues exactly.
+    spent the run says so once and goes on with the optimizer's own settings, layer-wise steps off (kicks whose
+    undo did harm stay): nothing the policy set got it out, and it must not end worse than without it. Each
+    action is logged (``optim/lr``, ``optim/momentum``, text) and put in ``stall_events.json`` with each lr
+    before and after. A divergence once the run is out of a stall, or a stall back at the one it was out of,
+    takes it back to where it was out, with the optimizer's own settings and, each time again, half the lr
+    (:func:`.escape_snapshot.back_to_safe`); a run never out of a stall is left to diverge. All this state is
+    checkpointed, so a resumed run continues exactly.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -215,7 +215,8 @@ class PlateauEscape(CheckpointedWalk, Callback):
             elif not self.said_spent:  # once: later stalls are recorded without an action
                 self.said_spent, lrs = True, settings_of(trainer.optimizers[0])["lr"]
                 # nothing got it out: it goes on as without the escape, but for kicks whose undo did harm
-                if not self.keep_kicks and snapshots.put_own(trainer, self._own, self.lr_scale):
+                own = not self.keep_kicks and snapshots.put_own(trainer, self._own, self.lr_scale)
+                if own or (not self.keep_kicks and self.trust_ratio is not None):
                     self.lr_scale, self.trust_ratio = 1.0, None
                     self.raised_at = self.worked = self._snapshot = None  # nothing on probation, nothing to repeat
                     self._record(trainer, event, f"{SPENT}; the optimizer's own settings back", lr_from=lrs)
