@@ -215,8 +215,7 @@ class PlateauEscape(CheckpointedWalk, Callback):
             elif not self.said_spent:  # once: later stalls are recorded without an action
                 self.said_spent, lrs = True, settings_of(trainer.optimizers[0])["lr"]
                 # nothing got it out: it goes on as without the escape, but for kicks whose undo did harm
-                own = not self.keep_kicks and snapshots.put_own(trainer, self._own, self.lr_scale)
-                if own or (not self.keep_kicks and self.trust_ratio is not None):
+                if not self.keep_kicks and (snapshots.put_own(trainer, self._own, self.lr_scale) or self.trust_ratio):
                     self.lr_scale, self.trust_ratio = 1.0, None
                     self.raised_at = self.worked = self._snapshot = None  # nothing on probation, nothing to repeat
                     self._record(trainer, event, f"{SPENT}; the optimizer's own settings back", lr_from=lrs)

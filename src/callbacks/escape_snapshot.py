@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 
-from .escape_actions import EscapeAction, apply_action, fill_momentum_buffers
+from .escape_actions import EscapeAction, apply_action, apply_to_trainer, fill_momentum_buffers
 
 # Times a run is taken back to the point where it was out of a stall: once with its own settings,
 # then with the lr halved each time it diverges from there again, down to 1/512 of it (effectively
@@ -115,23 +115,24 @@ def put_own(trainer: L.Trainer, own: list[list[dict[str, Any]]] | None, lr_scale
     if own is None or (lr_scale == 1.0 and group_settings(trainer) == own):
         return False
     if lr_scale != 1.0:
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        for optimizer in trainer.optimizers:
-            apply_action(optimizer, EscapeAction(lr_factor=1 / lr_scale), schedulers)
+        apply_to_trainer(trainer, EscapeAction(lr_factor=1 / lr_scale))
     put_settings(trainer, own)
     return True
 
 
-def eps_kicked(trainer: L.Trainer, own: list[list[dict[str, Any]]] | None) -> bool:
-    """Whether some param group's ``eps`` is not the optimizer's own (``own``: :func:`group_settings`)."""
+def _own_eps(trainer: L.Trainer, own: list[list[dict[str, Any]]] | None) -> list[tuple[dict[str, Any], float]]:
+    """Each param group that has an ``eps``, with the optimizer's own (``own``: :func:`group_settings`)."""
     groups = [g for o in trainer.optimizers for g in o.param_groups]
     saved = [g for listed in own or [] for g in listed]
-    return any("eps" in s and g.get("eps") != s["eps"] for g, s in zip(groups, saved, strict=False))
+    return [(group, s["eps"]) for group, s in zip(groups, saved, strict=False) if "eps" in s]
+
+
+def eps_kicked(trainer: L.Trainer, own: list[list[dict[str, Any]]] | None) -> bool:
+    """Whether some param group's ``eps`` is not the optimizer's own."""
+    return any(group["eps"] != eps for group, eps in _own_eps(trainer, own))
 
 
 def put_eps_back(trainer: L.Trainer, own: list[list[dict[str, Any]]] | None) -> None:
     """Each param group's ``eps`` back to the optimizer's own."""
-    groups = [g for o in trainer.optimizers for g in o.param_groups]
-    for group, saved in zip(groups, [g for listed in own or [] for g in listed], strict=False):
-        if "eps" in saved:
-            group["eps"] = saved["eps"]
+    for group, eps in _own_eps(trainer, own):
+        group["eps"] = eps
