@@ -111,8 +111,24 @@ def test_a_re_placement_is_judged_on_the_stall_it_answered():
         True,
     )
     # any other action there only brought no gain: its settings are withdrawn, its weights kept
-    assert judged(escape, {"list": "any", "value": 0.8}, 0.9) == ("no gain on probation (best 0.8 vs 0.8)", False)
-    assert judged(escape, {"list": "any", "value": 0.8}, 1.7) == ("train/loss rose to 1.7", True)  # twice as bad
+    found_at = {"list": "any", "value": 0.8, "first": 1.4}  # the escape found the run at 1.4
+    assert judged(escape, found_at, 0.9) == ("no gain on probation (best 0.8 vs 0.8)", False)
+    assert judged(escape, found_at, 1.7) == ("train/loss rose to 1.7", True)  # twice as bad
+
+
+def test_an_action_that_leaves_the_run_worse_than_where_the_escape_found_it_did_harm():
+    escape = PlateauEscape(actions={"any": [{"momentum": 0.9}, {"momentum": 0.5}]})
+    escape.spent_by = {"any": 1}
+    found_at = {"list": "any", "value": 0.8, "first": 1.4}  # the escape found the run at 1.4; this stall: 0.8
+    # under twice the stall it answered, but above where the run without the escape would sit: rolled back
+    assert judged(escape, found_at, 1.5) == ("train/loss rose to 1.5, above the first stall's 1.4", True)
+    assert judged(escape, found_at, 1.3) == ("no gain on probation (best 0.8 vs 0.8)", False)
+    # the first action: any rise above its stall
+    rose = "train/loss rose to 0.9, above the first stall's 0.8"
+    assert judged(escape, {**found_at, "first": 0.8}, 0.9) == (rose, True)
+    # where the run sits, not a spike it was reported on
+    spiked = {**found_at, "recent": [0.81, 0.8, 1.5]}
+    assert judged(escape, spiked, 1.5) == ("no gain on probation (best 0.8 vs 0.8)", False)
 
 
 def test_a_gain_lets_the_actions_withdrawn_before_it_be_tried_again():
@@ -260,3 +276,37 @@ def test_eps_is_a_kick_put_back_once_the_run_is_out_of_the_stall(tmp_path):
     actions = [a.action for e in detector.events for a in e.actions]
     assert len(actions) == 2 and actions[0] == "eps 1e-16" and actions[1].startswith("eps back (out of the stall: ")
     assert trainer.optimizers[0].param_groups[0]["eps"] == 1e-8 and escape.raised_at is None
+
+
+class WorseUnderMomentum(MLPClassifier):
+    """A scripted stall at 0.7 (the real gradients, SGD lr 0.1) that momentum 0.9 takes up to 0.8: above
+    the stall, yet under twice it."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        momentum = self.trainer.optimizers[0].param_groups[0]["momentum"] if self._trainer is not None else 0.0
+        return logits, loss - loss.detach() + (0.8 if momentum == 0.9 else 0.7)
+
+
+def test_an_action_that_leaves_the_run_above_the_first_stall_is_rolled_back_weights_and_all(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3, step_window=None)
+    escape = PlateauEscape(actions=[{"momentum": 0.9}, {"lr_factor": 2}])
+    at_stall = []
+    take_snapshot = escape._snapshot_now
+    escape._snapshot_now = lambda trainer, module, *args, **kwargs: (
+        at_stall.append(weights(module)) or take_snapshot(trainer, module, *args, **kwargs)
+    )
+    trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    model = WorseUnderMomentum(depth=3)
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    first, second = detector.events[:2]
+    back, then = (a.action for a in second.actions)
+    rose = "train/loss rose to 0.8, above the first stall's 0.7"
+    assert back == f"{rose}: rolled back to epoch {first.epoch}, before 'momentum 0.9'"
+    assert then == "lr x2" and trainer.optimizers[0].param_groups[0]["momentum"] == 0.0
+    # the weights went back too: the next action's snapshot holds the ones the first action was taken on
+    assert len(at_stall) == 2 and torch.equal(at_stall[0], at_stall[1])

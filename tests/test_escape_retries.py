@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from src.callbacks import PlateauDetector, PlateauEscape
-from src.callbacks.escape_policy import PATIENT_REPEATS
+from src.callbacks.escape_policy import KEPT_STEPS, PATIENT_REPEATS
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 from tests.helpers import quiet_trainer
@@ -112,6 +112,55 @@ def test_kicks_undone_come_back_at_the_first_check_where_the_loss_is_back_at_the
     # the raise stays: later stalls are at 0.3 (the run out of the first), with the lr at 0.5
     assert all(e.value == pytest.approx(0.3) for e in detector.events[1:]) and escape.keep_kicks
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+class OutOnlyUnderTheSteps(MLPClassifier):
+    """A scripted loss with the real gradients: 0.7 (a stall), 0.3 while ``escape``'s layer-wise steps are
+    in force, and 0.7 again once they are undone: the steps, not the weights, hold the run out."""
+
+    escape: PlateauEscape
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        return logits, loss - loss.detach() + (0.3 if self.escape.trust_ratio is not None else 0.7)
+
+
+class FirstLayerSteps(L.Callback):
+    """Each step's |d[W, b]| / |[W, b]| of the model's first Linear layer, by epoch."""
+
+    def __init__(self):
+        self.ratios: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        self.before = torch.cat([p.detach().flatten().clone() for p in pl_module.net.layers[0].parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        after = torch.cat([p.detach().flatten() for p in pl_module.net.layers[0].parameters()])
+        self.ratios.append((trainer.current_epoch, float((after - self.before).norm() / self.before.norm())))
+
+
+def test_layer_wise_steps_whose_undo_took_the_run_back_to_its_stall_stay_larger(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=2, min_delta=0.5)  # a scripted stall every 2 epochs
+    escape, steps = PlateauEscape(actions=[{"trust_ratio": 0.01}], restore_lr_below=0.5), FirstLayerSteps()
+    model = OutOnlyUnderTheSteps(depth=3)
+    model.escape = escape
+    trainer = quiet_trainer(
+        max_epochs=6, limit_val_batches=0, callbacks=[detector, escape, steps], default_root_dir=tmp_path
+    )  # to the next stall (epoch 5): its action is the steps again
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    (on_at, on), (off_at, off), (back_at, back) = [(a.epoch, a.action) for a in detector.events[0].actions]
+    assert on == "layer-wise steps of 0.01 x |W|" and off.startswith("layer-wise steps off (out of the stall")
+    stay = f"they stay in force, steps of {0.01 * KEPT_STEPS:g} x |W|"
+    assert back == f"train/loss back at 0.7: rolled back to epoch {off_at}, before 'layer-wise steps off'; {stay}"
+    assert escape.keep_kicks and KEPT_STEPS > 1
+    # each step's ratio, measured on the weights: 0.01 until the undo, KEPT_STEPS x that from the rollback on
+    under = [r for epoch, r in steps.ratios if on_at < epoch <= off_at]
+    kept = [r for epoch, r in steps.ratios if epoch > back_at]
+    assert under and kept and [e.epoch for e in detector.events] == [on_at, 5]
+    assert under == pytest.approx([0.01] * len(under), rel=1e-3)
+    assert kept == pytest.approx([0.01 * KEPT_STEPS] * len(kept), rel=1e-3)
+    assert escape.state_dict()["first"] == pytest.approx(0.7)
 
 
 class CrawlsWithoutTheRaise(MLPClassifier):

@@ -1,6 +1,6 @@
 """PlateauEscape's safe point: a run that got out of a stall and then diverges under the escape's
-settings goes back to where it was out, with the optimizer's own settings, and with half the lr
-each time it diverges from there again."""
+settings goes back to where it was out, with the optimizer's own settings (or, where undoing the
+kicks blew it up, with the kicks), and with half the lr each time it diverges from there again."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import torch
 
 from src.callbacks import PlateauDetector, PlateauEscape
 from src.callbacks import escape_snapshot as snapshots
+from src.callbacks.escape_policy import KEPT_STEPS
 from src.callbacks.events import EventKind
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
 from tests.helpers import quiet_trainer
+from tests.test_escape_retries import OutOnlyUnderTheSteps
 
 
 class Scripted(MLPClassifier):
@@ -268,3 +270,32 @@ def test_both_ranks_go_back_to_the_same_point_with_the_same_lr(tmp_path):
     ]
     assert states[0]["events"] == states[1]["events"] and states[0]["lr"] == states[1]["lr"] == 0.05
     assert torch.equal(states[0]["weights"], states[1]["weights"])
+
+
+class BlowsUpOnceOutOnlyUnderTheSteps(OutOnlyUnderTheSteps):
+    """0.7, 0.3 while the layer-wise steps are in force (the own settings take the run back to its
+    stall), and a NaN in epoch 5."""
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        return logits, loss * float("nan") if self.current_epoch == 5 else loss
+
+
+def test_a_run_whose_kicks_stay_goes_back_to_its_safe_point_with_them(tmp_path):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=2, min_delta=0.5)
+    escape = PlateauEscape(actions=[{"trust_ratio": 0.01, "momentum": 0.9}], restore_lr_below=0.5)
+    model = BlowsUpOnceOutOnlyUnderTheSteps(depth=3)
+    model.escape = escape
+    trainer = quiet_trainer(max_epochs=7, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    stall, divergence, after = detector.events
+    assert stall.actions[-1].action.startswith("train/loss back at 0.7") and escape.keep_kicks
+    out_at = stall.actions[1].epoch  # where the steps were undone: the run was out of the stall there
+    back = divergence.actions[0]
+    assert divergence.kind is EventKind.DIVERGENCE and divergence.recovered
+    # the settings there held when it diverged: halved at once, the steps too (they do not follow the lr)
+    kept = f"its settings then, the kicks kept, lr x0.5, steps of {0.01 * KEPT_STEPS / 2:g} x |W|"
+    assert back.action == f"diverged: rolled back to epoch {out_at} (out of the stall), {kept}"
+    # the steps and the momentum stay: the run stays out of its stall (0.3), where its own settings took it back (0.7)
+    assert back.momentum == [0.9] and back.lr == [pytest.approx(0.05)] and after.value == pytest.approx(0.3)

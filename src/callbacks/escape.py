@@ -37,7 +37,8 @@ class PlateauEscape(CheckpointedWalk, Callback):
     Each action is on probation until the next stall: there its settings are withdrawn if the best monitored
     value since is not ``probation`` better than the stall it answered (its floor: the best value before it, if
     lower; a repeating one gets ``PATIENT_REPEATS`` probations), and it is rolled back, weights too, if the run
-    diverged or stalls at twice that value (a re-placement: above it); the next action is then tried, judged
+    diverged, stalls at twice that value, or above both it and the first stall the escape answered (where the
+    run without the escape would sit; a re-placement: above it); the next action is then tried, judged
     from where the run went back to. An action withdrawn or rolled back is passed over, in every list, until one
     brings a gain, and so is one whose settings hold already (momentum 0.9 where it is 0.9); once all else is
     spent, a re-placement that did harm gets new units, ``PATIENT_REPEATS`` times in all. Once every action is
@@ -45,9 +46,9 @@ class PlateauEscape(CheckpointedWalk, Callback):
     undo did harm stay): nothing the policy set got it out, and it must not end worse than without it. Each
     action is logged (``optim/lr``, ``optim/momentum``, text) and put in ``stall_events.json`` with each lr
     before and after. A divergence once the run is out of a stall, or a stall back at the one it was out of,
-    takes it back to where it was out, with the optimizer's own settings and, each time again, half the lr
-    (:func:`.escape_snapshot.back_to_safe`); a run never out of a stall is left to diverge. All this state is
-    checkpointed, so a resumed run continues exactly.
+    takes it back to where it was out, with the optimizer's own settings (kicks whose undo did harm: with the
+    settings there, steps halved) and, each time again, half the lr (:func:`.escape_snapshot.back_to_safe`); a
+    run never out of a stall is left to diverge. All this state is checkpointed, so a resume is exact.
 
     Args:
         actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
@@ -58,7 +59,8 @@ class PlateauEscape(CheckpointedWalk, Callback):
             monitored value has fallen below this fraction of its value at the stall that caused the
             last kick (above its inverse with ``mode: max``), they are undone (momentum changes
             stay); ``null`` keeps them. Where undoing them blows the run up (a divergence, a stall at
-            twice the loss, the loss back at their stall), the run is rolled back and they stay; where
+            twice the loss, the loss back at their stall), the run is rolled back and they stay, layer-wise
+            steps ``KEPT_STEPS`` times as large; where
             in as many steps as they were in force the run falls by less than a tenth of the drop they
             brought (``CRAWL``), they come back, to be undone again once the loss has halved.
         rollback_on_divergence: Undo an action after which the run diverges or stalls at twice the loss.
@@ -112,6 +114,7 @@ class PlateauEscape(CheckpointedWalk, Callback):
         self._safe: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
         self._own: list[list[dict[str, Any]]] | None = None  # the optimizers' settings before any action
+        self._first: float | None = None  # the monitored value at the first stall an action answered
         self._detector: PlateauDetector | None = None
         self._steps = LayerwiseSteps()
         self._unconfirmed: list[Action] = []  # actions whose settings the next optimizer step confirms
@@ -226,6 +229,7 @@ class PlateauEscape(CheckpointedWalk, Callback):
         key, action, position = chosen
         self.spent_by[key], self.applied = position, self.applied + 1
         self._own = snapshots.group_settings(trainer) if self._own is None else self._own
+        self._first = event.value if self._first is None else self._first
         if self.rollback_on_divergence or self.probation is not None:
             self._snapshot = self._snapshot_now(trainer, pl_module, value, action.describe(), key) | {"floor": floor}
         lrs_before = settings_of(trainer.optimizers[0])["lr"]
@@ -263,6 +267,7 @@ class PlateauEscape(CheckpointedWalk, Callback):
         kicks = (self.lr_scale, self.trust_ratio, self.raised_at)
         info = {"epoch": trainer.current_epoch, "value": value, "best": value, "action": action, "list": key}
         info |= {"step": trainer.global_step, "raised_step": self.raised_step}
+        info |= {"first": value if self._first is None else self._first}  # where the escape found the run
         return snapshots.take_snapshot(trainer, pl_module, **info, kicks=kicks)
 
     def _roll_back(
@@ -280,8 +285,9 @@ class PlateauEscape(CheckpointedWalk, Callback):
         if event.kind is EventKind.DIVERGENCE and self._safe is None:  # never out of a stall yet: come back here
             self._safe = snapshot
         key = snapshot["list"]
-        if key is None:  # the kicks were undone: keep them from now on
+        if key is None:  # the kicks were undone: keep them from now on, the steps larger
             self.keep_kicks = True
+            self.trust_ratio = None if self.trust_ratio is None else self.trust_ratio * policies.KEPT_STEPS
         elif self.spent_by.get(key, 0) >= len(self.actions.get(key, ())):
             # not again; a re-placement that found units: again, new ones (one that did harm: once all else is spent)
             if weights and snapshot.get("replaced"):
@@ -291,8 +297,9 @@ class PlateauEscape(CheckpointedWalk, Callback):
         what = f"{why}: rolled back to epoch {snapshot['epoch']}, before '{snapshot['action']}'"
         if not weights:
             what = f"{why}: '{snapshot['action']}' withdrawn (settings of epoch {snapshot['epoch']})"
-        if key is None:
-            what += "; they stay in force"
+        if key is None:  # with the steps' new size
+            steps = "" if self.trust_ratio is None else f", steps of {self.trust_ratio:g} x |W|"
+            what += f"; they stay in force{steps}"
         self._record(trainer, event, what, trainer.current_epoch, trainer.global_step, lr_from=lrs_before)
 
     def on_check(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> None:
@@ -357,11 +364,15 @@ class PlateauEscape(CheckpointedWalk, Callback):
     def _back_to_safe(
         self, trainer: L.Trainer, pl_module: L.LightningModule, event: StallEvent, why: str, in_force: bool
     ) -> None:
-        """Back to the safe point with the optimizers' own settings; x0.5 at once where those held already."""
-        self._safe["tries"] = self._safe.get("tries") or int(not in_force)
-        lrs_before, what = snapshots.back_to_safe(trainer, pl_module, self._safe, self._own, why)
+        """Back to the safe point with the optimizers' own settings (kicks whose undo did harm: the point's
+        settings, those kicks kept, and halved); x0.5 at once where those held already."""
+        self._safe["tries"] = self._safe.get("tries") or int(not in_force or self.keep_kicks)
+        own = None if self.keep_kicks else self._own
+        lrs_before, what = snapshots.back_to_safe(trainer, pl_module, self._safe, own, why)
         self._safe = self._safe if self._safe["tries"] < snapshots.SAFE_RETRIES else None  # again: lr / 2
-        self.lr_scale, self.trust_ratio, self.raised_at = 1.0, None, None
+        self.lr_scale, self.raised_at = 1.0, None  # kept steps halved too: they do not follow the lr
+        self.trust_ratio = self.trust_ratio / 2 if self.keep_kicks and self.trust_ratio else None
+        what += f", steps of {self.trust_ratio:g} x |W|" if self.trust_ratio else ""
         self._record(trainer, event, what, lr_from=lrs_before)
 
     def _failed_why(self, value: float) -> tuple[str | None, bool]:

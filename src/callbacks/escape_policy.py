@@ -29,6 +29,11 @@ PATIENT_REPEATS = 3
 # depth 12, width 8, lr 0.001): out of a plateau at 0.82 to 0.41 in ~110 epochs, then 0.41 -> 0.36 in
 # the 1000 left, never a stall (a 1% drop in 200 epochs is progress).
 CRAWL = 0.1
+# Layer-wise steps whose undo blew the run up come back this many times as large, and stay: the net
+# they got out is too sharp for the optimizer's own step (the stall zoo's blobs net, leaky ReLU, depth 20,
+# width 4, SGD lr 0.01, blew up with the momentum undone too), and at the kick's size it crawls.
+# MEASURED_HERE
+KEPT_STEPS = 3
 # Where the run sits, harm is judged on: the median of the last this many checks (a stall reported on a
 # spike is no harm; a loss that has risen and stays up is).
 RECENT_CHECKS = 5
@@ -135,18 +140,21 @@ def probation_verdict(
     probation: float | None, mode: str, monitor: str,
 ) -> tuple[str | None, bool, bool]:  # fmt: skip
     """Why the action on probation (taken at ``snapshot``, from list ``listed``, ``spent`` far) failed,
-    at a new stall at ``value``; whether it did harm; whether it brought a gain. Harm: it left the
-    run twice as bad as the stall it answered, or a re-placement left it worse than that stall (its
-    weights go too), judged on where the run sits: the median of the snapshot's ``recent`` checks (the
-    last ``RECENT_CHECKS``, the stall's ``value`` among them). A stall reported on a spike is no harm: the
-    stall zoo's blobs net under RMSprop (seed 0) lost a re-placement that had taken it from 0.48 to 0.35
-    to a stall reported on a spike of 1.13, and the next re-placement blew it up to 5.7, above the run
-    without the policy. No gain (an
-    action, not an undo): the best value since it was taken is not ``probation`` better than at that
-    stall (its settings are withdrawn; the weights keep what they learnt, which on a plateau is
-    progress the loss does not show yet). A repeating action gets ``PATIENT_REPEATS`` probations in a
-    row, counted in ``fruitless`` (layer-wise steps free a deep sigmoid net in 70-270 epochs: more
-    than one patience). ``(None, False, gained)`` if it did not fail.
+    at a new stall at ``value``; whether it did harm; whether it brought a gain.
+
+    Harm, judged on where the run sits (the median of the snapshot's ``recent`` checks, the last
+    ``RECENT_CHECKS``, the stall's ``value`` among them): it left the run twice as bad as the stall it
+    answered; or worse than both that stall and the escape's first (the snapshot's ``first``: where
+    the run without the escape would sit); or a re-placement left it worse than the stall it answered
+    (its weights go too). A stall reported on a spike is no harm: the stall zoo's blobs net under
+    RMSprop (seed 0) lost a re-placement that had taken it from 0.48 to 0.35 to a stall reported on a
+    spike of 1.13, and the next re-placement blew it up to 5.7, above the run without the policy.
+
+    No gain (an action, not an undo): the best value since it was taken is not ``probation`` better
+    than at that stall (its settings are withdrawn; the weights keep what they learnt, which on a
+    plateau is progress the loss does not show yet). A repeating action gets ``PATIENT_REPEATS``
+    probations in a row, counted in ``fruitless`` (layer-wise steps free a deep sigmoid net in 70-270
+    epochs: more than one patience). ``(None, False, gained)`` if it did not fail.
 
     >>> snapshot = {"value": 0.69, "best": 0.5, "list": "any"}
     >>> probation_verdict(snapshot, 0.6, [EscapeAction(momentum=0.9)], 1, {}, 0.01, "min", "loss")
@@ -156,6 +164,9 @@ def probation_verdict(
     >>> spiked = snapshot | {"recent": [0.52, 0.5, 1.5]}  # the run sits at 0.52: the stall's 1.5 is a spike
     >>> probation_verdict(spiked, 1.5, [EscapeAction(momentum=0.9)], 1, {}, 0.01, "min", "loss")
     (None, False, True)
+    >>> found_lower = snapshot | {"first": 0.7}  # the escape found the run at 0.7; it sits at 0.8
+    >>> probation_verdict(found_lower, 0.8, [EscapeAction(momentum=0.9)], 1, {}, 0.01, "min", "loss")
+    ("loss rose to 0.8, above the first stall's 0.7", True, False)
     """
     key, sits = snapshot["list"], statistics.median(snapshot.get("recent") or [value])  # a spike is no harm
     # twice as bad: a re-placement starts the loss afresh, from the first check after it
@@ -165,6 +176,9 @@ def probation_verdict(
     at = snapshot["value"]
     if "ref" in snapshot and probation and moved_past(at, sits, 1 - probation, mode):
         return f"{monitor} stalls at {sits:.4g}, above {at:.4g} before the re-placement", True, False
+    first = snapshot.get("first", at)  # where the escape found the run
+    if probation and moved_past(first, sits, 1 - probation, mode) and moved_past(at, sits, 1 - probation, mode):
+        return f"{monitor} rose to {sits:.4g}, above the first stall's {first:.4g}", True, False
     at = snapshot.get("floor", at)  # the plateau's floor: a stall reported on a noisy high is no gain to beat
     if key is None or probation is None or moved_past(best, at, 1 - probation, mode):
         fruitless.pop(key, None)

@@ -88,14 +88,15 @@ def back_to_safe(
     trainer: L.Trainer,
     pl_module: L.LightningModule,
     safe: dict[str, Any],
-    own: list[list[dict[str, Any]]],
+    own: list[list[dict[str, Any]]] | None,
     why: str = "diverged",
 ) -> tuple[list[float], str]:
     """Load ``safe`` (a snapshot: where the run was out of a stall, or where a divergence was rolled
     back to before the run was ever out), undo the lr raise in force when it was taken, and put the
-    optimizers' ``own`` settings back (:func:`group_settings`); each time after the first (``tries``),
-    with half the lr of the time before: the run diverged from this point under its own settings.
-    Returns the first optimizer's lrs before, and what was done (``why``, then where it went back to)."""
+    optimizers' ``own`` settings back (:func:`group_settings`; None: keep those of ``safe``); each time
+    after the first (``tries``), with half the lr of the time before: the run diverged from this point
+    under those settings. Returns the first optimizer's lrs before, and what was done (``why``, then
+    where it went back to)."""
     lrs_before = restore_snapshot(trainer, pl_module, safe)
     safe["tries"] = safe.get("tries", 0) + 1
     factor = 0.5 ** (safe["tries"] - 1) / safe["kicks"][0]
@@ -103,10 +104,12 @@ def back_to_safe(
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for optimizer in trainer.optimizers:
             apply_action(optimizer, EscapeAction(lr_factor=factor), schedulers)
-    put_settings(trainer, own)
+    if own is not None:
+        put_settings(trainer, own)
     lr = f", lr x{0.5 ** (safe['tries'] - 1):g}" if safe["tries"] > 1 else ""
     where = f", before '{safe['action']}'" if safe.get("action") else " (out of the stall)"  # a divergence's point
-    return lrs_before, f"{why}: rolled back to epoch {safe['epoch']}{where}, its own settings back{lr}"
+    settings = "its own settings back" if own is not None else "its settings then, the kicks kept"
+    return lrs_before, f"{why}: rolled back to epoch {safe['epoch']}{where}, {settings}{lr}"
 
 
 def put_own(trainer: L.Trainer, own: list[list[dict[str, Any]]] | None, lr_scale: float) -> bool:

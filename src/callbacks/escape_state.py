@@ -11,7 +11,7 @@ from .events import Action
 # what a checkpoint keeps of the policy's walk, besides the actions applied ("spent") and their history
 STATE = (
     "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "raised_step", "failed", "keep_kicks",
-    "said_spent", "fruitless", "redraws", "worked", "_snapshot", "_safe", "_pending", "_own",
+    "said_spent", "fruitless", "redraws", "worked", "_snapshot", "_safe", "_pending", "_own", "_first",
 )  # fmt: skip
 
 
