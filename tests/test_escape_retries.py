@@ -163,6 +163,32 @@ def test_layer_wise_steps_whose_undo_took_the_run_back_to_its_stall_stay_larger(
     assert escape.state_dict()["first"] == pytest.approx(0.7)
 
 
+def fit_kept(epochs, root, ckpt_path=None, callbacks=()):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=2, min_delta=0.5)
+    escape = PlateauEscape(actions=[{"trust_ratio": 0.01}], restore_lr_below=0.5)
+    model = OutOnlyUnderTheSteps(depth=3)
+    model.escape = escape
+    trainer = quiet_trainer(
+        max_epochs=epochs, limit_val_batches=0, callbacks=[detector, escape, *callbacks], default_root_dir=root,
+        enable_checkpointing=bool(callbacks),
+    )  # fmt: skip
+    trainer.fit(model, datamodule=Toy2DDataModule(), ckpt_path=ckpt_path)
+    return model, escape
+
+
+def test_a_run_resumed_with_the_larger_steps_kept_continues_as_an_uninterrupted_one(tmp_path):
+    straight, straight_escape = fit_kept(9, tmp_path / "a")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _, first = fit_kept(5, tmp_path / "b", callbacks=[checkpoint])
+    assert first.keep_kicks and first.trust_ratio == pytest.approx(0.01 * KEPT_STEPS)  # stopped with them in force
+    resumed, resumed_escape = fit_kept(9, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed_escape.history == straight_escape.history and len(straight_escape.history) > 3
+    assert resumed_escape.state_dict()["first"] == straight_escape.state_dict()["first"] == pytest.approx(0.7)
+    for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 class CrawlsWithoutTheRaise(MLPClassifier):
     """A scripted loss, one step an epoch: 0.7 until the lr is first raised above its 0.1; then x0.7
     a step while it is raised, x0.999 while it is not (a crawl: never a stall). Kept in the model's
