@@ -8,7 +8,10 @@ Per cell (a variant of the study, without its ``_fix`` twin) and seed it pairs t
 policy with the run with it, and the hindsight fix's run with no policy. A run *stalls* when its
 final train loss is above the study's ``stalled_above``; it *reaches the target* when its loss went
 below ``solved_below`` (the epoch is the study's ``epoch_below_...`` column). It is *made worse*
-when the policy's run diverged, or ended above the run without it by more than 1% (and 1e-3).
+when the policy's run diverged, or ended above the run without it by more than 1% (and 1e-3),
+unless it ended below ``stop_below``: the study stops a run there as converged, so two such runs
+differ only in the step each crossed it at. The fix's run with the policy is held to the same rule
+against the fix's run without it (the last column): a remedy must not harm a net that learns.
 """
 
 from __future__ import annotations
@@ -27,9 +30,26 @@ STUDY = Path(__file__).resolve().parents[1] / "configs" / "study" / "stall_zoo.y
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "momentum", "sgd")  # how a cell's name ends: its optimizer
 
 
-def cell_facts(rows: list[dict[str, Any]], target: float, stalled_above: float) -> list[dict[str, Any]]:
+def made_worse(with_policy: Any, without: Any, converged: float | None = None) -> bool:
+    """Whether the final loss ``with_policy`` is worse than ``without`` (see the module's docstring).
+
+    >>> made_worse(0.70, 0.69), made_worse(0.6905, 0.69), made_worse(float("nan"), 0.69)
+    (True, False, True)
+    >>> made_worse(0.0064, 0.0042), made_worse(0.0064, 0.0042, converged=0.01)  # both stopped as converged
+    (True, False)
+    """
+    loss, base = float(with_policy), float(without)
+    if converged is not None and loss < converged:
+        return False
+    return loss != loss or loss > max(base * 1.01, base + 1e-3)
+
+
+def cell_facts(
+    rows: list[dict[str, Any]], target: float, stalled_above: float, converged: float | None = None
+) -> list[dict[str, Any]]:
     """One fact row per (cell, seed): stalled without the policy, reached the target with it and the
-    epochs to it, made worse, and the fix's epochs to the target."""
+    epochs to it, made worse, the fix's epochs to the target, and whether the policy made the fix worse
+    (None where the fix was not run with it)."""
     below = f"epoch_below_{target}"
     runs = {(r["variant"], r["policy"], str(r["seed"])): r for r in rows}
     facts = []
@@ -39,12 +59,14 @@ def cell_facts(rows: list[dict[str, Any]], target: float, stalled_above: float) 
         default, fix = runs.get((variant, "default", seed)), runs.get((f"{variant}_fix", "none", seed))
         if default is None:
             continue
+        fixed = runs.get((f"{variant}_fix", "default", seed))
         loss_none, loss_default = float(none["final_loss"]), float(default["final_loss"])
-        worse = loss_default != loss_default or loss_default > max(loss_none * 1.01, loss_none + 1e-3)
         facts.append({
             "cell": variant, "seed": seed, "stalled": loss_none > stalled_above,
             "reached": default.get(below, "") != "", "epochs": _int(default.get(below)),
-            "fix_epochs": _int(fix.get(below)) if fix else None, "worse": worse,
+            "fix_epochs": _int(fix.get(below)) if fix else None,
+            "worse": made_worse(loss_default, loss_none, converged),
+            "fix_worse": made_worse(fixed["final_loss"], fix["final_loss"], converged) if fix and fixed else None,
             "loss_none": loss_none, "loss_default": loss_default,
         })  # fmt: skip
     return facts
@@ -64,10 +86,8 @@ def optimizer_of(cell: str) -> str:
 
 def table(facts: list[dict[str, Any]]) -> str:
     """Markdown: a row per cell, then the share of stalled runs freed per optimizer and per data set."""
-    header = (
-        "| cell | stalled without | of those, reached with | median epochs with | fix: median epochs | made worse |"
-    )
-    lines = [header, "| --- | --- | --- | --- | --- | --- |"]
+    header = "| cell | stalled without | of those, reached with | median epochs with | fix: median epochs | made worse"
+    lines = [header + " | fix made worse |", "| --- | --- | --- | --- | --- | --- | --- |"]
     by_cell: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for fact in facts:
         by_cell[fact["cell"]].append(fact)
@@ -76,7 +96,7 @@ def table(facts: list[dict[str, Any]]) -> str:
         freed = [f for f in stalled if f["reached"]]
         epochs, fix = _median(f["epochs"] for f in freed), _median(f["fix_epochs"] for f in group)
         lines.append(f"| {cell} | {len(stalled)}/{len(group)} | {len(freed)}/{len(stalled)} | {epochs} | {fix}"
-                     f" | {sum(f['worse'] for f in group)}/{len(group)} |")  # fmt: skip
+                     f" | {sum(f['worse'] for f in group)}/{len(group)} | {_share(group, 'fix_worse')} |")  # fmt: skip
     for name, key in (("optimizer", optimizer_of), ("data", data_of)):
         lines += ["", f"| {name} | stalled runs freed | made worse |", "| --- | --- | --- |"]
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -88,8 +108,15 @@ def table(facts: list[dict[str, Any]]) -> str:
             lines.append(f"| {label} | {freed}/{len(stalled)} | {sum(f['worse'] for f in group)}/{len(group)} |")
     stalled = [f for f in facts if f["stalled"]]
     lines += ["", f"All: {sum(f['reached'] for f in stalled)}/{len(stalled)} stalled runs freed, "
-              f"{sum(f['worse'] for f in facts)}/{len(facts)} made worse."]  # fmt: skip
+              f"{sum(f['worse'] for f in facts)}/{len(facts)} made worse; fix runs made worse: "
+              f"{_share(facts, 'fix_worse')}."]  # fmt: skip
     return "\n".join(lines)
+
+
+def _share(facts: list[dict[str, Any]], key: str) -> str:
+    """``hits/runs`` over the facts that have ``key`` (``-``: none has it)."""
+    known = [f[key] for f in facts if f.get(key) is not None]
+    return f"{sum(known)}/{len(known)}" if known else "-"
 
 
 def _median(values) -> str:
@@ -115,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summary.is_file():
         print(f"error: {args.summary} does not exist; run the study first, or give --summary", file=sys.stderr)
         return 2
-    facts = cell_facts(load_summary(args.summary), study.solved_below, study.stalled_above)
+    facts = cell_facts(load_summary(args.summary), study.solved_below, study.stalled_above, study.stop_below)
     print(table(facts))
     return 0
 

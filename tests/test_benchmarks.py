@@ -92,16 +92,21 @@ def test_the_stall_zoo_table_pairs_each_run_with_and_without_the_policy_and_the_
     rows = [
         row("xor_sigmoid_sgd", "none", 0, 0.69), row("xor_sigmoid_sgd", "default", 0, 0.01, 300),
         row("xor_sigmoid_sgd", "none", 1, 0.69), row("xor_sigmoid_sgd", "default", 1, 0.70),  # stalled, not freed
-        row("xor_sigmoid_sgd_fix", "none", 0, 0.01, 40), row("xor_sigmoid_sgd_fix", "none", 1, 0.01, 60),
+        row("xor_sigmoid_sgd_fix", "none", 0, 0.0042, 40), row("xor_sigmoid_sgd_fix", "none", 1, 0.35),
+        # the fix with the policy: both stopped as converged (below 0.01) at seed 0; at seed 1 above the run without
+        row("xor_sigmoid_sgd_fix", "default", 0, 0.0064, 30), row("xor_sigmoid_sgd_fix", "default", 1, 0.48),
         row("blobs_tanh_adam", "none", 0, 0.01, 90), row("blobs_tanh_adam", "default", 0, float("nan")),  # diverged
     ]  # fmt: skip
-    facts = cell_facts(rows, target=0.05, stalled_above=0.3)
-    assert [(f["cell"], f["stalled"], f["reached"], f["worse"]) for f in facts] == [
-        ("blobs_tanh_adam", False, False, True),
-        ("xor_sigmoid_sgd", True, True, False),
-        ("xor_sigmoid_sgd", True, False, True),  # 0.70 > 0.69 * 1.01: made worse
+    facts = cell_facts(rows, target=0.05, stalled_above=0.3, converged=0.01)
+    assert [(f["cell"], f["stalled"], f["reached"], f["worse"], f["fix_worse"]) for f in facts] == [
+        ("blobs_tanh_adam", False, False, True, None),  # no fix twin
+        ("xor_sigmoid_sgd", True, True, False, False),
+        ("xor_sigmoid_sgd", True, False, True, True),  # 0.70 > 0.69 * 1.01: made worse; the fix 0.48 > 0.35
     ]
     text = table(facts)
-    assert "| xor_sigmoid_sgd | 2/2 | 1/2 | 300 | 50 | 1/2 |" in text
+    assert "| xor_sigmoid_sgd | 2/2 | 1/2 | 300 | 40 | 1/2 | 1/2 |" in text
+    assert "| blobs_tanh_adam | 0/1 | 0/0 | - | - | 1/1 | - |" in text
     assert "| adam | 0/0 | 1/1 |" in text and "| sgd | 1/2 | 1/2 |" in text and "| xor | 1/2 | 1/2 |" in text
-    assert text.endswith("All: 1/2 stalled runs freed, 2/3 made worse.")
+    assert text.endswith("All: 1/2 stalled runs freed, 2/3 made worse; fix runs made worse: 1/2.")
+    # without the study's stop_below, the converged pair counts as made worse
+    assert [f["fix_worse"] for f in cell_facts(rows, target=0.05, stalled_above=0.3)] == [None, True, True]
