@@ -72,3 +72,15 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     """A Trainer for tests: no progress bar, summary or checkpoints unless asked for."""
     defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     return L.Trainer(**{**defaults, **kwargs})
+
+
+class StopAfter(L.Callback):
+    """Ends the fit after epoch ``epoch``, as an interruption would: a checkpoint saved at that epoch's end is
+    resumed with the same ``max_epochs`` (PlateauEscape takes no action it could not judge before the fit's end,
+    so a fit made shorter by its ``max_epochs`` is not the first half of a longer one)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = trainer.should_stop or trainer.current_epoch == self.epoch

@@ -47,12 +47,12 @@ def test_a_re_placement_that_found_units_may_come_again_from_another_list(tmp_pa
     detector = PlateauDetector(patience=3)
     recycle = {"recycle": True}
     escape = PlateauEscape(actions={"unclear": [recycle], "any": [recycle, {"momentum": 0.8}]})
-    trainer = quiet_trainer(max_epochs=12, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
-    trainer.fit(Stuck(depth=3, activation="tanh"), datamodule=Toy2DDataModule())
-    actions = [a.action for e in detector.events for a in e.actions if not a.action.startswith("no gain")]
+    trainer = quiet_trainer(max_epochs=15, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(Stuck(depth=3, activation="tanh"), datamodule=Toy2DDataModule())  # stalls at epochs 3, 7, 11, 14
+    actions = [a.action for e in detector.events for a in e.actions if not a.action.startswith(("no gain", "none"))]
     # new units each time: the loss did not move (lr 0), yet the next list's re-placement is not passed over
     assert [a.split(":")[0] for a in actions] == ["re-place each layer's weakest unit"] * 2 + ["momentum 0.8"], actions
-    assert escape.withdrawn == []  # nothing withdrawn: each re-placement found units
+    assert escape.withdrawn == ["momentum 0.8"]  # no re-placement withdrawn: each found units
 
 
 class StuckWithMomentum(MLPClassifier):
@@ -66,13 +66,13 @@ def test_an_action_whose_settings_already_hold_is_passed_over(tmp_path):
     L.seed_everything(0, verbose=False)
     detector = PlateauDetector(patience=3)
     escape = PlateauEscape(actions=[{"momentum": 0.9}, {"momentum": 0.5}, {"momentum": 0.9, "nesterov": True}])
-    trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
-    trainer.fit(StuckWithMomentum(depth=3), datamodule=Toy2DDataModule())
-    actions = [a.action for e in detector.events for a in e.actions if not a.action.startswith("no gain")]
+    trainer = quiet_trainer(max_epochs=10, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer.fit(StuckWithMomentum(depth=3), datamodule=Toy2DDataModule())  # stalls at epochs 3, 6, 9
+    actions = [a.action for e in detector.events for a in e.actions if not a.action.startswith(("no gain", "none"))]
     # momentum 0.9 is what the run has: the first stall gets momentum 0.5 (withdrawn for no gain:
     # back to 0.9), the second nesterov, which 0.9 alone lacks
     assert actions == ["momentum 0.5", "momentum 0.9, nesterov on"], actions
-    assert escape.spent_by == {"any": 3} and trainer.optimizers[0].param_groups[0]["nesterov"] is True
+    assert escape.spent_by == {"any": 3} and escape.withdrawn == ["momentum 0.5", "momentum 0.9, nesterov on"]
 
 
 def test_changes_nothing_reads_every_group_of_every_optimizer():
@@ -300,8 +300,8 @@ def test_an_action_that_leaves_the_run_above_the_first_stall_is_rolled_back_weig
     escape._snapshot_now = lambda trainer, module, *args, **kwargs: (
         at_stall.append(weights(module)) or take_snapshot(trainer, module, *args, **kwargs)
     )
-    trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
-    model = WorseUnderMomentum(depth=3)
+    trainer = quiet_trainer(max_epochs=10, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    model = WorseUnderMomentum(depth=3)  # stalls at epochs 3, 6, 9: each action has its probation
     trainer.fit(model, datamodule=Toy2DDataModule())
     first, second = detector.events[:2]
     back, then = (a.action for a in second.actions)
@@ -310,3 +310,50 @@ def test_an_action_that_leaves_the_run_above_the_first_stall_is_rolled_back_weig
     assert then == "lr x2" and trainer.optimizers[0].param_groups[0]["momentum"] == 0.0
     # the weights went back too: the next action's snapshot holds the ones the first action was taken on
     assert len(at_stall) == 2 and torch.equal(at_stall[0], at_stall[1])
+
+
+def test_no_action_is_taken_that_the_fit_would_end_before_judging():
+    """An action is judged at the next stall: ``patience`` checks on at the earliest, or a full step window."""
+    from src.callbacks.escape_policy import too_late
+
+    def late(step, total, batches=1, patience=100, window=101, at_epoch_end=True, val_every=None):
+        detector = SimpleNamespace(
+            tracker=SimpleNamespace(patience=patience, cooldown=0), watches_steps=window is not None,
+            steps=SimpleNamespace(rule=SimpleNamespace(window=window)), check_on_train_epoch_end=at_epoch_end,
+        )  # fmt: skip
+        trainer = SimpleNamespace(
+            estimated_stepping_batches=total, global_step=step, num_training_batches=batches, val_check_batch=val_every,
+            accumulate_grad_batches=1,
+        )  # fmt: skip
+        return too_late(trainer, detector)
+
+    # a full batch, a step an epoch: the stall zoo's fits of 2000 epochs, patience 100
+    assert late(1900, 2000) is None
+    assert late(1901, 2000) == "none: 99 steps left, fewer than the 100 it takes to judge an action"
+    # Fashion-MNIST at batch 100, 550 steps an epoch: patience 3 is 1650 steps, the step window's 500 come first
+    assert late(5000, 5500, batches=550, patience=3, window=500) is None
+    assert late(5001, 5500, batches=550, patience=3, window=500).startswith("none: 499 steps left")
+    # a validation metric checked every 50 batches, no step rule
+    assert late(950, 1000, batches=550, patience=1, window=None, at_epoch_end=False, val_every=50) is None
+    assert late(951, 1000, batches=550, patience=1, window=None, at_epoch_end=False, val_every=50) is not None
+    assert late(10**9, float("inf")) is None and late(10**9, -1) is None  # no end to come (Lightning's -1: a stream)
+
+
+@pytest.mark.parametrize(("epochs", "acted"), [(6, False), (7, True)])
+def test_a_stall_too_close_to_the_fits_end_gets_no_action(tmp_path, epochs, acted):
+    L.seed_everything(0, verbose=False)
+    detector, escape = PlateauDetector(patience=3), PlateauEscape(actions=[{"recycle": True}])
+    model = Stuck(depth=3, activation="tanh")
+    start = weights(model)
+    trainer = quiet_trainer(
+        max_epochs=epochs, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path
+    )
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    stall = detector.events[0]  # at epoch 3 (step 4): the next stall could come 3 steps on
+    assert stall.epoch == 3 and len(detector.events) == 1
+    if acted:  # its 3 steps before the fit's end
+        assert stall.actions[0].action.startswith("re-place each layer's weakest unit") and escape.spent == 1
+        assert not torch.equal(weights(model), start)
+    else:  # left on at the end, nothing could roll it back
+        assert [a.action for a in stall.actions] == ["none: 2 steps left, fewer than the 3 it takes to judge an action"]
+        assert escape.spent == 0 and torch.equal(weights(model), start)

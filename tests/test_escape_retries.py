@@ -13,7 +13,7 @@ from src.callbacks import PlateauDetector, PlateauEscape
 from src.callbacks.escape_policy import KEPT_STEPS, PATIENT_REPEATS
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
-from tests.helpers import quiet_trainer
+from tests.helpers import StopAfter, quiet_trainer
 from tests.test_escape_probation import Stuck
 
 
@@ -59,8 +59,8 @@ def test_after_a_harmful_re_placement_is_rolled_back_the_units_pinned_before_it_
     L.seed_everything(0, verbose=False)
     detector = PlateauDetector(patience=3)
     escape = PlateauEscape(actions=[{"replace_units": True, "repeat": True}])
-    trainer = quiet_trainer(max_epochs=12, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
-    model = EveryNewUnitHurts(depth=3, width=4, activation="sigmoid")
+    trainer = quiet_trainer(max_epochs=15, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    model = EveryNewUnitHurts(depth=3, width=4, activation="sigmoid")  # stalls at epochs 3, 7, 11: each judged
     with torch.no_grad():
         model.net.layers[0].bias[1:3] = 30.0  # units 1 and 2 pinned at 1 on every input
     trainer.fit(model, datamodule=Toy2DDataModule())
@@ -238,7 +238,7 @@ def test_kicks_undone_come_back_where_the_run_then_crawls(tmp_path):
 def test_a_resumed_run_brings_the_kicks_back_as_an_uninterrupted_one(tmp_path):
     _, _, straight = fit_crawl(9, tmp_path / "a")
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _, _, first = fit_crawl(5, tmp_path / "b", callbacks=[checkpoint], enable_checkpointing=True)
+    _, _, first = fit_crawl(9, tmp_path / "b", callbacks=[checkpoint, StopAfter(4)], enable_checkpointing=True)
     assert [a.action for a in first.history] == ["lr x5"]  # stopped with the raise in force, not yet undone
     _, _, resumed = fit_crawl(9, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed.history == straight.history and len(straight.history) == 3
@@ -262,9 +262,9 @@ def test_a_stall_reported_on_a_spike_does_not_roll_back_the_re_placement_that_br
     L.seed_everything(0, verbose=False)
     detector = PlateauDetector(patience=3, step_window=None)  # epoch checks: the stall's value is the spike
     escape = PlateauEscape(actions=[{"recycle": True}, {"momentum": 0.5}])
-    trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    trainer = quiet_trainer(max_epochs=11, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
     model = SpikesAfterTheReplacement(depth=3)
-    trainer.fit(model, datamodule=Toy2DDataModule())
+    trainer.fit(model, datamodule=Toy2DDataModule())  # the second re-placement has its 3 epochs to be judged
     assert [(e.epoch, round(e.value, 2)) for e in detector.events] == [(3, 0.5), (7, 0.9)]
     # the run sits at 0.3 (the median of its last checks), not at the 0.9 the stall was reported on: no harm, and a
     # gain, so the re-placement is not rolled back and goes first again (not momentum 0.5)

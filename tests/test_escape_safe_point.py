@@ -19,7 +19,7 @@ from src.callbacks.escape_policy import KEPT_STEPS
 from src.callbacks.events import EventKind
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
-from tests.helpers import quiet_trainer
+from tests.helpers import StopAfter, quiet_trainer
 from tests.test_escape_retries import OutOnlyUnderTheSteps
 
 
@@ -52,13 +52,21 @@ class Weights(L.Callback):
 
 
 def fit(
-    script: dict[int, float], action: dict, epochs: int, checkpoint=None, ckpt_path=None, **escape_args
+    script: dict[int, float],
+    action: dict,
+    epochs: int,
+    checkpoint=None,
+    ckpt_path=None,
+    stop: int | None = None,
+    **escape_args,
 ) -> tuple[PlateauDetector, PlateauEscape, Weights, L.Trainer]:
+    """The scripted fit of ``epochs``, ended after ``stop`` of them (an interruption) where given."""
     L.seed_everything(0, verbose=False)
     weights = Weights()
     detector = PlateauDetector(patience=3, divergence_threshold=10.0)
     escape = PlateauEscape(actions=[action], **escape_args)
-    callbacks = [weights, detector, escape, *([checkpoint] if checkpoint else [])]
+    extra = [*([checkpoint] if checkpoint else []), *([StopAfter(stop - 1)] if stop else [])]
+    callbacks = [weights, detector, escape, *extra]
     trainer = quiet_trainer(
         max_epochs=epochs, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=checkpoint is not None
     )
@@ -111,7 +119,7 @@ def test_a_resumed_run_goes_back_to_the_same_point_with_the_same_lr(tmp_path, sc
     momentum = {"momentum": 0.9}
     straight, _, _, straight_trainer = fit(script, momentum, epochs=epochs)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    fit(script, momentum, epochs=stop, checkpoint=checkpoint)
+    fit(script, momentum, epochs=epochs, checkpoint=checkpoint, stop=stop)
     detector, escape, _, trainer = fit(script, momentum, epochs=epochs, ckpt_path=tmp_path / "last.ckpt")
     assert [(e.epoch, [a.action for a in e.actions]) for e in detector.events] == [
         (e.epoch, [a.action for a in e.actions]) for e in straight.events

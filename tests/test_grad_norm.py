@@ -258,13 +258,13 @@ def test_the_callbacks_folder_works_copied_into_a_project_with_its_own_src(tmp_p
         "data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=20)\n"
         "detector = PlateauDetector(monitor='loss', patience=5, warmup=0)\n"
         "callbacks = [GradNormMonitor(), detector, PlateauEscape()]\n"
-        "trainer = L.Trainer(max_epochs=8, callbacks=callbacks, logger=False, enable_checkpointing=False,\n"
+        "trainer = L.Trainer(max_epochs=11, callbacks=callbacks, logger=False, enable_checkpointing=False,\n"
         "                    enable_progress_bar=False)\n"
         "trainer.fit(Net(), data)\n"
         "import src.stall, src.net\n"
         "print('from', src.stall.__file__, src.net.__file__)\n"
         "events = [(e.kind.value, e.diagnosis, [a.action for a in e.actions]) for e in detector.events]\n"
-        "print('events', events)\n"
+        "print('events', events[:1])\n"  # the first stall's action has the 5 epochs it takes to judge it
     )
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no PYTHONPATH: this repository is not on the path
     result = subprocess.run(

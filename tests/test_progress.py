@@ -80,7 +80,7 @@ def test_the_bar_and_the_escape_agree_when_the_run_is_out_of_the_stall():
     detector.events = [stall]
     trainer = SimpleNamespace(
         optimizers=[optimizer], lr_scheduler_configs=[], loggers=[], current_epoch=6, global_step=6,
-        is_global_zero=True, callbacks=[detector], callback_metrics={},
+        is_global_zero=True, callbacks=[detector], callback_metrics={}, estimated_stepping_batches=float("inf"),
     )  # fmt: skip
     escape.on_stall(trainer, None, stall)
     for loss, kicked in ((0.3, True), (0.2, True), (0.1, False)):  # halved at 0.3, but not below 0.2 x 0.69

@@ -15,7 +15,7 @@ from src.callbacks.plateau_rule import diagnose
 from src.callbacks.units import UnitRecorder, idle_units, replace_units, unit_layers
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
-from tests.helpers import quiet_trainer
+from tests.helpers import StopAfter, quiet_trainer
 
 EVEN = GradProfile(0, ("a", "b"), (2e-5, 1e-5), (True, True))
 DEEP = GradProfile(0, ("a", "b", "c"), (1e-12, 1e-6, 1e-2), (True, True, True))
@@ -271,13 +271,16 @@ def test_the_default_policy_gets_a_depth_18_sigmoid_net_out_with_layer_wise_step
 
 @pytest.mark.slow
 def test_resume_with_layer_wise_steps_in_force_matches_an_uninterrupted_run(tmp_path):
-    straight_trainer, straight, *_ = deep_sigmoid_run(tmp_path / "a", 130)
+    # stalled at epoch 91: the steps have the 50 epochs (the patience) to be judged that the fit's end leaves them
+    straight_trainer, straight, *_ = deep_sigmoid_run(tmp_path / "a", 142)
     straight_trainer.fit(straight, datamodule=Toy2DDataModule())
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    first, model, _, escape = deep_sigmoid_run(tmp_path / "b", 100, callbacks=[checkpoint], enable_checkpointing=True)
+    first, model, _, escape = deep_sigmoid_run(
+        tmp_path / "b", 142, callbacks=[checkpoint, StopAfter(99)], enable_checkpointing=True
+    )
     first.fit(model, datamodule=Toy2DDataModule())
-    assert escape.trust_ratio == 0.001  # stalled at epoch 91: in force when the run stopped (with momentum 0.9)
-    resumed, resumed_model, _, resumed_escape = deep_sigmoid_run(tmp_path / "b", 130)
+    assert escape.trust_ratio == 0.001  # in force when the run stopped (with momentum 0.9)
+    resumed, resumed_model, _, resumed_escape = deep_sigmoid_run(tmp_path / "b", 142)
     resumed.fit(resumed_model, datamodule=Toy2DDataModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed_escape.state_dict()["spent_by"] == {"vanishing": 1}
     for a, b in zip(resumed_model.parameters(), straight.parameters(), strict=True):
@@ -294,8 +297,8 @@ def test_a_dead_unit_in_the_dnnex_net_is_found_and_re_placed(tmp_path):
         model.net.layers[0].bias.copy_(torch.tensor([-3.0, 0.0]))
     detector = PlateauDetector(patience=3, min_delta=0.5)  # a scripted stall: no epoch improves by half
     escape = PlateauEscape(actions={"dead_units": [{"replace_units": True, "repeat": True}]})
-    trainer = quiet_trainer(max_epochs=5, callbacks=[detector, escape], default_root_dir=tmp_path, limit_val_batches=0)
-    dm = DnnexDataModule(n_samples=200)
+    trainer = quiet_trainer(max_epochs=7, callbacks=[detector, escape], default_root_dir=tmp_path, limit_val_batches=0)
+    dm = DnnexDataModule(n_samples=200)  # a full batch: the stall at epoch 3 has its 3 epochs to be judged
     trainer.fit(model, datamodule=dm)
     stall = detector.events[0]
     assert stall.diagnosis == "dead_units" and stall.units["net.layers.0"]["dead"] == [0]
@@ -329,8 +332,8 @@ def test_a_run_of_dead_layers_comes_back_in_one_action(tmp_path):
             layer.bias.fill_(-100.0)
     detector = PlateauDetector(patience=2, min_delta=0.5)  # a scripted stall
     escape = PlateauEscape(actions={"dead_units": [{"replace_units": True}]})
-    trainer = quiet_trainer(max_epochs=3, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
-    dm = Toy2DDataModule()
+    trainer = quiet_trainer(max_epochs=5, limit_val_batches=0, callbacks=[detector, escape], default_root_dir=tmp_path)
+    dm = Toy2DDataModule()  # the stall at epoch 2 has its 2 epochs to be judged
     trainer.fit(model, datamodule=dm)
     assert detector.events[0].diagnosis == "dead_units"
     assert set(detector.events[0].units) == {"net.layers.0", "net.layers.1", "net.layers.2"}
@@ -362,12 +365,12 @@ def test_resume_after_re_placements_matches_an_uninterrupted_run(tmp_path):
         trainer.fit(model, datamodule=DnnexDataModule(n_samples=200), ckpt_path=ckpt_path)
         return model, detector
 
-    straight, detector = run(tmp_path / "a", 8)
+    straight, detector = run(tmp_path / "a", 11)  # stalls at epochs 3 and 7, each with its 3 epochs to be judged
     replaced = [a.action for e in detector.events for a in e.actions]
     assert len(replaced) == 2 and replaced[0].startswith("re-place idle units: net.layers.0 [0, 1, 2")
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    run(tmp_path / "b", 5, callbacks=[checkpoint])
-    resumed, resumed_detector = run(tmp_path / "b", 8, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    run(tmp_path / "b", 11, callbacks=[checkpoint, StopAfter(4)])
+    resumed, resumed_detector = run(tmp_path / "b", 11, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert [a.action for e in resumed_detector.events for a in e.actions] == replaced
     for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -383,8 +386,8 @@ def test_two_units_with_one_kink_are_named_redundant_and_one_is_re_placed(tmp_pa
         model.net.layers[0].bias.copy_(torch.tensor([0.0, 0.0]))
     detector = PlateauDetector(patience=3, min_delta=0.5)  # a scripted stall: no epoch improves by half
     escape = PlateauEscape(actions={"redundant_units": [{"replace_units": True}]})
-    trainer = quiet_trainer(max_epochs=4, callbacks=[detector, escape], default_root_dir=tmp_path, limit_val_batches=0)
-    trainer.fit(model, datamodule=DnnexDataModule(n_samples=200))
+    trainer = quiet_trainer(max_epochs=7, callbacks=[detector, escape], default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(model, datamodule=DnnexDataModule(n_samples=200))  # the stall at epoch 3 has its 3 epochs
     stall = detector.events[0]
     assert stall.diagnosis == "redundant_units" and stall.units["net.layers.0"]["redundant"] == [[0, 1]]
     assert stall.actions[0].action == "re-place idle units: net.layers.0 [1]"

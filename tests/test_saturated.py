@@ -15,7 +15,7 @@ from src.callbacks.events import load_events
 from src.callbacks.saturated import PinnedUnits, plain_mlp
 from src.data import Toy2DDataModule
 from src.models import MLPClassifier
-from tests.helpers import REPO, quiet_trainer, run_cli
+from tests.helpers import REPO, StopAfter, quiet_trainer, run_cli
 
 CONFIGS = REPO / "configs"
 
@@ -225,7 +225,7 @@ def scripted(model: MLPClassifier, max_epochs: int, root, callbacks=(), ckpt_pat
 
 
 def test_a_pinned_unit_is_diagnosed_and_re_placed_by_the_default_policy(tmp_path):
-    detector = scripted(pinned_xor_net(), 4, tmp_path)
+    detector = scripted(pinned_xor_net(), 7, tmp_path)  # the stall at epoch 3 has its 3 epochs to be judged
     event = detector.events[0]
     assert event.diagnosis == "saturated_units" and event.units == {"net.layers.0": {"saturated": [1]}}
     assert [a.action for a in event.actions] == ["re-place idle units: net.layers.0 [1]"]
@@ -233,17 +233,19 @@ def test_a_pinned_unit_is_diagnosed_and_re_placed_by_the_default_policy(tmp_path
 
 def test_resume_after_re_placing_pinned_units_matches_an_uninterrupted_run(tmp_path):
     straight = pinned_xor_net()
-    detector = scripted(straight, 8, tmp_path / "a")
+    detector = scripted(straight, 11, tmp_path / "a")
     actions = [a.action for e in detector.events for a in e.actions]
-    # epoch 2: re-placed; epoch 5 (the checkpoint is between): its probation is judged (no gain, a
-    # repeating action's first: kept), and the stall, no longer of pinned units, gets the any list's first
-    assert actions == ["re-place idle units: net.layers.0 [1]", "momentum 0.9"], actions
+    # epoch 3: re-placed; epoch 7 (the checkpoint is between): its probation is judged (no gain, a
+    # repeating action's first: kept), and the stall, no longer of pinned units, gets the any list's first;
+    # epoch 10, the last: that is withdrawn for no gain, and it is too late for another
+    assert actions[:2] == ["re-place idle units: net.layers.0 [1]", "momentum 0.9"], actions
+    assert len(actions) == 4 and actions[3].startswith("none: 0 steps left"), actions
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    scripted(pinned_xor_net(), 5, tmp_path / "b", callbacks=[checkpoint])
+    scripted(pinned_xor_net(), 11, tmp_path / "b", callbacks=[checkpoint, StopAfter(4)])
     resumed = pinned_xor_net()
     checkpointed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
     assert any((state.get("snapshot") or {}).get("action") == "re-place idle units" for state in checkpointed.values())
-    resumed_detector = scripted(resumed, 8, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    resumed_detector = scripted(resumed, 11, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert [a.action for e in resumed_detector.events for a in e.actions] == actions
     for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -253,15 +255,15 @@ def test_resume_after_re_placing_the_weakest_units_matches_an_uninterrupted_run(
     policy = [{"recycle": True, "trust_ratio": 0.01, "momentum": 0.0, "repeat": True}]
     straight = MLPClassifier(depth=3, width=4, activation="tanh")
     start = {k: v.clone() for k, v in straight.state_dict().items()}
-    detector = scripted(straight, 8, tmp_path / "a", actions=policy)
+    detector = scripted(straight, 11, tmp_path / "a", actions=policy)  # stalls at epochs 3 and 7, each judged
     actions = [a.action for e in detector.events for a in e.actions]
     assert len(actions) == 2 and all("re-place each layer's weakest unit: net.layers.0 [" in a for a in actions)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first_half = MLPClassifier(depth=3, width=4, activation="tanh")
     first_half.load_state_dict(start)
-    scripted(first_half, 5, tmp_path / "b", callbacks=[checkpoint], actions=policy)
+    scripted(first_half, 11, tmp_path / "b", callbacks=[checkpoint, StopAfter(4)], actions=policy)
     resumed = MLPClassifier(depth=3, width=4, activation="tanh")
-    resumed_detector = scripted(resumed, 8, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt", actions=policy)
+    resumed_detector = scripted(resumed, 11, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt", actions=policy)
     assert [a.action for e in resumed_detector.events for a in e.actions] == actions
     for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -34,42 +34,40 @@ class PlateauEscape(CheckpointedWalk, Callback):
     re-placed for a unit diagnosis (ReDo's rule for pinned sigmoid/tanh units, :mod:`.saturated`); for
     ``flat`` and ``unclear``, momentum 0.9 (the source study's remedy), then the weakest units re-placed.
 
-    Each action is on probation until the next stall: there its settings are withdrawn if the best monitored
-    value since is not ``probation`` better than the stall it answered (its floor: the best value before it, if
-    lower; a repeating one gets ``PATIENT_REPEATS`` probations), and it is rolled back, weights too, if the run
-    diverged, stalls at twice that value, or above both it and the first stall the escape answered (where the
-    run without the escape would sit; a re-placement: above it); the next action is then tried, judged
-    from where the run went back to. An action withdrawn or rolled back is passed over, in every list, until one
-    brings a gain, and so is one whose settings hold already (momentum 0.9 where it is 0.9); once all else is
-    spent, a re-placement that did harm gets new units, ``PATIENT_REPEATS`` times in all. Once every action is
-    spent the run says so once and goes on with the optimizer's own settings, layer-wise steps off (kicks whose
-    undo did harm stay): nothing the policy set got it out, and it must not end worse than without it. Each
-    action is logged (``optim/lr``, ``optim/momentum``, text) and put in ``stall_events.json`` with each lr
-    before and after. A divergence once the run is out of a stall, or a stall back at the one it was out of,
-    takes it back to where it was out, with the optimizer's own settings (kicks whose undo did harm: with the
-    settings there, steps halved) and, each time again, half the lr (:func:`.escape_snapshot.back_to_safe`); a
-    run never out of a stall is left to diverge. All this state is checkpointed, so a resume is exact.
+    Each action is on probation until the next stall: there its settings are withdrawn if the best monitored value
+    since is not ``probation`` better than the stall it answered (its floor: the best value before it, if lower; a
+    repeating one gets ``PATIENT_REPEATS`` probations), and it is rolled back, weights too, if the run diverged,
+    stalls at twice that value, or above both it and the first stall the escape answered (where the run without the
+    escape would sit; a re-placement: above it); the next action is then tried, judged from where the run went back
+    to. No action is taken that the fit would end before judging (:func:`.escape_policy.too_late`). An action
+    withdrawn or rolled back is passed over, in every list, until one brings a gain, and so is one whose settings
+    hold already (momentum 0.9 where it is 0.9); once all else is spent, a re-placement that did harm gets new
+    units, ``PATIENT_REPEATS`` times in all. Once every action is spent the run says so once and goes on with the
+    optimizer's own settings, layer-wise steps off (kicks whose undo did harm stay): nothing the policy set got it
+    out, and it must not end worse than without it. Each action is logged (``optim/lr``, ``optim/momentum``, text)
+    and put in ``stall_events.json`` with each lr before and after. A divergence once the run is out of a stall, or
+    a stall back at the one it was out of, takes it back to where it was out, with the optimizer's own settings
+    (kicks whose undo did harm: with the settings there, steps halved) and, each time again, half the lr
+    (:func:`.escape_snapshot.back_to_safe`); a run never out of a stall is left to diverge. All this state is
+    checkpointed, so a resume is exact.
 
     Args:
-        actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the
-            same as ``{any: [...]}``), as YAML such as ``{vanishing: [{trust_ratio: 0.01}], any:
-            [{momentum: 0.9}, {lr_factor: 10, max_lr: 1.0}]}``; see :class:`EscapeAction`.
+        actions: A mapping from diagnosis (or ``any``) to a list of actions, or a plain list (the same as ``{any:
+            [...]}``), as YAML such as ``{vanishing: [{trust_ratio: 0.01}], any: [{momentum: 0.9}, {lr_factor: 10,
+            max_lr: 1.0}]}``; see :class:`EscapeAction`.
         on_exhausted: What to do on a stall that has no action left: ``continue``, or ``stop`` (said why).
-        restore_lr_below: lr raises, eps and layer-wise steps are a kick, not a new setting: once the
-            monitored value has fallen below this fraction of its value at the stall that caused the
-            last kick (above its inverse with ``mode: max``), they are undone (momentum changes
-            stay); ``null`` keeps them. Where undoing them blows the run up (a divergence, a stall at
-            twice the loss, the loss back at their stall), the run is rolled back and they stay, layer-wise
-            steps ``KEPT_STEPS`` times as large; where
-            in as many steps as they were in force the run falls by less than a tenth of the drop they
-            brought (``CRAWL``), they come back, to be undone again once the loss has halved.
+        restore_lr_below: lr raises, eps and layer-wise steps are a kick: once the monitored value is below this
+            share of its value at the stall of the last kick (above its inverse for ``max``), they are undone
+            (momentum stays); ``null`` keeps them. Where the undo blows the run up, or takes it back to that stall,
+            it is rolled back and they stay, layer-wise steps ``KEPT_STEPS`` times as large; where the run then
+            crawls (``CRAWL``), they come back, to be undone again once the loss has halved.
         rollback_on_divergence: Undo an action after which the run diverges or stalls at twice the loss.
-        probation: The least gain (a share of the value at its stall) an action must bring before
-            the next stall to be kept; ``null``: every action is kept, and they add up.
+        probation: The least gain (a share of the value at its stall) an action must bring before the next stall
+            to be kept; ``null``: every action is kept, and they add up.
 
     Raises:
-        ValueError: At construction for a malformed action; at fit start when an action cannot apply
-            to the optimizer (momentum on Adam), or when the Trainer has no ``PlateauDetector``.
+        ValueError: At construction for a malformed action; at fit start when an action cannot apply to the
+            optimizer (momentum on Adam), or when the Trainer has no ``PlateauDetector``.
 
     Example: ``callbacks = [GradNormMonitor(), PlateauDetector(patience=100), PlateauEscape()]``
     """
@@ -94,7 +92,7 @@ class PlateauEscape(CheckpointedWalk, Callback):
         for name, value in (("restore_lr_below", restore_lr_below), ("probation", probation)):
             if value is not None and not 0 < value < 1:
                 raise ValueError(f"PlateauEscape: {name} must be in (0, 1) or null, got {value}")
-        self.on_exhausted, self.restore_lr_below = on_exhausted, restore_lr_below
+        self.on_exhausted, self.restore_lr_below, self.probation = on_exhausted, restore_lr_below, probation
         self.spent_by: dict[str, int] = {}
         self.failed: list[str] = []  # lists whose action was rolled back: not tried again
         self.withdrawn: list[str] = []  # actions that brought nothing since the last that did: passed over
@@ -107,7 +105,7 @@ class PlateauEscape(CheckpointedWalk, Callback):
         self.raised_step: int | None = None  # and the step it was taken at
         self.keep_kicks = False  # undoing them blew the run up once: they stay
         self.redraws: dict[str, int] = {}  # per list: its re-placements that did harm
-        self.rollback_on_divergence, self.probation = rollback_on_divergence, probation
+        self.rollback_on_divergence = rollback_on_divergence
         self.fruitless: dict[str, int] = {}  # per list: probations in a row its repeating action had no gain
         self._snapshot: dict[str, Any] | None = None  # the state before the last action, in memory
         # the state where the run was last out of a stall; the same taken at the last check (the next judges it)
@@ -143,9 +141,8 @@ class PlateauEscape(CheckpointedWalk, Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A policy given by the user must apply to the optimizer as it is (one line otherwise); the
-        default policy serves any optimizer: the parts it has no setting for are left out (momentum
-        on Adam), and layer-wise steps act on the step it takes (not on AdamW's weight decay)."""
+        """A user's policy must apply to the optimizer as it is (one line otherwise); the default serves any: the
+        parts it has no setting for are left out (momentum on Adam), layer-wise steps act on the step it takes."""
         self.actions = policies.policy_for(self._configured, trainer.optimizers, adapt=self._default_policy)
         self._steps.layers = parameter_layers(pl_module)
         if [str(a) for a in self._configured.values()] != [str(a) for a in self.actions.values()]:
@@ -225,6 +222,9 @@ class PlateauEscape(CheckpointedWalk, Callback):
                 else:
                     event.actions.append(Action(SPENT, event.epoch, event.step))
                 rank_zero_info("PlateauEscape: still stalled after every action; no more actions in this fit")
+            return
+        if late := policies.too_late(trainer, self._detector):  # no action the fit would end before judging
+            event.actions.append(Action(late, event.epoch, event.step))
             return
         key, action, position = chosen
         self.spent_by[key], self.applied = position, self.applied + 1

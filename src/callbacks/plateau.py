@@ -255,7 +255,7 @@ class PlateauDetector(TrackedEarlyStopping):
     ) -> None:
         if self.layer_stats.step is not None:
             self.layer_stats.finish(pl_module, mean_over_ranks(trainer))
-        due = self._watches_steps() and self.steps.add(outputs, trainer.global_step)
+        due = self.watches_steps and self.steps.add(outputs, trainer.global_step)
         self._step_due = due and batch_idx + 1 == trainer.num_training_batches  # after the epoch rule, at its end
         if due and not self._step_due:
             self._step_check(trainer, pl_module)
@@ -269,7 +269,8 @@ class PlateauDetector(TrackedEarlyStopping):
         if len(self.events) > events:
             self.tracker.wait = 0  # one event per stall, whichever rule saw it first
 
-    def _watches_steps(self) -> bool:
+    @property
+    def watches_steps(self) -> bool:
         """Whether the step rule applies: a training loss, checked at train epoch end."""
         watched = self.monitor.startswith("train") and "loss" in self.monitor.rsplit("/", 1)[-1]
         return watched and self.steps is not None and self.mode == "min" and bool(self.check_on_train_epoch_end)
