@@ -323,7 +323,7 @@ def test_no_action_is_taken_that_the_fit_would_end_before_judging():
         )  # fmt: skip
         trainer = SimpleNamespace(
             estimated_stepping_batches=total, global_step=step, num_training_batches=batches, val_check_batch=val_every,
-            accumulate_grad_batches=1,
+            accumulate_grad_batches=1, lightning_module=SimpleNamespace(automatic_optimization=True),
         )  # fmt: skip
         return too_late(trainer, detector)
 
@@ -357,3 +357,18 @@ def test_a_stall_too_close_to_the_fits_end_gets_no_action(tmp_path, epochs, acte
     else:  # left on at the end, nothing could roll it back
         assert [a.action for a in stall.actions] == ["none: 2 steps left, fewer than the 3 it takes to judge an action"]
         assert escape.spent == 0 and torch.equal(weights(model), start)
+
+
+@pytest.mark.parametrize("end", [{"max_epochs": 12}, {"max_steps": 96, "max_epochs": -1}])
+def test_under_manual_optimization_each_optimizers_step_counts(end):
+    """A GAN steps two optimizers a batch: 12 epochs of 4 batches are 96 steps, where Lightning's estimate says 48."""
+    from tests.test_grad_norm import TwoOptimizersStalled, loader
+
+    detector = PlateauDetector(monitor="loss", patience=2, step_window=None)
+    escape = PlateauEscape(actions=[{"momentum": m} for m in (0.9, 0.5, 0.7, 0.3, 0.6)])
+    quiet_trainer(callbacks=[detector, escape], **end).fit(TwoOptimizersStalled(), loader())
+    assert [(e.epoch, e.step) for e in detector.events] == [(2, 24), (4, 40), (6, 56), (8, 72), (10, 88)]
+    assert [e.actions[-1].action for e in detector.events] == [
+        "momentum 0.9", "momentum 0.5", "momentum 0.7", "momentum 0.3",
+        "none: 8 steps left, fewer than the 16 it takes to judge an action",  # patience 2: 2 epochs of 8 steps
+    ]  # fmt: skip

@@ -248,14 +248,23 @@ def too_late(trainer: Any, detector: Any) -> str | None:
     check every epoch (every validation), or once its step rule's window is full: left on at the end of a fit,
     it could leave the run worse than without it, with no probation to roll it back. The stall zoo's blobs
     net under Adam (leaky ReLU, depth 20, width 4): a re-placement 60 epochs before the end took it from 0.36
-    to 1.81, where the run without the escape sat at 1.39."""
+    to 1.81, where the run without the escape sat at 1.39. Steps are ``trainer.global_step``'s: under manual
+    optimization, every ``optimizer.step()`` (a GAN's two a batch)."""
     total = trainer.estimated_stepping_batches  # inf, or -1 (a stream without max_steps): no end to come
     if not 0 <= total < math.inf:
         return None
-    left = total - trainer.global_step
     batches = trainer.num_training_batches if detector.check_on_train_epoch_end else trainer.val_check_batch
+    if trainer.lightning_module.automatic_optimization:
+        left = total - trainer.global_step
+        per_check = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else math.inf
+    else:  # each optimizer.step() is a step (a GAN's two a batch), where Lightning's estimate counts batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        rate = trainer.global_step / done if done and trainer.global_step else 1.0
+        epochs = trainer.max_epochs * trainer.num_training_batches if (trainer.max_epochs or -1) >= 0 else math.inf
+        steps = trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else math.inf
+        left, per_check = math.floor(min((epochs - done) * rate, steps)), batches * rate
     checks = detector.tracker.patience + detector.tracker.cooldown
-    need = checks * math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else math.inf
+    need = math.ceil(checks * per_check) if math.isfinite(per_check) else math.inf
     need = min(need, detector.steps.rule.window) if detector.watches_steps else need
     return f"none: {left} steps left, fewer than the {need} it takes to judge an action" if left < need else None
 
