@@ -265,7 +265,7 @@ def too_late(trainer: Any, detector: Any) -> str | None:
     else:  # each optimizer.step() is a step (a GAN's two a batch), where Lightning's estimate counts batches
         done = trainer.fit_loop.epoch_loop.batch_progress.total.processed
         rate = trainer.global_step / done if done and trainer.global_step else 1.0
-        epochs = trainer.max_epochs * trainer.num_training_batches if (trainer.max_epochs or -1) >= 0 else math.inf
+        epochs = trainer.max_epochs * trainer.num_training_batches if trainer.max_epochs not in (None, -1) else math.inf
         steps = trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else math.inf
         left, per_check = math.floor(min((epochs - done) * rate, steps)), batches * rate
     checks = detector.tracker.patience + detector.tracker.cooldown
