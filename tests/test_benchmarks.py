@@ -104,9 +104,12 @@ def test_the_stall_zoo_table_pairs_each_run_with_and_without_the_policy_and_the_
         ("xor_sigmoid_sgd", True, False, True, True),  # 0.70 > 0.69 * 1.01: made worse; the fix 0.48 > 0.35
     ]
     text = table(facts)
-    assert "| xor_sigmoid_sgd | 2/2 | 1/2 | 300 | 40 | 1/2 | 1/2 |" in text
-    assert "| blobs_tanh_adam | 0/1 | 0/0 | - | - | 1/1 | - |" in text
+    assert "| xor_sigmoid_sgd | 2/2 | 1/2 | 300 | 40 | 7.5x | 1/2 | 1/2 |" in text  # 300 epochs against the fix's 40
+    assert "| blobs_tanh_adam | 0/1 | 0/0 | - | - | - | 1/1 | - |" in text
     assert "| adam | 0/0 | 1/1 |" in text and "| sgd | 1/2 | 1/2 |" in text and "| xor | 1/2 | 1/2 |" in text
-    assert text.endswith("All: 1/2 stalled runs freed, 2/3 made worse; fix runs made worse: 1/2.")
+    assert text.endswith(
+        "All: 1/2 stalled runs freed, 2/3 made worse; fix runs made worse: 1/2; to the target within 3x of the fix's"
+        " time in 0 of 1 cells."
+    )
     # without the study's stop_below, the converged pair counts as made worse
     assert [f["fix_worse"] for f in cell_facts(rows, target=0.05, stalled_above=0.3)] == [None, True, True]
