@@ -7,6 +7,8 @@ import csv
 import pytest
 import yaml
 
+from src.callbacks import PlateauDetector
+from src.models import MLPClassifier
 from src.study import check_options, grid, load_study, run_args, run_name, write_outputs
 from tests.helpers import REPO, call_entry
 
@@ -295,3 +297,34 @@ def test_a_runs_warnings_go_to_its_own_log_not_the_studys_console(tmp_path, capf
     log = (tmp_path / "out" / "runs" / row["run"] / RUN_LOG).read_text()
     assert "`Trainer.fit` stopped: `max_epochs=2` reached" in log
     assert "Trainer.fit" not in capfd.readouterr().err
+
+
+class NaNOnceOutOfTheStall(MLPClassifier):
+    """The loss is 1.0 to epoch 3 (a stall at patience 3), then falls, and is NaN in epoch 6."""
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        epoch = self.current_epoch
+        value = float("nan") if epoch == 6 else 1.0 if epoch < 4 else 0.35 - 0.01 * epoch
+        return logits, loss - loss.detach() + value
+
+
+def test_a_divergence_the_escape_rolls_back_does_not_end_a_study_run(tmp_path):
+    """The study's stop at convergence (``stop_below``) leaves a NaN to the detector: rolled back, the run goes on."""
+    from src.study import prepare_run
+
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(
+        "base_config: configs/default.yaml\nseeds: [0]\nstop_below: 0.01\n"
+        "config:\n  trainer:\n    enable_checkpointing: false\n    callbacks:\n"
+        "      - {class_path: src.callbacks.PlateauDetector, init_args: {patience: 3, divergence_threshold: 10.0}}\n"
+        "      - {class_path: src.callbacks.PlateauEscape, init_args: {actions: [{momentum: 0.9}]}}\n"
+        "args: [--trainer.max_epochs=10, --trainer.limit_val_batches=0]\n"
+    )
+    study = load_study(study_file)
+    cli, _ = prepare_run(study, grid(study)[0], str(tmp_path / "out"))
+    cli.trainer.fit(NaNOnceOutOfTheStall(depth=3, width=4), datamodule=cli.datamodule)
+    detector = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PlateauDetector))
+    assert [(e.kind.value, e.epoch) for e in detector.events] == [("stall", 3), ("divergence", 6)]
+    assert detector.events[1].actions[0].action.startswith("diverged: rolled back to epoch 4")
+    assert cli.trainer.current_epoch == 10 and float(cli.trainer.callback_metrics["train/loss"]) == pytest.approx(0.26)

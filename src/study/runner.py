@@ -67,9 +67,12 @@ def prepare_run(study: Study, point: dict[str, Any], out_dir: str) -> tuple[Any,
     if study.solved_below is not None:
         cli.trainer.callbacks.append(probe)
     if study.stop_below is not None:  # converged: the rest of the run would not change its row's verdicts
+        # check_finite off: a NaN is PlateauDetector's to judge (a divergence PlateauEscape rolls back, the run
+        # goes on; without the escape the detector ends the run); EarlyStopping's default ended the fit there
         stop = EarlyStopping(
-            TRAIN_LOSS, patience=sys.maxsize, stopping_threshold=study.stop_below, check_on_train_epoch_end=True
-        )
+            TRAIN_LOSS, patience=sys.maxsize, stopping_threshold=study.stop_below, check_on_train_epoch_end=True,
+            check_finite=False,
+        )  # fmt: skip
         cli.trainer.callbacks.append(stop)
     return cli, probe
 
