@@ -315,3 +315,26 @@ def test_a_run_whose_kicks_stay_goes_back_to_its_safe_point_with_them(tmp_path):
     assert back.action == f"diverged: rolled back to epoch {out_at} (out of the stall), {kept}"
     # the steps and the momentum stay: the run stays out of its stall (0.3), where its own settings took it back (0.7)
     assert back.momentum == [0.9] and back.lr == [pytest.approx(0.05)] and after.value == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_an_early_stopping_that_would_end_the_fit_at_a_nan_rolled_back_is_warned_about(check_finite):
+    import warnings
+
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3, divergence_threshold=10.0)
+    escape = PlateauEscape(actions=[{"momentum": 0.9}])
+    stop = EarlyStopping("train/loss", patience=100, check_on_train_epoch_end=True, check_finite=check_finite)
+    trainer = quiet_trainer(max_epochs=10, limit_val_batches=0, callbacks=[detector, escape, stop])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ScriptedSGD({6: float("nan")}, depth=3, width=4), datamodule=Toy2DDataModule())
+    warned = [str(w.message) for w in caught if "give it check_finite=False" in str(w.message)]
+    assert warned == ([
+        "PlateauEscape: EarlyStopping(monitor='train/loss') would end the fit at a NaN that PlateauEscape rolls back;"
+        " give it check_finite=False"
+    ] if check_finite else [])  # fmt: skip
+    assert detector.events[1].actions[0].action.startswith("diverged: rolled back to epoch 4")
+    assert trainer.current_epoch == (7 if check_finite else 10)  # what the warning is about: the fit ended at the NaN

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from . import escape_policy as policies
@@ -20,6 +20,7 @@ from .escape_units import replace_stall_units
 from .events import OUT_OF_STALL, Action, EventKind, StallEvent, moved_past
 from .grad_flow import parameter_layers
 from .plateau import PlateauDetector
+from .tracked import stops_at_non_finite
 
 SPENT = "none: every escape action is spent"
 
@@ -138,6 +139,9 @@ class PlateauEscape(CheckpointedWalk, Callback):
             detector.add_listener(self.on_stall)
         detectors[0].add_check_listener(self.on_check)
         self._detector = detectors[0]
+        for stop in stops_at_non_finite(trainer.callbacks) if self.rollback_on_divergence else []:
+            rank_zero_warn(f"PlateauEscape: EarlyStopping(monitor={stop.monitor!r}) would end the fit at a NaN that "
+                           "PlateauEscape rolls back; give it check_finite=False")  # fmt: skip
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -32,3 +32,10 @@ class TrackedEarlyStopping(EarlyStopping):
     def _should_skip_check(trainer: L.Trainer) -> bool:
         # EarlyStopping's guard: only a real fit counts.
         return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
+
+
+def stops_at_non_finite(callbacks: list[L.Callback]) -> list[EarlyStopping]:
+    """The ``EarlyStopping`` callbacks (not the trackers) that end a fit on a NaN or infinite metric
+    (``check_finite``, on by default): at a divergence that ``PlateauEscape`` rolls back, they end the fit."""
+    return [cb for cb in callbacks if isinstance(cb, EarlyStopping) and not isinstance(cb, TrackedEarlyStopping)
+            and cb.check_finite]  # fmt: skip
