@@ -139,7 +139,7 @@ class PlateauEscape(CheckpointedWalk, Callback):
             detector.add_listener(self.on_stall)
         detectors[0].add_check_listener(self.on_check)
         self._detector = detectors[0]
-        for stop in stops_at_non_finite(trainer.callbacks) if self.rollback_on_divergence else []:
+        for stop in stops_at_non_finite(trainer.callbacks) if self.rollback_on_divergence and stage == "fit" else []:
             rank_zero_warn(f"PlateauEscape: EarlyStopping(monitor={stop.monitor!r}) would end the fit at a NaN that "
                            "PlateauEscape rolls back; give it check_finite=False")  # fmt: skip
 
