@@ -168,7 +168,10 @@ def test_step_state_is_checkpointed():
     assert restored.steps.rule.start == detector.steps.rule.start == 50
     assert restored.steps.rule.recent == detector.steps.rule.recent
     assert restored.steps.losses.read(trainer) == pytest.approx(detector.steps.losses.read(trainer))
-    assert len(restored.steps.losses.values) == 50
+    assert len(restored.steps.losses.values) == 50 and list(restored.steps.losses.steps) == list(range(21, 71))
+    older = {**detector.state_dict()["steps"], "losses": [2.0] * 50}  # saved when the window held no steps
+    restored.steps.load_state_dict(older)  # not placeable in the window: it fills again
+    assert len(restored.steps.losses.values) == 0 and restored.steps.rule.start == 50
 
 
 @pytest.mark.parametrize("monitor", ["val/loss", "train/acc"])
@@ -212,3 +215,62 @@ def test_two_detectors_in_one_trainer_keep_their_own_events_and_share_the_file(t
         ("train/loss", 3), ("train/acc", 5), ("train/loss", 6), ("train/loss", 9), ("train/acc", 10),
     ]  # fmt: skip
     assert all(e.actions for e in saved)  # the escape acted on both detectors' stalls
+
+
+class Ramp(L.LightningModule):
+    """A scripted training loss, ``2 - w`` with ``w`` taking SGD steps of ``drift`` up to ``cap`` (flat from
+    there), from ``batches`` batches an epoch; under ``gan`` two optimizers step every batch (manual
+    optimization: two global steps a batch) and the loss is ``levels[batch]`` (flat, then a new level)."""
+
+    def __init__(self, drift: float = 0.0, cap: float = 1.0, batches: int = 8, levels: list[float] | None = None):
+        super().__init__()
+        self.drift, self.cap, self.batches, self.levels = drift, cap, batches, levels
+        self.w, self.v = torch.nn.Parameter(torch.zeros(())), torch.nn.Parameter(torch.zeros(()))
+        self.automatic_optimization = levels is None
+        self.seen = 0
+
+    def training_step(self, batch, batch_idx):
+        if self.levels is None:
+            loss = 2.0 - self.w.clamp(max=self.cap) + 0 * batch[0].sum()
+        else:
+            loss = torch.tensor(self.levels[self.seen])
+            self.seen += 1
+            for optimizer, weight in zip(self.optimizers(), (self.w, self.v), strict=True):
+                optimizer.zero_grad()
+                self.manual_backward(loss + 0 * weight)
+                optimizer.step()
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        sgd = torch.optim.SGD([self.w], lr=self.drift)
+        return sgd if self.levels is None else [sgd, torch.optim.SGD([self.v], lr=0.0)]
+
+    def train_dataloader(self):
+        return DataLoader(torch.utils.data.TensorDataset(torch.zeros(self.batches, 1)), batch_size=1)
+
+
+@pytest.mark.parametrize("accumulate", [2, 4])
+def test_the_window_counts_optimizer_steps_whatever_the_batches_a_step(accumulate):
+    # the loss falls 0.03 a step to 1.3, then is flat: a window of 20 steps sees 0.6 (~35%) while it falls
+    found = {}
+    for batches_a_step in (1, accumulate):
+        detector = PlateauDetector(step_window=20)
+        trainer = quiet_trainer(max_steps=80, limit_val_batches=0, callbacks=[detector],
+                                accumulate_grad_batches=batches_a_step)  # fmt: skip
+        trainer.fit(Ramp(drift=0.03, cap=0.7, batches=8 * batches_a_step))
+        found[batches_a_step] = [(e.step, round(e.value, 4)) for e in detector.events]
+    # flat from step 24 on (23 steps of 0.03, one to the cap); a stall is a flat window no better than an earlier
+    # one: at step 60, the window to step 40 (flat from its fourth step). Lightning's outputs hold the loss divided
+    # by the batches a step: the values are the loss as training_step returned it.
+    assert found[1] == [(60, 1.3), (80, 1.3)]
+    assert found[accumulate] == found[1]
+
+
+def test_under_manual_optimization_a_window_holds_the_steps_since_the_last_stall_only():
+    # two optimizer steps a batch: a window of 20 steps is 10 batches; the loss is flat at 2.0 for the first
+    # window's batches, then flat at 3.0 (a remedy that did harm): the second stall's value is that level
+    detector = PlateauDetector(step_window=20)
+    trainer = quiet_trainer(max_steps=60, limit_val_batches=0, callbacks=[detector])
+    trainer.fit(Ramp(levels=[2.0] * 10 + [3.0] * 20, batches=30))
+    assert [(e.step, round(e.value, 4)) for e in detector.events] == [(20, 2.0), (40, 3.0), (60, 3.0)]

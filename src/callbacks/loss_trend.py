@@ -124,76 +124,102 @@ class LossTrend:
 
 
 class StepLosses:
-    """The last ``window`` training-step losses, kept as the steps give them (no host sync per step:
-    a tensor is read once per check), averaged over the processes when read."""
+    """The training losses of the last ``window`` optimizer steps, kept as the steps give them (no host
+    sync per step: a tensor is read once per check), each with the step it came at, averaged over the
+    processes when read. A step can hold several (gradient accumulation) or a batch several steps (an
+    optimizer stepped twice under manual optimization)."""
 
     def __init__(self, window: int) -> None:
-        self.values: deque[float | torch.Tensor] = deque(maxlen=window)
+        self.window = window
+        self.values: deque[float | torch.Tensor] = deque()
+        self.steps: deque[int] = deque()
 
-    def add(self, outputs: Any) -> bool:
-        """Keep the loss of a ``training_step``'s ``outputs`` (a tensor, or a mapping with ``loss``);
-        ``False`` when there is none (manual optimization may return nothing)."""
+    def add(self, outputs: Any, step: int, scale: float = 1.0) -> bool:
+        """Keep the loss of a ``training_step``'s ``outputs`` (a tensor, or a mapping with ``loss``), times
+        ``scale``, as of ``step``; ``False`` when there is none (manual optimization may return nothing)."""
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return False
-        self.values.append(loss.detach().reshape(()))
+        self.values.append(loss.detach().reshape(()) * scale if scale != 1.0 else loss.detach().reshape(()))
+        self.steps.append(step)
+        while self.steps[0] <= step - self.window:
+            self.steps.popleft()
+            self.values.popleft()
         return True
 
     def read(self, trainer: Any) -> list[float]:
         """The window as floats, the mean over the processes under DDP (every rank reads alike)."""
-        tensors = [v for v in self.values if isinstance(v, torch.Tensor)]
-        floats = [v for v in self.values if not isinstance(v, torch.Tensor)]  # restored from a checkpoint
-        if tensors:
-            floats += torch.stack(tensors).float().cpu().tolist()
+        floats = [float(v) if not isinstance(v, torch.Tensor) else math.nan for v in self.values]
+        at = [i for i, v in enumerate(self.values) if isinstance(v, torch.Tensor)]
+        if at:  # one host sync for the window
+            read = torch.stack([self.values[i] for i in at]).float().cpu().tolist()
+            for i, value in zip(at, read, strict=True):
+                floats[i] = value
         if trainer.world_size > 1:
             synced = torch.tensor(floats, device=trainer.strategy.root_device)
             floats = trainer.strategy.reduce(synced, reduce_op="mean").cpu().tolist()
         return floats
 
-    def state_dict(self) -> list[float]:
-        return [float(v) for v in self.values]
+    def since(self, step: int) -> int:
+        """How many of the losses came after ``step``."""
+        return sum(1 for at in self.steps if at > step)
 
-    def load_state_dict(self, values: list[float]) -> None:
+    def state_dict(self) -> dict:
+        return {"values": [float(v) for v in self.values], "steps": list(self.steps)}
+
+    def load_state_dict(self, state: dict | list[float]) -> None:
         self.values.clear()
-        self.values.extend(float(v) for v in values)
+        self.steps.clear()
+        if isinstance(state, dict):  # a plain list (steps unknown) was saved before the window counted steps
+            self.values.extend(float(v) for v in state["values"])
+            self.steps.extend(int(s) for s in state["steps"])
 
 
 class StepWatch:
     """The step rule with its losses, as :class:`~.plateau.PlateauDetector` runs it: :meth:`add`
-    each training step's outputs, :meth:`check` when that says a check is due."""
+    each training batch's outputs, :meth:`check` when that says a check is due. Its window and grid
+    count optimizer steps (``trainer.global_step``), whatever the batches a step (gradient
+    accumulation) or the steps a batch (manual optimization)."""
 
     def __init__(self, window: int = 500, min_delta: float = 0.01) -> None:
         self.rule = LossTrend(window, min_delta)
         self.losses = StepLosses(window)
         self._last = -1  # the step last checked (with gradient accumulation, several batches share one)
 
-    def add(self, outputs: Any, step: int) -> bool:
-        """Keep the loss in ``outputs``; whether a check is due after ``step``."""
-        if not self.losses.add(outputs) or step == self._last or not self.rule.due(step):
+    def add(self, outputs: Any, trainer: Any) -> bool:
+        """Keep the loss in ``outputs`` (Lightning's, divided by the batches a step under gradient
+        accumulation: as ``training_step`` returned it); whether a check is due now."""
+        step = trainer.global_step
+        automatic = getattr(trainer.lightning_module, "automatic_optimization", True)
+        scale = trainer.accumulate_grad_batches if automatic else 1
+        if not self.losses.add(outputs, step, scale) or step == self._last or not self.rule.due(step):
             return False
         self._last = step
         return True
 
     def check(self, trainer: Any, diverged: Callable[[float], bool]) -> tuple[Status, float, int]:
-        """What the window says: ``DIVERGED`` (the last ``every`` steps' mean loss is NaN, infinite
-        or ``diverged``), ``PLATEAU`` or ``WAITING``; the value (that mean, or the window's); the
-        window's first step."""
-        values = self.losses.read(trainer)
-        step = trainer.global_step
-        latest = math.fsum(values[-self.rule.every :]) / len(values[-self.rule.every :])
-        if not math.isfinite(latest) or diverged(latest):
-            return Status.DIVERGED, latest, step
+        """What the window says: ``DIVERGED`` (the mean loss of the last ``every`` steps is NaN,
+        infinite or ``diverged``), ``PLATEAU`` or ``WAITING`` (also with fewer than 3 losses); the
+        value (that mean, or the window's); the window's first step."""
+        values, step = self.losses.read(trainer), trainer.global_step
+        latest = values[len(values) - self.losses.since(step - self.rule.every) :]
+        mean = math.fsum(latest) / len(latest) if latest else math.nan
+        if latest and (not math.isfinite(mean) or diverged(mean)):
+            return Status.DIVERGED, mean, step
+        if len(values) < 3:
+            return Status.WAITING, mean, step - self.rule.window
         trend = fit_trend(values)
         return (Status.PLATEAU if self.rule.check(step, trend) else Status.WAITING), trend.mean, step - self.rule.window
 
     def fit_within(self, epochs: int, trainer: Any) -> None:
         """Look back over at most the steps that ``epochs`` epochs of ``trainer`` hold, plus one (a
-        full batch takes a step an epoch: 500 steps would be 500 epochs); a stream keeps its window."""
+        full batch takes a step an epoch: 500 steps would be 500 epochs); a stream keeps its window.
+        Under manual optimization a batch is counted as one step (the steps a batch are not known yet)."""
         batches = trainer.num_training_batches
         steps = epochs * math.ceil(batches / trainer.accumulate_grad_batches) + 1 if math.isfinite(batches) else 0
         if 3 <= steps < self.rule.window:
             self.rule.window, self.rule.every = steps, max(1, steps // 10)
-            self.losses.values = deque(self.losses.values, maxlen=steps)
+            self.losses.window = steps
 
     def state_dict(self) -> dict:
         return {**self.rule.state_dict(), "losses": self.losses.state_dict()}

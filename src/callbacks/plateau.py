@@ -39,8 +39,10 @@ class PlateauDetector(TrackedEarlyStopping):
     every epoch (or never), otherwise after each validation run (``EarlyStopping``'s rule;
     ``check_on_train_epoch_end`` overrides it). For a training loss (``train...loss``, ``mode="min"``)
     checked at train epoch end, the loss each ``training_step`` returns is also checked every
-    ``step_window // 10`` steps: a line through the last ``step_window`` losses that is flat, in a
-    window no better than an earlier one, is a stall (:class:`~.loss_trend.LossTrend`). The window
+    ``step_window // 10`` steps: a line through the losses of the last ``step_window`` optimizer steps
+    (``global_step``: under gradient accumulation several batches a step, under manual optimization
+    a step per ``optimizer.step()``) that is flat, in a window no better than an earlier one, is a
+    stall (:class:`~.loss_trend.LossTrend`). The window
     is in steps, so a stall is reported within 500 steps (less than a Fashion-MNIST epoch at batch
     100) whatever the epoch's length, a stream under ``max_steps`` too; the defaults call no stall
     in the healthy Adam and SGD Fashion-MNIST runs measured. It spans at most ``2 * patience``
@@ -255,7 +257,7 @@ class PlateauDetector(TrackedEarlyStopping):
     ) -> None:
         if self.layer_stats.step is not None:
             self.layer_stats.finish(pl_module, mean_over_ranks(trainer))
-        due = self.watches_steps and self.steps.add(outputs, trainer.global_step)
+        due = self.watches_steps and self.steps.add(outputs, trainer)
         self._step_due = due and batch_idx + 1 == trainer.num_training_batches  # after the epoch rule, at its end
         if due and not self._step_due:
             self._step_check(trainer, pl_module)
