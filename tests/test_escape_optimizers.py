@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 
@@ -184,3 +185,37 @@ def test_rmsprop_steps_on_once_a_rollback_puts_back_a_momentum_whose_buffers_wer
     assert optimizer.param_groups[0]["momentum"] == 0.9
     optimizer.step()  # a KeyError ('momentum_buffer') without the buffers given back
     assert all("momentum_buffer" in optimizer.state[p] for p in layer.parameters())
+
+
+class StepSizes(L.Callback):
+    """Each weight layer's first step, as a share of its size before it."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.start = {name: [p.detach().clone() for p in params] for name, params in self.layers.items()}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        flat = lambda tensors: torch.cat([t.flatten() for t in tensors])  # noqa: E731
+        self.ratios = {
+            name: float((flat(params) - flat(self.start[name])).norm() / flat(self.start[name]).norm())
+            for name, params in self.layers.items()
+        }
+        trainer.should_stop = True
+
+
+@pytest.mark.parametrize("clip", [None, 0.01])
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_layer_wise_steps_are_their_size_under_lightnings_gradient_clipping(clip, optimizer):
+    """Lightning clips the gradients after ``on_before_optimizer_step``: SGD's gradients scaled there were
+    clipped back to the clip's norm (here every layer's step was 0.02% of |W|, not 1%)."""
+    from src.callbacks.grad_flow import parameter_layers
+
+    torch.manual_seed(0)
+    model = MLPClassifier(depth=8, width=8, activation="sigmoid")
+    model.configure_optimizers = lambda: getattr(torch.optim, optimizer)(model.parameters(), lr=0.1)
+    escape, sizes = PlateauEscape(), StepSizes()
+    escape.trust_ratio = 0.01  # layer-wise steps in force from the first step
+    sizes.layers = {name: ps for name, ps in parameter_layers(model).items() if any(p.ndim >= 2 for p in ps)}
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, gradient_clip_val=clip,
+                            callbacks=[PlateauDetector(), escape, sizes])  # fmt: skip
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    assert len(sizes.ratios) == 8 and list(sizes.ratios.values()) == pytest.approx([0.01] * 8, rel=1e-3)

@@ -162,7 +162,8 @@ class PlateauEscape(CheckpointedWalk, Callback):
             self._detector.save_events(trainer)
         self._unconfirmed = []
         if self.trust_ratio is not None:
-            self._steps.before_step(optimizer, self.trust_ratio)
+            clipped = pl_module.automatic_optimization and bool(trainer.gradient_clip_val)  # after this hook
+            self._steps.before_step(optimizer, self.trust_ratio, clipped)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

@@ -263,9 +263,11 @@ class LayerwiseSteps:
         self.layers: dict[str, list[torch.nn.Parameter]] = {}
         self._before: dict[int, torch.Tensor] | None = None  # the parameters before a non-SGD step
 
-    def before_step(self, optimizer: torch.optim.Optimizer, ratio: float) -> None:
-        """Where the gradients are final (Lightning: ``on_before_optimizer_step``)."""
-        if steps_on_gradients(optimizer):
+    def before_step(self, optimizer: torch.optim.Optimizer, ratio: float, clipped: bool = False) -> None:
+        """Where the gradients are final (Lightning: ``on_before_optimizer_step``), but for a clip still to
+        come (``clipped``: Lightning's ``gradient_clip_val`` clips them after that hook, and would clip SGD's
+        scaled gradients back: its step is then set as it is taken, as any other optimizer's)."""
+        if steps_on_gradients(optimizer) and not clipped:
             trust_ratio_(self.layers, optimizer, ratio)
         elif self._before is None:
             self._before = starts_of(self.layers, optimizer)
