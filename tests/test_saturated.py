@@ -288,3 +288,30 @@ def test_the_labs_stuck_xor_seed_learns_with_the_default_config(tmp_path):
     assert loss < 0.05, result.stdout[-2000:]
     events = load_events(tmp_path / "lightning_logs" / "version_0" / "stall_events.json")
     assert 1000 < events[0].epoch < 1500, [(e.epoch, e.diagnosis) for e in events]
+
+
+@pytest.mark.parametrize("frozen_by", ["requires_grad", "the optimizer"])
+@pytest.mark.parametrize("weakest", [False, True])
+def test_units_of_a_frozen_layer_or_read_by_one_are_left_alone(frozen_by, weakest):
+    """A project that freezes layers (a pretrained part): a re-placement there would change weights it keeps
+    as they are, and a unit whose reader is frozen would stay cut off (its outgoing weights zeroed)."""
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(depth=4, width=3, activation="relu")
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    frozen = layers[1]  # layer 0's reader: units of layers 0 and 1 stay
+    if frozen_by == "requires_grad":
+        frozen.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in frozen.parameters())]
+    detector = PlateauDetector()
+    detector.units.bind(model)
+    detector.pinned.bind(model)
+    model.train()
+    model(XOR)
+    before = [layer.weight.detach().clone() for layer in layers]
+    trainer = SimpleNamespace(world_size=1, optimizers=[torch.optim.SGD(trained, lr=0.1)], global_step=0)
+    found = {f"net.layers.{i}": {"dead": [0], "always_on": [], "redundant": []} for i in range(3)}
+    replaced = replace_stall_units(trainer, model, detector, found, weakest=weakest)
+    assert replaced.startswith(": net.layers.2 [")
+    assert "net.layers.0" not in replaced and "net.layers.1" not in replaced
+    assert torch.equal(layers[0].weight, before[0]) and torch.equal(layers[1].weight, before[1])
+    assert not torch.equal(layers[2].weight, before[2])

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from .layer_monitor import mean_over_ranks
-from .units import replace_idle_units
+from .units import next_linear, replace_idle_units
 
 
 def replace_stall_units(
@@ -21,7 +21,8 @@ def replace_stall_units(
     new weights on every rank (rank 0's: each rank put the kinks on its own data). Returns what was
     re-placed, as the event records it (``": none found"`` when nothing was). ``stale``: the weights
     were rolled back since the units were found; the pinned ones are found again (idle ReLU units are
-    counted over an epoch: a re-placed unit that died again is dead on either weights)."""
+    counted over an epoch: a re-placed unit that died again is dead on either weights). Units of a frozen
+    layer, or read by one (not trained: ``requires_grad`` off, or in no optimizer), are left alone."""
     broadcast = (lambda t: trainer.strategy.broadcast(t, src=0)) if trainer.world_size > 1 else None
     optimizers, generator = trainer.optimizers, torch.Generator().manual_seed(trainer.global_step)
     units, pinned = units or {}, detector.pinned
@@ -29,10 +30,21 @@ def replace_stall_units(
         units = {name: {k: v for k, v in found.items() if k != "saturated"} for name, found in units.items()}
         for name, found in pinned.find(mean_over_ranks(trainer)).items():
             units.setdefault(name, {})["saturated"] = found
+    units = {name: found for name, found in units.items() if trained(pl_module, name, optimizers)}
     if weakest:
-        replaced = pinned.replace(pinned.weakest(mean_over_ranks(trainer)), optimizers, generator, broadcast)
+        chosen = pinned.weakest(mean_over_ranks(trainer))
+        chosen = {name: found for name, found in chosen.items() if trained(pl_module, name, optimizers)}
+        replaced = pinned.replace(chosen, optimizers, generator, broadcast)
     else:
         replaced = replace_idle_units(detector.units, pl_module, units, optimizers, generator, broadcast)
         saturated = {name: found["saturated"] for name, found in units.items() if found.get("saturated")}
         replaced += pinned.replace(saturated, optimizers, generator, broadcast)
     return f": {', '.join(replaced)}" if replaced else ": none found"
+
+
+def trained(module: torch.nn.Module, name: str, optimizers: list[torch.optim.Optimizer]) -> bool:
+    """Whether the Linear ``name`` of ``module`` and the one that reads its units are trained: their weights
+    need a gradient and are in an optimizer (where any is given)."""
+    stepped = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    layers = (module.get_submodule(name), next_linear(module, name))
+    return all(m is not None and m.weight.requires_grad and (not stepped or id(m.weight) in stepped) for m in layers)
