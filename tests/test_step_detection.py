@@ -169,6 +169,7 @@ def test_step_state_is_checkpointed():
     assert restored.steps.rule.recent == detector.steps.rule.recent
     assert restored.steps.losses.read(trainer) == pytest.approx(detector.steps.losses.read(trainer))
     assert len(restored.steps.losses.values) == 50 and list(restored.steps.losses.steps) == list(range(21, 71))
+    assert list(restored.steps.losses.epochs) == list(detector.steps.losses.epochs) == [0] * 50
     older = {**detector.state_dict()["steps"], "losses": [2.0] * 50}  # saved when the window held no steps
     restored.steps.load_state_dict(older)  # not placeable in the window: it fills again
     assert len(restored.steps.losses.values) == 0 and restored.steps.rule.start == 50
@@ -274,3 +275,41 @@ def test_under_manual_optimization_a_window_holds_the_steps_since_the_last_stall
     trainer = quiet_trainer(max_steps=60, limit_val_batches=0, callbacks=[detector])
     trainer.fit(Ramp(levels=[2.0] * 10 + [3.0] * 20, batches=30))
     assert [(e.step, round(e.value, 4)) for e in detector.events] == [(20, 2.0), (40, 3.0), (60, 3.0)]
+
+
+class Drawn(L.LightningModule):
+    """A scripted mini-batch loss: ``1 - fall * step`` times 1.2 or 0.8 by the batch, half of each in every
+    epoch in a new order: the noise of which samples a batch drew, none in an epoch's mean."""
+
+    def __init__(self, fall: float, batches: int = 10):
+        super().__init__()
+        self.fall, self.batches = fall, batches
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.generator = torch.Generator().manual_seed(0)
+
+    def on_train_epoch_start(self):
+        self.draws = torch.tensor([1.2, 0.8] * (self.batches // 2))[
+            torch.randperm(self.batches, generator=self.generator)
+        ]
+
+    def training_step(self, batch, batch_idx):
+        loss = (1 - self.fall * self.global_step) * self.draws[batch_idx] + 0 * self.w
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.w], lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(torch.utils.data.TensorDataset(torch.zeros(self.batches, 1)), batch_size=1)
+
+
+@pytest.mark.parametrize(("fall", "expected"), [(0.0, [100, 200, 300]), (0.0003, [])])
+def test_a_window_of_whole_epochs_goes_through_their_means(fall, expected):
+    # batch to batch +-20%: a line through 100 step losses is sure of nothing under ~14%; through the means of
+    # its 10 epochs a flat loss is a stall at once, and one falling 3% a window is none
+    detector = PlateauDetector(step_window=100)
+    trainer = quiet_trainer(max_steps=300, limit_val_batches=0, callbacks=[detector])
+    trainer.fit(Drawn(fall))
+    assert [e.step for e in detector.events] == expected
+    assert all(e.value == pytest.approx(1.0) for e in detector.events)

@@ -42,7 +42,8 @@ class PlateauDetector(TrackedEarlyStopping):
     ``step_window // 10`` steps: a line through the losses of the last ``step_window`` optimizer steps
     (``global_step``: under gradient accumulation several batches a step, under manual optimization
     a step per ``optimizer.step()``) that is flat, in a window no better than an earlier one, is a
-    stall (:class:`~.loss_trend.LossTrend`). The window
+    stall (:class:`~.loss_trend.LossTrend`; through the means of the whole epochs in the window, where
+    it holds 5 or more: :meth:`~.loss_trend.StepWatch.check`). The window
     is in steps, so a stall is reported within 500 steps (less than a Fashion-MNIST epoch at batch
     100) whatever the epoch's length, a stream under ``max_steps`` too; the defaults call no stall
     in the healthy Adam and SGD Fashion-MNIST runs measured. It spans at most ``2 * patience``
