@@ -3,6 +3,7 @@ cost, and whether it ever makes a run worse.
 
     python -m benchmarks.stall_zoo                      # run the study (~7 min with --workers 2), then the table
     python -m benchmarks.stall_zoo --summary studies/stall_zoo/summary.csv   # the table of a finished study
+    python -m benchmarks.stall_zoo --study configs/study/stall_zoo_minibatch.yaml   # the mini-batch zoo
 
 Per cell (a variant of the study, without its ``_fix`` twin) and seed it pairs the run without the
 policy with the run with it, and the hindsight fix's run with no policy. A run *stalls* when its
@@ -23,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from src.study.spec import load_study
+from src.study.spec import StudyError, load_study
 from src.study.table import load_summary
 
 STUDY = Path(__file__).resolve().parents[1] / "configs" / "study" / "stall_zoo.yaml"
@@ -139,13 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--summary", type=Path, help="a finished study's summary.csv (default: run the study)")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--study", type=Path, default=STUDY, help="the study file (default: %(default)s)")
     args = parser.parse_args(argv)
-    study = load_study(STUDY)
+    try:
+        study = load_study(args.study)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.summary is None:
         from src.study.cli import main as study_main
 
         try:
-            study_main([str(STUDY), "--workers", str(args.workers)])
+            study_main([str(args.study), "--workers", str(args.workers)])
         except SystemExit as exit_:  # a bad study or option: it said why
             if exit_.code:
                 return int(exit_.code) if isinstance(exit_.code, int) else 1

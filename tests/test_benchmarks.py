@@ -113,3 +113,20 @@ def test_the_stall_zoo_table_pairs_each_run_with_and_without_the_policy_and_the_
     )
     # without the study's stop_below, the converged pair counts as made worse
     assert [f["fix_worse"] for f in cell_facts(rows, target=0.05, stalled_above=0.3)] == [None, True, True]
+
+
+def test_the_stall_zoo_reads_the_summary_of_the_study_it_is_given(tmp_path, capsys):
+    from benchmarks.stall_zoo import main
+
+    header = "policy,variant,seed,final_loss,epoch_below_0.05\n"
+    rows = ["none,xor_tanh_d10_w8_sgd_b32,0,0.69,", "default,xor_tanh_d10_w8_sgd_b32,0,0.004,120"]
+    summary = tmp_path / "summary.csv"
+    summary.write_text(header + "\n".join(rows) + "\n")
+    study = "configs/study/stall_zoo_minibatch.yaml"  # its targets: stalled above 0.3, solved below 0.05
+    assert main(["--study", study, "--summary", str(summary)]) == 0
+    assert "| xor_tanh_d10_w8_sgd_b32 | 1/1 | 1/1 | 120 |" in capsys.readouterr().out
+    assert main(["--study", str(tmp_path / "missing.yaml"), "--summary", str(summary)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {tmp_path / 'missing.yaml'}: no such study file (see configs/study/vanishing.yaml)\n"
+    )
