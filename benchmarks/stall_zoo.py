@@ -9,10 +9,11 @@ Per cell (a variant of the study, without its ``_fix`` twin) and seed it pairs t
 policy with the run with it, and the hindsight fix's run with no policy. A run *stalls* when its
 final train loss is above the study's ``stalled_above``; it *reaches the target* when its loss went
 below ``solved_below`` (the epoch is the study's ``epoch_below_...`` column). It is *made worse*
-when the policy's run diverged, or ended above the run without it by more than 1% (and 1e-3),
-unless it ended below ``stop_below``: the study stops a run there as converged, so two such runs
-differ only in the step each crossed it at. The fix's run with the policy is held to the same rule
-against the fix's run without it (the last column): a remedy must not harm a net that learns.
+when the policy's run diverged (where the run without it did not), or ended above the run without it
+by more than 1% (and 1e-3), unless it ended below ``stop_below``: the study stops a run there as
+converged, so two such runs differ only in the step each crossed it at. The fix's run with the
+policy is held to the same rule against the fix's run without it (the last column): a remedy must
+not harm a net that learns.
 """
 
 from __future__ import annotations
@@ -38,11 +39,15 @@ def made_worse(with_policy: Any, without: Any, converged: float | None = None) -
     (True, False, True)
     >>> made_worse(0.0064, 0.0042), made_worse(0.0064, 0.0042, converged=0.01)  # both stopped as converged
     (True, False)
+    >>> made_worse(float("nan"), float("nan"))  # it diverged without the policy too
+    False
     """
     loss, base = float(with_policy), float(without)
     if converged is not None and loss < converged:
         return False
-    return loss != loss or loss > max(base * 1.01, base + 1e-3)
+    if loss != loss:  # diverged (NaN): worse unless it did without the policy as well
+        return base == base
+    return loss > max(base * 1.01, base + 1e-3)
 
 
 def cell_facts(
