@@ -372,3 +372,70 @@ def test_under_manual_optimization_each_optimizers_step_counts(end):
         "momentum 0.9", "momentum 0.5", "momentum 0.7", "momentum 0.3",
         "none: 8 steps left, fewer than the 16 it takes to judge an action",  # patience 2: 2 epochs of 8 steps
     ]  # fmt: skip
+
+
+class WorseEachAction(MLPClassifier):
+    """A scripted stall at 0.7 (the real gradients, SGD lr 0.1) that each action the escape applies takes 0.8%
+    higher: never harm by the probation's 1%, but two of them leave the run 1.6% above where it was found."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def _logits_and_loss(self, batch):
+        logits, loss = super()._logits_and_loss(batch)
+        escape = next(c for c in self.trainer.callbacks if isinstance(c, PlateauEscape)) if self._trainer else None
+        return logits, loss - loss.detach() + 0.7 * (1 + 0.008 * (escape.applied if escape else 0))
+
+
+@pytest.mark.parametrize(("epochs", "why"), [(13, "none: every escape action is spent"), (11, "none: 1 steps left")])
+def test_where_the_escape_stops_acting_with_the_run_worse_than_it_found_it_the_run_goes_back_there(epochs, why):
+    L.seed_everything(0, verbose=False)
+    detector = PlateauDetector(patience=3, step_window=None)
+    escape = PlateauEscape(actions=[{"momentum": 0.9}, {"lr_factor": 2}, {"momentum": 0.5}])
+    at_stall = []
+    take_snapshot = escape._snapshot_now
+    escape._snapshot_now = lambda trainer, module, *args, **kwargs: (
+        at_stall.append(weights(module)) or take_snapshot(trainer, module, *args, **kwargs)
+    )
+    went_back = escape._back_to_origin
+    escape._back_to_origin = lambda trainer, module, *args: (
+        went_back(trainer, module, *args) and bool(at_stall.append(weights(module)) or True)
+    )  # the weights it left the run with
+    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[detector, escape])
+    model = WorseEachAction(depth=3)  # stalls at epochs 3, 6, 9 (and 12)
+    trainer.fit(model, datamodule=Toy2DDataModule())
+    last = detector.events[-1].actions[-1].action
+    found = 0.7 * (1 + 0.008 * escape.applied)  # the value of the stall where the escape stopped acting
+    assert last.startswith(f"{why}")
+    assert last.endswith(f"; back to epoch 3, before the first action, where the escape found the run "
+                         f"(train/loss 0.7, now {found:.4g})")  # fmt: skip
+    assert escape.applied == (3 if epochs == 13 else 2)
+    assert len(at_stall) == escape.applied + 1 and torch.equal(at_stall[-1], at_stall[0])  # back to the first
+    assert not torch.equal(at_stall[0], at_stall[-2])  # the weights had moved
+    assert (
+        trainer.optimizers[0].param_groups[0]["momentum"] == 0.0 and trainer.optimizers[0].param_groups[0]["lr"] == 0.1
+    )
+    assert escape.state_dict()["origin"] is None and escape.said_spent  # once: nothing more in this fit
+
+
+def test_a_resumed_run_goes_back_to_where_the_escape_found_it_as_an_uninterrupted_one(tmp_path):
+    from tests.helpers import StopAfter
+
+    def fit(root, ckpt_path=None, callbacks=()):
+        L.seed_everything(0, verbose=False)
+        escape = PlateauEscape(actions=[{"momentum": 0.9}, {"lr_factor": 2}, {"momentum": 0.5}])
+        trainer = quiet_trainer(
+            max_epochs=15, limit_val_batches=0, callbacks=[PlateauDetector(patience=3, step_window=None), escape,
+            *callbacks], default_root_dir=root, enable_checkpointing=bool(callbacks),
+        )  # fmt: skip
+        model = WorseEachAction(depth=3)
+        trainer.fit(model, datamodule=Toy2DDataModule(), ckpt_path=ckpt_path)
+        return escape, model
+
+    straight, straight_model = fit(tmp_path / "a")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first_half, _ = fit(tmp_path / "b", callbacks=[checkpoint, StopAfter(7)])  # two actions taken
+    assert first_half.applied == 2 and first_half.state_dict()["origin"] is not None
+    resumed, resumed_model = fit(tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.history == straight.history and "where the escape found the run" in resumed.history[-1].action
+    assert torch.equal(weights(resumed_model), weights(straight_model))

@@ -12,6 +12,7 @@ from .events import Action
 STATE = (
     "spent_by", "lr_scale", "withdrawn", "trust_ratio", "raised_at", "raised_step", "failed", "keep_kicks",
     "said_spent", "fruitless", "redraws", "worked", "_snapshot", "_safe", "_pending", "_own", "_first",
+    "_origin",
 )  # fmt: skip
 
 
